@@ -1,0 +1,74 @@
+"""Every path, URI and operational setting of the platform, in one place.
+
+Values come from the environment (prefix ``HEMATOVISION_``) or a ``.env`` file in the working
+directory, falling back to the embedded defaults below, so one machine runs everything and pointing
+at the real thing (an MLflow server, another dataset download) is one variable away.
+Machine-learning hyperparameters are not here: they live in ``params.yaml`` (see ``params.py``),
+where DVC tracks them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Every tool in the stack phones home unless told not to (see ../shared/notes/stack.md).
+# mlflow accepts DO_NOT_TRACK only as the literal "true".
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEMATOVISION_", env_file=".env", extra="ignore")
+
+    project_dir: Path = Field(Path("."), description="Root of the project checkout; relative paths below hang from it.")
+    data_source: Path = Field(
+        Path("../shared/datasets/blood-cells"),
+        description="Upstream training dataset in the Kaggle 'Blood Cell Images' layout (a download or a mount).",
+    )
+    new_site_source: Path = Field(
+        Path("../shared/datasets/pbc-sample"),
+        description="Images from a second laboratory (class-named folders), for cross-site evaluation.",
+    )
+    data_dir: Path = Field(Path("data"), description="DVC-tracked copy of the raw dataset (pinned by data.dvc).")
+    prepared_dir: Path = Field(Path("prepared"), description="Output of the prepare stage: manifest, split, bad-image report.")
+    models_dir: Path = Field(Path("models"), description="Output of the train stage: the trained model and its training report.")
+    reports_dir: Path = Field(Path("reports"), description="Output of the evaluate stage: metrics and plots.")
+    cache_dir: Path = Field(Path(".cache/embeddings"), description="Backbone embedding cache (keyed by image content and backbone).")
+    mlflow_tracking_uri: str = Field(
+        "sqlite:///mlruns/mlflow.db",
+        description="MLflow tracking/registry store; MLFLOW_TRACKING_URI in the environment wins.",
+    )
+    mlflow_artifact_location: Path = Field(Path("mlruns/artifacts"), description="Where a new experiment stores artifacts.")
+    experiment_name: str = Field("hematovision", description="MLflow experiment of training runs.")
+    registered_model: str = Field("hematovision", description="Name of the model in the MLflow registry.")
+
+    def path(self, p: Path) -> Path:
+        """Resolve a setting path against the project directory."""
+        return p if p.is_absolute() else (self.project_dir / p).resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow_tracking_uri
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def quiet_environment() -> None:
+    """Switch off telemetry and keep Keras' home inside the project; call before importing the tools."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("KERAS_HOME", str(Path(".keras").resolve()))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
