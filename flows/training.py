@@ -1,0 +1,102 @@
+"""The training flow: import -> prepare -> train -> evaluate -> register -> promote.
+
+Runs with no Prefect server (an ephemeral local API) unless PREFECT_API_URL points at one. Each
+task is a call into ``hematovision.pipeline``; retries only where a retry can help (the data
+import touches the upstream folder, registering touches the MLflow store).
+
+    uv run python -m flows.training --profile quick
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hematovision.settings import quiet_environment
+
+quiet_environment()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from hematovision import pipeline  # noqa: E402
+from hematovision.params import load_params  # noqa: E402
+from hematovision.progress import reporter  # noqa: E402
+from hematovision.settings import get_settings  # noqa: E402
+
+
+@task(name="import data", retries=2, retry_delay_seconds=5)
+def import_data() -> dict:
+    result = pipeline.import_data(get_settings())
+    logger = get_run_logger()
+    logger.info("dataset %s at version %s", result["data_dir"], result["data_hash"])
+    if result["changed"]:
+        logger.warning("upstream dataset changed from the pinned %s: commit data.dvc", result["pinned_hash"])
+    return result
+
+
+@task(name="prepare")
+def prepare(params_file: str, profile: str | None) -> dict:
+    summary = pipeline.prepare_step(get_settings(), load_params(Path(params_file), profile))
+    get_run_logger().info("prepared: %s", {k: v for k, v in summary.items() if k in ("counts", "n_bad")} or summary)
+    return summary
+
+
+@task(name="train")
+def train(params_file: str, profile: str | None) -> dict:
+    logger = get_run_logger()
+    report = pipeline.train_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
+    logger.info("trained run %s: val accuracy %.4f, macro-F1 %.4f", report["run_id"],
+                report["val"]["accuracy"], report["val"]["macro_f1"])
+    return report
+
+
+@task(name="evaluate")
+def evaluate(params_file: str, profile: str | None) -> dict:
+    logger = get_run_logger()
+    results = pipeline.evaluate_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
+    for name in ("test", "new_site"):
+        if name in results:
+            logger.info("%s: accuracy %.4f, macro-F1 %.4f", name, results[name]["accuracy"], results[name]["macro_f1"])
+    return results
+
+
+@task(name="register", retries=2, retry_delay_seconds=2)
+def register() -> dict:
+    result = pipeline.register_step(get_settings())
+    get_run_logger().info("registered version %s as challenger", result["version"])
+    return result
+
+
+@task(name="promote")
+def promote(version: str, params_file: str, profile: str | None) -> dict:
+    decision = pipeline.promote_step(get_settings(), load_params(Path(params_file), profile), version)
+    logger = get_run_logger()
+    (logger.info if decision.passed else logger.warning)(decision.summary())
+    return {"passed": decision.passed, "reasons": decision.reasons}
+
+
+@flow(name="hematovision-training", log_prints=True)
+def training_flow(profile: str | None = None, params_file: str = "params.yaml", promote: bool = True) -> dict:
+    """Train a new model on the pinned data and promote it if it beats the champion."""
+    data = import_data()
+    prepare(params_file, profile)
+    report = train(params_file, profile)
+    results = evaluate(params_file, profile)
+    registered = register()
+    gate = promote(registered["version"], params_file, profile) if promote else {"passed": False, "reasons": ["promotion not asked for"]}
+    return {
+        "data_hash": data["data_hash"],
+        "run_id": report["run_id"],
+        "version": registered["version"],
+        "metrics": {"val": report["val"], **{k: v for k, v in results.items() if k != "timings"}},
+        "gate": gate,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=training_flow.__doc__)
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-promote", action="store_true")
+    args = parser.parse_args()
+    training_flow(profile=args.profile, params_file=args.params, promote=not args.no_promote)

@@ -1,0 +1,29 @@
+"""Training-time augmentation of white-cell crops: geometry and stain/colour variation.
+
+The blood-cells dataset already holds rotated/shifted copies of each cell, so the geometric part is
+light (flips and quarter turns, which a cell on a slide has no preferred orientation for). Colour is
+where labs differ: stain batches, scanners and white balance move hue, saturation and the balance
+of the channels, so those are jittered per image.
+"""
+
+from __future__ import annotations
+
+
+def augment_crop(image, colour_jitter: float, seed=None):
+    """One random variant of a (H, W, 3) float32 crop in 0..255 (a tf.data map function)."""
+    import tensorflow as tf
+
+    image = tf.image.random_flip_left_right(image)
+    image = tf.image.random_flip_up_down(image)
+    image = tf.image.rot90(image, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
+    if colour_jitter <= 0:
+        return image
+    j = colour_jitter
+    x = image / 255.0
+    x = tf.image.random_hue(x, max_delta=min(0.5, j / 2))
+    x = tf.image.random_saturation(x, 1 - 2 * j, 1 + 2 * j)
+    x = tf.image.random_brightness(x, max_delta=j)
+    x = tf.image.random_contrast(x, 1 - 2 * j, 1 + 2 * j)
+    # Per-channel gain: the shift in red/blue balance between stain batches and light sources.
+    x = x * tf.random.uniform([1, 1, 3], 1 - j, 1 + j)
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0

@@ -1,0 +1,234 @@
+"""The ``hematovision`` command: the lifecycle's steps, for people and for scripts.
+
+Exit codes scripts can trust: 0 done, 1 refused or failed (the gate said no, bad input), 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hematovision.settings import get_settings, quiet_environment
+
+quiet_environment()
+
+app = typer.Typer(help="HematoVision: train, evaluate, register and promote the white-blood-cell classifier.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+data_app = typer.Typer(help="Dataset versions (DVC).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+ProfileOption = Annotated[Optional[str], typer.Option("--profile", "-p", help="Named parameter profile from params.yaml, e.g. 'quick' for smoke runs.")]
+ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file (DVC-tracked).")]
+
+
+def _params(path: Path, profile: str | None):
+    from hematovision.params import load_params
+
+    try:
+        return load_params(path, profile)
+    except ValueError as error:
+        console.print(f"[red]error:[/] {error}")
+        raise typer.Exit(2)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    profile: ProfileOption = None,
+    params_file: ParamsOption = Path("params.yaml"),
+    promote: Annotated[bool, typer.Option(help="Promote the new model if the gate passes.")] = True,
+):
+    """Run the whole training flow: import data, prepare, train, evaluate, register, promote."""
+    from hematovision import progress
+
+    from flows.training import training_flow
+
+    _params(params_file, profile)  # fail fast on a bad profile, before Prefect starts
+    with progress.console_progress() as report:
+        progress.current = report
+        try:
+            summary = training_flow(profile=profile, params_file=str(params_file), promote=promote)
+        finally:
+            progress.current = None
+    _print_summary(summary)
+    if promote and not summary["gate"]["passed"]:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary: dict) -> None:
+    settings = get_settings()
+    table = Table(title="HematoVision training run", show_header=False)
+    table.add_row("data version (md5)", summary["data_hash"])
+    table.add_row("MLflow run", summary["run_id"])
+    table.add_row("model version", f"{settings.registered_model} v{summary['version']}")
+    for split in ("val", "test", "new_site"):
+        m = summary["metrics"].get(split)
+        if m:
+            row = f"accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+            if "cell_accuracy" in m:
+                lo, hi = m["cell_accuracy_ci95"]
+                row += f"  cell accuracy {m['cell_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] ({m['n_cells']} cells)"
+            table.add_row(split, row)
+    gate = summary["gate"]
+    table.add_row("promotion", ("champion" if gate["passed"] else "NOT promoted") + ": " + "; ".join(gate["reasons"]))
+    Console().print(table)
+    Console().print(
+        f"MLflow UI:  uv run mlflow ui --backend-store-uri {settings.tracking_uri}  (then http://127.0.0.1:5000)\n"
+        f"Metrics:    {settings.path(settings.reports_dir) / 'metrics.json'}\n"
+        f"Champion:   models:/{settings.registered_model}@champion"
+    )
+
+
+@data_app.command("import")
+def data_import():
+    """Import (or re-check) the upstream dataset into data/ under DVC; prints the pinned version."""
+    from hematovision.pipeline import DataImportError, import_data
+
+    try:
+        with console.status("importing the dataset with DVC"):
+            result = import_data(get_settings())
+    except DataImportError as error:
+        _fail(str(error))
+    if result["changed"]:
+        console.print(f"[yellow]the upstream dataset changed:[/] {result['pinned_hash']} -> {result['data_hash']};"
+                      " commit data.dvc to pin the new version")
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+def prepare(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
+    """Validate every image, derive each image's original cell, make the grouped train/val split."""
+    from hematovision.pipeline import prepare_step
+
+    with console.status("validating images and splitting by cell"):
+        summary = prepare_step(get_settings(), _params(params_file, profile))
+    print(json.dumps(summary, indent=2))
+
+
+@app.command()
+def train(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
+    """Train (frozen-backbone head, then fine-tune) and log the run to MLflow."""
+    from hematovision.pipeline import train_step
+    from hematovision.progress import console_progress
+
+    with console_progress() as report:
+        result = train_step(get_settings(), _params(params_file, profile), report)
+    console.print(f"run {result['run_id']}: val accuracy {result['val']['accuracy']:.3f}, macro-F1 {result['val']['macro_f1']:.3f}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[str], typer.Option(help="Model to score: models:/hematovision@champion, runs:/..., or a saved classifier folder. Without it: the pipeline's evaluate stage.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Folder of class-named subfolders (names case-insensitive).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON only.")] = False,
+    profile: ProfileOption = None,
+    params_file: ParamsOption = Path("params.yaml"),
+):
+    """Score a model: the pipeline's stage (TEST and the new site), or any model on any folder."""
+    from hematovision.progress import console_progress
+
+    params = _params(params_file, profile)
+    if model is None and data is None:
+        from hematovision.pipeline import evaluate_step
+
+        with console_progress() as report:
+            results = evaluate_step(get_settings(), params, report)
+        print(json.dumps({k: {m: v[m] for m in ("accuracy", "macro_f1") if m in v} for k, v in results.items() if k != "timings"}, indent=2))
+        return
+    if model is None or data is None:
+        _fail("give both --model and --data (or neither, for the pipeline's evaluate stage)")
+    if not data.is_dir():
+        _fail(f"{data} is not a folder")
+    from hematovision.evaluate import evaluate_folder
+    from hematovision.packaging import load_classifier
+    from hematovision.tracking import configure_mlflow
+
+    configure_mlflow()
+    try:
+        classifier = load_classifier(model)
+        results = evaluate_folder(classifier, data, None, params.evaluate.bootstrap_samples, seed=params.seed)
+    except ValueError as error:
+        _fail(str(error))
+    except Exception as error:  # noqa: BLE001 - an unknown model URI surfaces as many MLflow error types
+        if "RESOURCE_DOES_NOT_EXIST" in str(error) or "not found" in str(error).lower():
+            _fail(f"no model at {model}: {error}")
+        raise
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        console.print_json(json.dumps({k: results[k] for k in ("n_images", "accuracy", "macro_f1", "per_class", "unknown_folders")}))
+
+
+@app.command()
+def register():
+    """Register the last trained model as a new version with the 'challenger' alias."""
+    from hematovision.pipeline import register_step
+
+    result = register_step(get_settings())
+    console.print(f"registered {get_settings().registered_model} v{result['version']} (alias challenger)")
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="Model version to make champion.")],
+    force: Annotated[bool, typer.Option(help="Promote even if the gate refuses (recorded on the version).")] = False,
+    profile: ProfileOption = None,
+    params_file: ParamsOption = Path("params.yaml"),
+):
+    """Make VERSION the champion if it passes the gate; prints the gate's reasons either way."""
+    from hematovision.pipeline import promote_step
+    from hematovision.registry import RegistryError
+
+    try:
+        decision = promote_step(get_settings(), _params(params_file, profile), version, force)
+    except RegistryError as error:
+        _fail(str(error))
+    for reason in decision.reasons:
+        console.print(f"  - {reason}")
+    if not decision.passed:
+        _fail(f"version {version} was NOT promoted")
+    console.print(f"[green]version {version} is the champion[/]")
+
+
+@app.command()
+def rollback():
+    """Move 'champion' back to the version that held it before."""
+    from hematovision.registry import Registry, RegistryError
+    from hematovision.tracking import configure_mlflow
+
+    settings = get_settings()
+    try:
+        old, new = Registry(settings.registered_model, configure_mlflow(settings)).rollback()
+    except RegistryError as error:
+        _fail(str(error))
+    console.print(f"[green]champion rolled back from v{old} to v{new}[/]")
+
+
+@app.command()
+def models():
+    """List the registered versions with their aliases and headline metrics."""
+    from hematovision.registry import Registry
+    from hematovision.tracking import configure_mlflow
+
+    settings = get_settings()
+    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    table = Table("version", "aliases", "val macro-F1", "test acc", "new-site acc", "data", "commit", "gate")
+    for v in sorted(registry.client.search_model_versions(f"name='{settings.registered_model}'"), key=lambda v: int(v.version)):
+        tags = v.tags
+        table.add_row(str(v.version), ",".join(v.aliases), tags.get("val_macro_f1", ""), tags.get("test_accuracy", ""),
+                      tags.get("new_site_accuracy", ""), tags.get("data_hash", "")[:8], tags.get("git_commit", "")[:8],
+                      tags.get("gate", "")[:60])
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,76 @@
+"""Scoring a classifier on a labelled image set: the official TEST split, another laboratory's
+images, or any folder of class-named subfolders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from hematovision.dataset import scan_class_folders
+from hematovision.embeddings import EmbeddingCache
+from hematovision.metrics import classification_metrics, plot_confusion_matrix
+from hematovision.model import Classifier
+from hematovision.train import cached_embeddings, label_indices
+
+
+def evaluate_rows(
+    classifier: Classifier,
+    rows: pd.DataFrame,
+    image_root: Path,
+    cache: EmbeddingCache | None = None,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``classifier`` on manifest-style rows (path relative to ``image_root``, label,
+    optional group). Rows whose label the model does not know are left out and counted."""
+    known = rows[rows.label.isin(classifier.classes)]
+    paths = [image_root / p for p in known.path]
+    if cache is not None:
+        embeddings = cached_embeddings(classifier, paths, cache, progress=progress)
+        probabilities = classifier.classify_embeddings(embeddings)
+    else:
+        probabilities = classifier.predict_images(paths)
+        if progress:
+            progress(len(paths))
+    groups = list(known.group) if "group" in known and known.group.notna().all() else None
+    metrics = classification_metrics(
+        label_indices(known.label, classifier.classes), probabilities, classifier.classes,
+        groups, bootstrap_samples, seed,
+    )
+    metrics["n_skipped_unknown_label"] = int(len(rows) - len(known))
+    return metrics
+
+
+def evaluate_folder(
+    classifier: Classifier,
+    folder: Path,
+    cache: EmbeddingCache | None = None,
+    bootstrap_samples: int = 1000,
+    max_images_per_class: int = 0,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Metrics on a folder of class-named subfolders (names case-insensitive); unknown folders and
+    unreadable images are reported in the result, not fatal."""
+    rows, unknown = scan_class_folders(folder, tuple(classifier.classes))
+    if max_images_per_class > 0:
+        rows = rows.groupby("label", group_keys=False).apply(
+            lambda g: g.sample(min(len(g), max_images_per_class), random_state=seed))
+    from hematovision.dataset import validate_images
+
+    rows, bad = validate_images(rows, folder)
+    if rows.empty:
+        raise ValueError(f"{folder} holds no readable images in folders named after {', '.join(classifier.classes)}")
+    metrics = evaluate_rows(classifier, rows, folder, cache, bootstrap_samples, seed, progress)
+    metrics["unknown_folders"] = list(unknown)
+    metrics["unreadable_images"] = [
+        {"path": str(r.path), "error": str(r.error)} for r in bad.itertuples()
+    ] if not bad.empty else []
+    return metrics
+
+
+def save_confusion_plot(metrics: dict[str, Any], classes: list[str], title: str, path: Path) -> Path:
+    return plot_confusion_matrix(metrics["confusion_matrix"], classes, title, path)

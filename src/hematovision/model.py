@@ -1,0 +1,140 @@
+"""The classifier: locate the white cell, crop, embed with the backbone, classify with the head.
+
+This is the one prediction path: training, evaluation, the CLI, the MLflow pyfunc and the BentoML
+service all call :class:`Classifier`. The Keras graph is ``crop (0..255) -> backbone -> head``;
+the backbone and the head are separate sub-models so that a head can be trained on cached
+embeddings and then dropped on top of the backbone unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from hematovision import CLASSES
+from hematovision.imaging import load_rgb
+from hematovision.localize import crop_wbc
+
+MODEL_FILE = "classifier.keras"
+CONFIG_FILE = "classifier.json"
+EMBEDDING_DIM = 1280
+
+
+@dataclass
+class ClassifierConfig:
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    image_size: int = 160
+    backbone: str = "efficientnet-lite0"
+    dropout: float = 0.3
+
+
+def build_keras_model(config: ClassifierConfig, pretrained: bool = True):
+    """Backbone (ImageNet Lite0, frozen) + a new softmax head, both named sub-models."""
+    import keras
+
+    from hematovision.backbone import build_lite0
+
+    backbone = build_lite0(input_size=config.image_size, include_top=False, weights=pretrained)
+    backbone.name = "backbone"
+    backbone.trainable = False
+    head = keras.Sequential(
+        [
+            keras.Input((EMBEDDING_DIM,)),
+            keras.layers.Dropout(config.dropout),
+            keras.layers.Dense(len(config.classes), activation="softmax", name="probabilities"),
+        ],
+        name="head",
+    )
+    inputs = keras.Input((config.image_size, config.image_size, 3), name="wbc_crop")
+    return keras.Model(inputs, head(backbone(inputs)), name="hematovision")
+
+
+def read_crops(sources: Sequence[str | Path | bytes], image_size: int, workers: int = 2) -> np.ndarray:
+    """Decode and crop many images (the localisation is numpy work that threads overlap well)."""
+    def one(source):
+        return crop_wbc(np.asarray(load_rgb(source)), image_size)
+
+    if not sources:
+        return np.zeros((0, image_size, image_size, 3), np.uint8)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.stack(list(pool.map(one, sources)))
+
+
+class Classifier:
+    """A trained model with the configuration needed to use it exactly as it was trained."""
+
+    def __init__(self, keras_model, config: ClassifierConfig) -> None:
+        self.keras_model = keras_model
+        self.config = config
+        self.backbone = keras_model.get_layer("backbone")
+        self.head = keras_model.get_layer("head")
+        self._backbone_fingerprint: str | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config.classes
+
+    @classmethod
+    def new(cls, config: ClassifierConfig) -> "Classifier":
+        return cls(build_keras_model(config), config)
+
+    # --- inference -----------------------------------------------------------------------------
+    def crops(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
+        return read_crops(sources, self.config.image_size)
+
+    def embed(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return _predict(self.backbone, crops.astype(np.float32), batch_size)
+
+    def classify_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        return _predict(self.head, embeddings.astype(np.float32), 1024)
+
+    def predict_crops(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return self.classify_embeddings(self.embed(crops, batch_size))
+
+    def predict_images(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
+        """Class probabilities, one row per image, in the order of ``classes``."""
+        return self.predict_crops(self.crops(sources))
+
+    def backbone_fingerprint(self) -> str:
+        """Identifies the backbone's weights and input size, so cached embeddings are never reused
+        across a fine-tuned backbone or a different crop size."""
+        if self._backbone_fingerprint is None:
+            digest = hashlib.sha256(f"{self.config.backbone}:{self.config.image_size}".encode())
+            for weight in self.backbone.weights:
+                digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+            self._backbone_fingerprint = digest.hexdigest()[:16]
+        return self._backbone_fingerprint
+
+    # --- persistence ---------------------------------------------------------------------------
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.keras_model.save(directory / MODEL_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> "Classifier":
+        import keras
+
+        config = ClassifierConfig(**json.loads((Path(directory) / CONFIG_FILE).read_text()))
+        model = keras.models.load_model(Path(directory) / MODEL_FILE, compile=False)
+        return cls(model, config)
+
+
+def _predict(model, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """Batched inference without Keras' progress bar or per-call retracing."""
+    outputs = [np.asarray(model(inputs[i : i + batch_size], training=False)) for i in range(0, len(inputs), batch_size)]
+    if not outputs:
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+    return np.concatenate(outputs)
+
+
+def batched(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

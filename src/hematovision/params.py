@@ -1,0 +1,100 @@
+"""Machine-learning parameters: embedded defaults, overridden by ``params.yaml`` (which DVC tracks).
+
+A *profile* (e.g. ``quick`` for tests and smoke runs) is a named set of overrides stored in the same
+file under ``profiles:``, so a smoke run and the real run differ only by a word on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class PrepareParams:
+    val_fraction: float = 0.2  # share of TRAIN's original cells (groups) held out for validation
+
+
+@dataclass
+class ModelParams:
+    image_size: int = 160  # side of the square white-cell crop fed to the backbone
+    dropout: float = 0.3
+
+
+@dataclass
+class TrainParams:
+    batch_size: int = 32
+    max_images_per_cell: int = 0  # 0 = every augmented copy of a cell; >0 caps them (quick runs)
+    head_epochs: int = 30  # phase 1: new head on cached frozen embeddings (seconds per epoch)
+    head_learning_rate: float = 1e-3
+    finetune_blocks: int = 2  # phase 2: how many of the backbone's top blocks are unfrozen
+    finetune_epochs: int = 2
+    finetune_learning_rate: float = 1e-4
+    finetune_images_per_epoch: int = 6000  # images drawn per fine-tuning epoch, balanced by class
+    colour_jitter: float = 0.1  # strength of the stain/colour augmentation (hue/saturation/brightness)
+
+
+@dataclass
+class EvaluateParams:
+    bootstrap_samples: int = 1000
+    max_images_per_class: int = 0  # 0 = all; >0 caps each class (quick runs)
+
+
+@dataclass
+class PromoteParams:
+    metric: str = "val_macro_f1"  # headline validation metric the challenger must not lose on
+    min_improvement: float = 0.0  # challenger must beat the champion by more than this
+    per_class_tolerance: float = 0.02  # largest per-class F1 drop accepted
+    floor: float = 0.80  # the first model must reach this on `metric`
+
+
+@dataclass
+class Params:
+    seed: int = 42
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    promote: PromoteParams = field(default_factory=PromoteParams)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value``, for logging to MLflow."""
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+def _apply(target: Any, overrides: dict[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(target)}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"unknown parameter {where}{key!r} (known: {', '.join(sorted(known))})")
+        current = getattr(target, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"parameter {where}{key} must be a mapping")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(target, key, type(current)(value))
+
+
+def load_params(path: Path | None = Path("params.yaml"), profile: str | None = None) -> Params:
+    """Defaults, then the file's values, then the named profile's overrides."""
+    params = Params()
+    raw: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    profiles = raw.pop("profiles", {}) or {}
+    _apply(params, raw, "")
+    if profile:
+        if profile not in profiles:
+            raise ValueError(f"unknown profile {profile!r} (known: {', '.join(sorted(profiles)) or 'none'})")
+        _apply(params, profiles[profile], "")
+    return params

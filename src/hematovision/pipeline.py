@@ -1,0 +1,249 @@
+"""The lifecycle's steps over the project's folders: import -> prepare -> train -> evaluate ->
+register -> promote.
+
+Each step reads its inputs from and writes its outputs to the folders named in the settings, so the
+CLI, the DVC stages (``dvc.yaml``) and the Prefect flows (``flows/``) are thin callers of the same
+functions, and any step can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from hematovision.params import Params
+from hematovision.settings import Settings
+
+Progress = Callable[[str, int, int], None]
+
+TRAIN_REPORT = "train_report.json"
+CLASSIFIER_DIR = "classifier"
+METRICS_FILE = "metrics.json"
+
+
+class DataImportError(RuntimeError):
+    pass
+
+
+# --- import ---------------------------------------------------------------------------------------
+def import_data(settings: Settings) -> dict[str, Any]:
+    """Bring the upstream dataset into ``data/`` under DVC and report the version pinned.
+
+    ``data.dvc`` records the upstream folder and the md5 of its content. When ``data/`` is missing
+    (a fresh clone) or the upstream folder is another one, DVC (re)imports it; if the content then
+    differs from what ``data.dvc`` pinned, that is a new data version and it is said loudly.
+    """
+    source = settings.path(settings.data_source)
+    data_dir = settings.path(settings.data_dir)
+    dvc_file = data_dir.with_name(data_dir.name + ".dvc")
+    if not source.is_dir():
+        raise DataImportError(
+            f"the dataset folder {source} does not exist: set HEMATOVISION_DATA_SOURCE to your download "
+            "of the Kaggle 'Blood Cell Images' dataset"
+        )
+    from hematovision.tracking import dvc_data_hash
+
+    pinned = dvc_data_hash(dvc_file) if dvc_file.exists() else None
+    recorded_source = _dvc_import_source(dvc_file)
+    wanted_source = _relative(source, dvc_file.parent)
+    if pinned and recorded_source == wanted_source:
+        if not data_dir.exists() or _dvc("status", str(dvc_file.name), cwd=dvc_file.parent).strip() not in ("", "Data and pipelines are up to date."):
+            _dvc("update", dvc_file.name, cwd=dvc_file.parent)
+    else:
+        _dvc("import-url", "--force", wanted_source, data_dir.name, cwd=dvc_file.parent)
+    current = dvc_data_hash(dvc_file)
+    return {
+        "source": str(source),
+        "data_dir": str(data_dir),
+        "data_hash": current,
+        "pinned_hash": pinned,
+        "changed": pinned is not None and pinned != current,
+    }
+
+
+def _dvc_import_source(dvc_file: Path) -> str | None:
+    import yaml
+
+    try:
+        return str(yaml.safe_load(dvc_file.read_text())["deps"][0]["path"])
+    except (OSError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path, start.resolve())
+
+
+def _dvc(*args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DataImportError(f"dvc {' '.join(args)} failed:\n{result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+# --- prepare --------------------------------------------------------------------------------------
+def prepare_step(settings: Settings, params: Params) -> dict[str, Any]:
+    from hematovision.dataset import prepare
+
+    return prepare(settings.path(settings.data_dir), settings.path(settings.prepared_dir),
+                   params.prepare.val_fraction, params.seed)
+
+
+def load_manifest(settings: Settings) -> pd.DataFrame:
+    path = settings.path(settings.prepared_dir) / "manifest.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `hematovision prepare` first")
+    return pd.read_csv(path)
+
+
+# --- train ----------------------------------------------------------------------------------------
+def train_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """Train, save the classifier under ``models/``, and log the run (params, validation metrics,
+    lineage, the model) to MLflow. Returns the training report, which carries the run id."""
+    import mlflow
+
+    from hematovision.embeddings import EmbeddingCache
+    from hematovision.packaging import log_classifier
+    from hematovision.tracking import configure_mlflow, dvc_data_hash, git_commit
+    from hematovision.metrics import flatten_for_mlflow
+    from hematovision.train import train
+
+    configure_mlflow(settings)
+    manifest = load_manifest(settings)
+    models_dir = settings.path(settings.models_dir)
+    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+    data_hash = dvc_data_hash(settings.path(settings.data_dir).with_suffix(".dvc"))
+    commit = git_commit(settings.project_dir)
+    started = time.perf_counter()
+    with mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+        mlflow.set_tags({"data_hash": data_hash, "git_commit": commit, "step": "train"})
+        mlflow.log_params(params.flat())
+        result = train(manifest, settings.path(settings.data_dir), params, cache, progress)
+        classifier_dir = models_dir / CLASSIFIER_DIR
+        if classifier_dir.exists():
+            shutil.rmtree(classifier_dir)
+        result.classifier.save(classifier_dir)
+        mlflow.log_metrics(flatten_for_mlflow(result.val_metrics, "val"))
+        mlflow.log_metrics({f"time_{k}": v for k, v in result.timings.items()})
+        mlflow.log_dict({"history": result.history, "val": result.val_metrics}, "training/history.json")
+        model_uri = log_classifier(classifier_dir)
+        report = {
+            "run_id": run.info.run_id,
+            "model_uri": model_uri,
+            "data_hash": data_hash,
+            "git_commit": commit,
+            "n_train_images": result.n_train_images,
+            "n_train_cells": result.n_train_cells,
+            "val": result.val_metrics,
+            "history": result.history,
+            "timings": {**result.timings, "total_s": time.perf_counter() - started},
+        }
+    cache.close()
+    (models_dir / TRAIN_REPORT).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def load_train_report(settings: Settings) -> dict[str, Any]:
+    path = settings.path(settings.models_dir) / TRAIN_REPORT
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `hematovision train` first")
+    return json.loads(path.read_text())
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+def evaluate_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """Score the trained model on TEST and on the new site; write ``reports/`` and log both to the
+    training run in MLflow."""
+    import mlflow
+
+    from hematovision.embeddings import EmbeddingCache
+    from hematovision.evaluate import evaluate_folder, evaluate_rows, save_confusion_plot
+    from hematovision.metrics import flatten_for_mlflow
+    from hematovision.model import Classifier
+    from hematovision.tracking import configure_mlflow
+
+    configure_mlflow(settings)
+    report = load_train_report(settings)
+    classifier = Classifier.load(settings.path(settings.models_dir) / CLASSIFIER_DIR)
+    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+    reports_dir = settings.path(settings.reports_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(settings)
+    test_rows = manifest[manifest.split == "test"]
+    if params.evaluate.max_images_per_class > 0:
+        test_rows = test_rows.groupby("label", group_keys=False).apply(
+            lambda g: g.sample(min(len(g), params.evaluate.max_images_per_class), random_state=params.seed))
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    results["test"] = evaluate_rows(classifier, test_rows, settings.path(settings.data_dir), cache,
+                                    params.evaluate.bootstrap_samples, params.seed,
+                                    _counter(progress, "evaluating on TEST", len(test_rows)))
+    new_site = settings.path(settings.new_site_source)
+    if new_site.is_dir():
+        results["new_site"] = evaluate_folder(classifier, new_site, cache, params.evaluate.bootstrap_samples,
+                                              params.evaluate.max_images_per_class, params.seed,
+                                              _counter(progress, "evaluating on the new site", None))
+    cache.close()
+    results["timings"] = {"evaluate_s": time.perf_counter() - started}
+    (reports_dir / METRICS_FILE).write_text(json.dumps(results, indent=2))
+    with mlflow.start_run(run_id=report["run_id"]):
+        for name in ("test", "new_site"):
+            if name not in results:
+                continue
+            mlflow.log_metrics(flatten_for_mlflow(results[name], name))
+            plot = save_confusion_plot(results[name], classifier.classes, f"{name}: confusion",
+                                       reports_dir / f"confusion_{name}.png")
+            mlflow.log_artifact(str(plot), "evaluation")
+        mlflow.log_artifact(str(reports_dir / METRICS_FILE), "evaluation")
+    return results
+
+
+def _counter(progress: Progress | None, what: str, total: int | None) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(what, done, total or done)
+
+    return step
+
+
+# --- register and promote -------------------------------------------------------------------------
+def register_step(settings: Settings) -> dict[str, Any]:
+    """Register the trained run's model as a new version (alias ``challenger``), tagged with its
+    lineage and headline metrics."""
+    from hematovision.registry import Registry
+    from hematovision.tracking import configure_mlflow
+
+    uri = configure_mlflow(settings)
+    report = load_train_report(settings)
+    metrics_path = settings.path(settings.reports_dir) / METRICS_FILE
+    evaluation = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    tags = {"data_hash": report["data_hash"], "git_commit": report["git_commit"], "run_id": report["run_id"]}
+    for split, key in (("val", "accuracy"), ("val", "macro_f1"), ("test", "accuracy"), ("test", "macro_f1"),
+                       ("test", "cell_accuracy"), ("new_site", "accuracy")):
+        source = report["val"] if split == "val" else evaluation.get(split, {})
+        if key in source:
+            tags[f"{split}_{key}"] = f"{source[key]:.4f}"
+    registry = Registry(settings.registered_model, uri)
+    version = registry.register(report["model_uri"], tags)
+    return {"version": version, "tags": tags}
+
+
+def promote_step(settings: Settings, params: Params, version: str, force: bool = False):
+    from hematovision.registry import Registry
+    from hematovision.tracking import configure_mlflow
+
+    return Registry(settings.registered_model, configure_mlflow(settings)).promote(version, params.promote, force)

@@ -1,0 +1,56 @@
+"""Progress of long steps: a rich bar on a terminal, a log line every tenth otherwise.
+
+Steps take a ``progress(what, done, total)`` callable. The CLI installs a bar-drawing one; flows
+running without a terminal (a Prefect worker, CI) get log lines, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+Progress = Callable[[str, int, int], None]
+
+
+def logging_progress(logger: logging.Logger | logging.LoggerAdapter) -> Progress:
+    last: dict[str, int] = {}
+
+    def report(what: str, done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if done == total or tenth > last.get(what, -1):
+            last[what] = tenth
+            logger.info("%s: %d/%d", what, done, total)
+
+    return report
+
+
+@contextmanager
+def console_progress() -> Iterator[Progress]:
+    """A progress callable that draws one rich bar per step description."""
+    if not sys.stderr.isatty():
+        yield logging_progress(logging.getLogger("hematovision"))
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bars = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    tasks: dict[str, int] = {}
+
+    def report(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = bars.add_task(what, total=total)
+        bars.update(tasks[what], completed=done, total=total)
+
+    with bars:
+        yield report
+
+
+# The reporter flows use when the CLI started them (a Prefect task runs in a worker thread,
+# so a context variable would not reach it).
+current: Progress | None = None
+
+
+def reporter(logger: logging.Logger | logging.LoggerAdapter) -> Progress:
+    return current or logging_progress(logger)

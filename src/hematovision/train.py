@@ -1,0 +1,215 @@
+"""Two-phase transfer learning of the white-cell classifier.
+
+Phase 1 trains a new head on embeddings of the frozen ImageNet backbone (cached, so seconds).
+Phase 2 unfreezes the top blocks of the backbone and fine-tunes them with the head at a low
+learning rate on augmented crops. After each phase the validation split (held-out *cells*, never
+augmented copies of training cells) is scored, and the best state is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from hematovision import CLASSES
+from hematovision.embeddings import EmbeddingCache, file_sha256
+from hematovision.metrics import classification_metrics
+from hematovision.model import Classifier, ClassifierConfig, read_crops
+from hematovision.params import Params
+
+Progress = Callable[[str, int, int], None]  # (step description, done, total)
+
+
+@dataclass
+class TrainResult:
+    classifier: Classifier
+    val_metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    n_train_images: int = 0
+    n_train_cells: int = 0
+
+
+def label_indices(labels: pd.Series, classes: list[str] | tuple[str, ...] = CLASSES) -> np.ndarray:
+    lookup = {name: i for i, name in enumerate(classes)}
+    return labels.map(lookup).to_numpy(dtype=int)
+
+
+def limit_per_cell(rows: pd.DataFrame, max_per_cell: int, seed: int) -> pd.DataFrame:
+    """At most ``max_per_cell`` augmented copies of each original cell (0 keeps all)."""
+    if max_per_cell <= 0:
+        return rows
+    return rows.groupby("group", group_keys=False).apply(
+        lambda g: g.sample(min(len(g), max_per_cell), random_state=seed)
+    )
+
+
+def cached_embeddings(
+    classifier: Classifier,
+    paths: list[Path],
+    cache: EmbeddingCache,
+    crops: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Backbone embeddings of image files, read from the cache where the same backbone saw the same
+    bytes before; crops are made only for the images that need computing unless given."""
+    keys = [file_sha256(p) for p in paths]
+
+    def compute(indices: list[int]) -> np.ndarray:
+        batch = crops[indices] if crops is not None else classifier.crops([paths[i] for i in indices])
+        return classifier.embed(batch)
+
+    return cache.embed(classifier.backbone_fingerprint(), keys, compute, progress=progress)
+
+
+def train(
+    rows: pd.DataFrame,
+    image_root: Path,
+    params: Params,
+    cache: EmbeddingCache,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train on the manifest rows split ``train``, validate on ``val``; returns the best model."""
+    import keras
+    import tensorflow as tf
+
+    from hematovision.augment import augment_crop
+    from hematovision.backbone import trainable_top
+
+    report = progress or (lambda *_: None)
+    keras.utils.set_random_seed(params.seed)
+    timings: dict[str, float] = {}
+    classes = list(CLASSES)
+    train_rows = limit_per_cell(rows[rows.split == "train"], params.train.max_images_per_cell, params.seed)
+    val_rows = limit_per_cell(rows[rows.split == "val"], params.train.max_images_per_cell, params.seed)
+    if train_rows.empty or val_rows.empty:
+        raise ValueError("training needs images in both the train and the val split")
+    y_train, y_val = label_indices(train_rows.label, classes), label_indices(val_rows.label, classes)
+
+    classifier = Classifier.new(ClassifierConfig(classes=classes, image_size=params.model.image_size,
+                                                 dropout=params.model.dropout))
+    started = time.perf_counter()
+    train_paths = [image_root / p for p in train_rows.path]
+    val_paths = [image_root / p for p in val_rows.path]
+    size = params.model.image_size
+    crops_train = _crops_with_progress(train_paths, size, "locating cells (train)", report)
+    crops_val = _crops_with_progress(val_paths, size, "locating cells (val)", report)
+    timings["crop_s"] = time.perf_counter() - started
+
+    # Phase 1: the head on cached embeddings of the frozen backbone.
+    started = time.perf_counter()
+    emb_train = _embed_with_progress(classifier, train_paths, crops_train, cache, "embedding (train)", report)
+    emb_val = _embed_with_progress(classifier, val_paths, crops_val, cache, "embedding (val)", report)
+    timings["embed_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    head = classifier.head
+    head.compile(optimizer=keras.optimizers.Adam(params.train.head_learning_rate),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    report("training the head", 0, params.train.head_epochs)
+    fit = head.fit(
+        emb_train, y_train, validation_data=(emb_val, y_val), epochs=params.train.head_epochs,
+        batch_size=params.train.batch_size, verbose=0, shuffle=True,
+        callbacks=[keras.callbacks.EarlyStopping("val_loss", patience=5, restore_best_weights=True),
+                   _ProgressCallback(report, "training the head", params.train.head_epochs)],
+    )
+    timings["head_s"] = time.perf_counter() - started
+    history = [{"phase": "head", "epoch": i + 1, **{k: float(v[i]) for k, v in fit.history.items()}}
+               for i in range(len(fit.history["loss"]))]
+    best = classification_metrics(y_val, classifier.classify_embeddings(emb_val), classes,
+                                  list(val_rows.group), bootstrap_samples=0)
+    best_weights = classifier.keras_model.get_weights()
+    history.append({"phase": "head", "val_macro_f1": best["macro_f1"], "val_accuracy": best["accuracy"]})
+
+    # Phase 2: fine-tune the top of the backbone on augmented crops, at a low learning rate.
+    if params.train.finetune_epochs > 0 and params.train.finetune_blocks > 0:
+        started = time.perf_counter()
+        trainable_top(classifier.backbone, params.train.finetune_blocks)
+        model = classifier.keras_model
+        model.compile(optimizer=keras.optimizers.Adam(params.train.finetune_learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        per_epoch = min(params.train.finetune_images_per_epoch, len(y_train))
+        dataset = _finetune_dataset(crops_train, y_train, params, augment_crop, tf)
+        for epoch in range(1, params.train.finetune_epochs + 1):
+            steps = max(1, per_epoch // params.train.batch_size)
+            fit = model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0,
+                            callbacks=[_BatchProgress(report, f"fine-tuning (epoch {epoch}/{params.train.finetune_epochs})", steps)])
+            scores = classification_metrics(y_val, classifier.predict_crops(crops_val), classes,
+                                            list(val_rows.group), bootstrap_samples=0)
+            history.append({"phase": "finetune", "epoch": epoch, "loss": float(fit.history["loss"][-1]),
+                            "accuracy": float(fit.history["accuracy"][-1]),
+                            "val_macro_f1": scores["macro_f1"], "val_accuracy": scores["accuracy"]})
+            if scores["macro_f1"] > best["macro_f1"]:
+                best, best_weights = scores, model.get_weights()
+        classifier.keras_model.set_weights(best_weights)
+        classifier.backbone.trainable = False
+        timings["finetune_s"] = time.perf_counter() - started
+
+    val_metrics = classification_metrics(y_val, classifier.predict_crops(crops_val), classes,
+                                         list(val_rows.group), params.evaluate.bootstrap_samples, params.seed)
+    return TrainResult(classifier, val_metrics, history, timings, len(train_rows), train_rows.group.nunique())
+
+
+def _finetune_dataset(crops: np.ndarray, labels: np.ndarray, params: Params, augment, tf):
+    """Endless, class-balanced stream of augmented crops (each class drawn equally often)."""
+    per_class = []
+    for label in np.unique(labels):
+        index = np.flatnonzero(labels == label)
+        per_class.append(tf.data.Dataset.from_tensor_slices(index).shuffle(len(index), seed=params.seed).repeat())
+    indices = tf.data.Dataset.sample_from_datasets(per_class, seed=params.seed)
+    crops_t, labels_t = tf.constant(crops), tf.constant(labels)
+    jitter = params.train.colour_jitter
+    return (
+        indices.map(lambda i: (augment(tf.cast(tf.gather(crops_t, i), tf.float32), jitter), tf.gather(labels_t, i)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(params.train.batch_size)
+        .prefetch(2)
+    )
+
+
+def _crops_with_progress(paths: list[Path], size: int, what: str, report: Progress) -> np.ndarray:
+    chunks, done = [], 0
+    for start in range(0, len(paths), 256):
+        chunk = paths[start : start + 256]
+        chunks.append(read_crops(chunk, size))
+        done += len(chunk)
+        report(what, done, len(paths))
+    return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
+
+
+def _embed_with_progress(classifier, paths, crops, cache, what: str, report: Progress) -> np.ndarray:
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        report(what, done, len(paths))
+
+    return cached_embeddings(classifier, paths, cache, crops=crops, progress=step)
+
+
+def _keras_callback_base():
+    import keras
+
+    return keras.callbacks.Callback
+
+
+class _ProgressCallback(_keras_callback_base()):
+    def __init__(self, report: Progress, what: str, total: int) -> None:
+        super().__init__()
+        self.report, self.what, self.total = report, what, total
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.report(self.what, epoch + 1, self.total)
+
+
+class _BatchProgress(_ProgressCallback):
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.report(self.what, batch + 1, self.total)
