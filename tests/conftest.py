@@ -1,0 +1,112 @@
+"""Shared fixtures: one temporary project per test session, built from a few real images.
+
+The project is a real git + DVC repository with a Kaggle-layout dataset of a handful of real
+cells per class (plus one corrupt file), a tiny new-site folder, its own sqlite MLflow store, and
+the ``quick`` parameters. One Prefect test harness serves the whole session (each costs ~16 s).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hematovision.settings import TELEMETRY_OFF, get_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared" / "datasets").resolve()
+BLOOD_CELLS = SHARED / "blood-cells" / "dataset2-master" / "images"
+PBC = SHARED / "pbc-sample"
+KAGGLE_CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
+
+os.environ.update(TELEMETRY_OFF)
+
+
+def copy_cells(split: str, cls: str, dest: Path, cells: int, per_cell: int) -> None:
+    """Copy ``per_cell`` augmented images of each of the first ``cells`` original cells."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files = sorted((BLOOD_CELLS / split / cls).iterdir())
+    for k in range(cells):
+        for f in [f for f in files if f.name.startswith(f"_{k}_")][:per_cell]:
+            shutil.copy(f, dest / f.name)
+
+
+def build_kaggle_subset(root: Path, train_cells: int = 4, test_cells: int = 2, per_cell: int = 2) -> Path:
+    images = root / "dataset2-master" / "images"
+    for cls in KAGGLE_CLASSES:
+        copy_cells("TRAIN", cls, images / "TRAIN" / cls, train_cells, per_cell)
+        copy_cells("TEST", cls, images / "TEST", 0, 0)
+        copy_cells("TEST", cls, images / "TEST" / cls, test_cells, per_cell)
+    # A corrupt file among the training images: prepare must report it, not crash.
+    (images / "TRAIN" / "NEUTROPHIL" / "_99_1.jpeg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return root
+
+
+def build_new_site_subset(root: Path, per_class: int = 3) -> Path:
+    for cls in ("eosinophil", "lymphocyte", "monocyte", "neutrophil", "basophil"):
+        dest = root / cls
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in sorted((PBC / cls).iterdir())[:per_class]:
+            shutil.copy(f, dest / f.name)
+    return root
+
+
+def quick_params() -> dict:
+    """The repository's params.yaml with the ``quick`` profile folded in (DVC stages take no profile)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    quick = raw.pop("profiles")["quick"]
+    for section, values in quick.items():
+        raw[section].update(values)
+    raw["prepare"]["val_fraction"] = 0.5  # a handful of cells per class: half of them validate
+    return raw
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    """A temporary HematoVision project, made the working directory for the session."""
+    root = tmp_path_factory.mktemp("project")
+    upstream = build_kaggle_subset(tmp_path_factory.mktemp("upstream") / "blood-cells")
+    new_site = build_new_site_subset(tmp_path_factory.mktemp("new-site") / "pbc")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(quick_params()))
+    (root / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    shutil.copytree(REPO / "src", root / "src")  # dvc.yaml names the code as dependencies
+    run(["git", "init", "-q"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], root)
+    env = {**os.environ}
+    run([str(Path(os.sys.executable).parent / "dvc"), "init", "-q"], root, env)
+    os.environ.update(
+        {
+            "HEMATOVISION_PROJECT_DIR": str(root),
+            "HEMATOVISION_DATA_SOURCE": str(upstream),
+            "HEMATOVISION_NEW_SITE_SOURCE": str(new_site),
+            "HEMATOVISION_MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns/mlflow.db",
+            "HEMATOVISION_MLFLOW_ARTIFACT_LOCATION": str(root / "mlruns" / "artifacts"),
+            "KERAS_HOME": str(root / ".keras"),
+        }
+    )
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    get_settings.cache_clear()
+    previous = Path.cwd()
+    os.chdir(root)
+    yield root
+    os.chdir(previous)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
