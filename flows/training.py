@@ -68,7 +68,7 @@ def register() -> dict:
 
 
 @task(name="promote")
-def promote(version: str, params_file: str, profile: str | None) -> dict:
+def promote_version(version: str, params_file: str, profile: str | None) -> dict:
     decision = pipeline.promote_step(get_settings(), load_params(Path(params_file), profile), version)
     logger = get_run_logger()
     (logger.info if decision.passed else logger.warning)(decision.summary())
@@ -83,7 +83,7 @@ def training_flow(profile: str | None = None, params_file: str = "params.yaml", 
     report = train(params_file, profile)
     results = evaluate(params_file, profile)
     registered = register()
-    gate = promote(registered["version"], params_file, profile) if promote else {"passed": False, "reasons": ["promotion not asked for"]}
+    gate = promote_version(registered["version"], params_file, profile) if promote else {"passed": False, "reasons": ["promotion not asked for"]}
     return {
         "data_hash": data["data_hash"],
         "run_id": report["run_id"],
