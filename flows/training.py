@@ -10,6 +10,7 @@ import touches the upstream folder, registering touches the MLflow store).
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from hematovision.settings import quiet_environment
@@ -78,18 +79,30 @@ def promote_version(version: str, params_file: str, profile: str | None) -> dict
 @flow(name="hematovision-training", log_prints=True)
 def training_flow(profile: str | None = None, params_file: str = "params.yaml", promote: bool = True) -> dict:
     """Train a new model on the pinned data and promote it if it beats the champion."""
-    data = import_data()
-    prepare(params_file, profile)
-    report = train(params_file, profile)
-    results = evaluate(params_file, profile)
-    registered = register()
-    gate = promote_version(registered["version"], params_file, profile) if promote else {"passed": False, "reasons": ["promotion not asked for"]}
+    timings: dict[str, float] = {}
+
+    def timed(name, call, *args):
+        started = time.perf_counter()
+        result = call(*args)
+        timings[name] = round(time.perf_counter() - started, 1)
+        return result
+
+    data = timed("import", import_data)
+    timed("prepare", prepare, params_file, profile)
+    report = timed("train", train, params_file, profile)
+    results = timed("evaluate", evaluate, params_file, profile)
+    registered = timed("register", register)
+    if promote:
+        gate = timed("promote", promote_version, registered["version"], params_file, profile)
+    else:
+        gate = {"passed": False, "reasons": ["promotion not asked for"]}
     return {
         "data_hash": data["data_hash"],
         "run_id": report["run_id"],
         "version": registered["version"],
         "metrics": {"val": report["val"], **{k: v for k, v in results.items() if k != "timings"}},
         "gate": gate,
+        "timings_s": timings,
     }
 
 

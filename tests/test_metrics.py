@@ -42,3 +42,11 @@ def test_without_groups_there_is_no_cell_level_claim():
     assert m["per_class"]["neutrophil"]["recall"] == 0.0
     flat = flatten_for_mlflow(m, "test")
     assert flat["test_accuracy"] == 0.75 and "test_f1_monocyte" in flat
+
+
+def test_a_perfect_score_on_few_cells_still_has_an_honest_interval():
+    y = np.repeat([0, 1, 2, 3], 5)
+    m = classification_metrics(y, one_hot(y), CLASSES, np.repeat([f"c{i}" for i in range(4)], 5), 200)
+    assert m["cell_accuracy"] == 1.0
+    low, high = m["cell_accuracy_ci95"]
+    assert high == 1.0 and 0.4 < low < 0.6  # 4 of 4 cells: Wilson lower bound ~0.51

@@ -21,7 +21,7 @@ app = typer.Typer(help="HematoVision: train, evaluate, register and promote the 
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 data_app = typer.Typer(help="Dataset versions (DVC).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # error lines stay whole for scripts that grep them
 ProfileOption = Annotated[Optional[str], typer.Option("--profile", "-p", help="Named parameter profile from params.yaml, e.g. 'quick' for smoke runs.")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file (DVC-tracked).")]
 
@@ -118,9 +118,9 @@ def prepare(profile: ProfileOption = None, params_file: ParamsOption = Path("par
 def train(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
     """Train (frozen-backbone head, then fine-tune) and log the run to MLflow."""
     from hematovision.pipeline import train_step
-    from hematovision.progress import console_progress
+    from hematovision.progress import cli_logger, console_progress, logging_progress
 
-    with console_progress() as report:
+    with console_progress(logging_progress(cli_logger())) as report:
         result = train_step(get_settings(), _params(params_file, profile), report)
     console.print(f"run {result['run_id']}: val accuracy {result['val']['accuracy']:.3f}, macro-F1 {result['val']['macro_f1']:.3f}")
 
@@ -134,13 +134,13 @@ def evaluate(
     params_file: ParamsOption = Path("params.yaml"),
 ):
     """Score a model: the pipeline's stage (TEST and the new site), or any model on any folder."""
-    from hematovision.progress import console_progress
+    from hematovision.progress import cli_logger, console_progress, logging_progress
 
     params = _params(params_file, profile)
     if model is None and data is None:
         from hematovision.pipeline import evaluate_step
 
-        with console_progress() as report:
+        with console_progress(logging_progress(cli_logger())) as report:
             results = evaluate_step(get_settings(), params, report)
         print(json.dumps({k: {m: v[m] for m in ("accuracy", "macro_f1") if m in v} for k, v in results.items() if k != "timings"}, indent=2))
         return

@@ -67,7 +67,7 @@ def evaluate_folder(
     metrics = evaluate_rows(classifier, rows, folder, cache, bootstrap_samples, seed, progress)
     metrics["unknown_folders"] = list(unknown)
     metrics["unreadable_images"] = [
-        {"path": str(r.path), "error": str(r.error)} for r in bad.itertuples()
+        {"path": str(r.path), "error": f"{r.error_code}: {r.error_message}"} for r in bad.itertuples()
     ] if not bad.empty else []
     return metrics
 

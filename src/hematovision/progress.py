@@ -26,11 +26,17 @@ def logging_progress(logger: logging.Logger | logging.LoggerAdapter) -> Progress
     return report
 
 
+def cli_logger() -> logging.Logger:
+    """The logger of CLI commands run without a terminal (CI, a cron job, a DVC stage)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return logging.getLogger("hematovision")
+
+
 @contextmanager
-def console_progress() -> Iterator[Progress]:
-    """A progress callable that draws one rich bar per step description."""
+def console_progress(fallback: Progress | None = None) -> Iterator[Progress | None]:
+    """A progress callable drawing one rich bar per step on a terminal; ``fallback`` otherwise."""
     if not sys.stderr.isatty():
-        yield logging_progress(logging.getLogger("hematovision"))
+        yield fallback
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

@@ -1,0 +1,94 @@
+"""Benchmark of the main job: accuracy on TEST and the new site, wall time per stage, peak memory.
+
+    uv run python benchmarks/training.py [--profile quick]
+
+Runs the real training flow on the embedded defaults (it registers a model in the local store like
+the main job does) and appends a dated section to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hematovision.settings import quiet_environment
+
+quiet_environment()
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gb = Path("/proc/meminfo").read_text().split()[1] if Path("/proc/meminfo").exists() else "0"
+    import os
+
+    return f"{os.cpu_count()} cores ({cpu}), {int(memory_gb) / 1024**2:.0f} GiB RAM, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def fmt_ci(m: dict, key: str) -> str:
+    if f"{key}_ci95" not in m:
+        return ""
+    low, high = m[f"{key}_ci95"]
+    return f" [{low:.3f}, {high:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default=None)
+    args = parser.parse_args()
+
+    from flows.training import training_flow
+
+    started = time.perf_counter()
+    summary = training_flow(profile=args.profile)
+    wall = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    lines = [
+        f"\n## Training main job — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {machine()}",
+        f"- commit: {commit}; profile: {args.profile or 'default'}; data version {summary['data_hash']}; model v{summary['version']}",
+        f"- wall time of the whole flow: {wall / 60:.1f} min; peak memory (RSS): {peak_mb:.0f} MiB",
+        "- per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()),
+        "",
+        "| data | images | accuracy [95% CI, cells resampled] | macro-F1 | cells | cell-level accuracy [95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = {"val": "validation (held-out TRAIN cells)", "test": "official TEST", "new_site": "pbc-sample (another lab, 4 classes)"}
+    for split, label in names.items():
+        m = summary["metrics"].get(split)
+        if not m:
+            continue
+        lines.append(
+            f"| {label} | {m['n_images']} | {m['accuracy']:.3f}{fmt_ci(m, 'accuracy')} | {m['macro_f1']:.3f} | "
+            f"{m.get('n_cells', '')} | {m.get('cell_accuracy', float('nan')):.3f}{fmt_ci(m, 'cell_accuracy')} |"
+        )
+    for split in ("test", "new_site"):
+        m = summary["metrics"].get(split)
+        if m:
+            per_class = ", ".join(f"{c} {s['f1']:.2f}" for c, s in m["per_class"].items())
+            lines.append(f"\n{names[split]} per-class F1: {per_class}; confusion (rows true, cols predicted): {m['confusion_matrix']}")
+    lines.append(f"\nGate: {'passed' if summary['gate']['passed'] else 'refused'} — " + "; ".join(summary["gate"]["reasons"]))
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nWritten by the commands in `benchmarks/`; newest last.\n")
+    with RESULTS.open("a") as out:
+        out.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The training lifecycle end to end on a few real images: the CLI's main job runs the Prefect flow
+(DVC import, prepare, train, evaluate, register, promote) against a real MLflow store, and the DVC
+pipeline reproduces the same steps and then does nothing when nothing changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from hematovision.cli import app
+from hematovision.registry import CHAMPION, Registry
+from hematovision.settings import get_settings
+from hematovision.tracking import configure_mlflow
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(project, prefect_harness):
+    # The flow runs in-process under the session's Prefect harness (CliRunner's swapped streams and
+    # Prefect's log handlers do not mix); `hematovision run` is a thin printer around this call.
+    from flows.training import training_flow
+
+    return training_flow()
+
+
+def test_main_job_registers_a_champion_with_its_lineage(project, trained):
+    settings = get_settings()
+    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    champion = registry.version_by_alias(CHAMPION)
+    assert champion is not None
+    assert trained["version"] == str(champion.version)
+    assert trained["gate"]["passed"]
+    assert set(trained["timings_s"]) == {"import", "prepare", "train", "evaluate", "register", "promote"}
+    pinned = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
+    assert champion.tags["data_hash"] == pinned
+    assert len(champion.tags["git_commit"]) >= 40
+    assert "PASSED" in champion.tags["gate"]
+
+    run = mlflow.get_run(champion.run_id)
+    for metric in ("val_macro_f1", "test_accuracy", "test_cell_accuracy_ci95_low", "new_site_accuracy", "test_f1_monocyte"):
+        assert metric in run.data.metrics, metric
+    assert run.data.params["model.image_size"] == "96"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(champion.run_id, "evaluation")}
+    assert "evaluation/confusion_test.png" in artifacts
+
+
+def test_run_refuses_an_unknown_profile_before_starting_anything(project):
+    result = runner.invoke(app, ["run", "--profile", "nonexistent"])
+    assert result.exit_code == 2
+    assert "unknown profile 'nonexistent'" in result.output
+
+
+def test_prepare_reports_the_bad_image_and_splits_by_cell(project, trained):
+    bad = pd.read_csv(project / "prepared" / "bad_images.csv")
+    assert any(p.endswith("_99_1.jpeg") for p in bad.path)
+    manifest = pd.read_csv(project / "prepared" / "manifest.csv")
+    assert not manifest.path.str.endswith("_99_1.jpeg").any()
+    train_groups = set(manifest[manifest.split == "train"].group)
+    val_groups = set(manifest[manifest.split == "val"].group)
+    assert train_groups and val_groups and not train_groups & val_groups
+    assert set(manifest[manifest.split == "val"].label) == {"eosinophil", "lymphocyte", "monocyte", "neutrophil"}
+    assert set(manifest.split) == {"train", "val", "test"}
+
+
+def test_evaluation_reports_test_and_new_site(project, trained):
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["test"]["n_cells"] == 8  # 2 cells per class, not 16 images
+    assert metrics["new_site"]["unknown_folders"] == ["basophil"]
+    assert metrics["new_site"]["n_images"] == 12
+
+
+def test_evaluate_command_prints_json_for_any_class_folder(project, trained, tmp_path):
+    source = Path(os.environ["HEMATOVISION_NEW_SITE_SOURCE"])
+    shutil.copytree(source / "monocyte", tmp_path / "MONOCYTE")
+    shutil.copytree(source / "lymphocyte", tmp_path / "Lymphocyte")
+    (tmp_path / "platelets").mkdir()
+    (tmp_path / "MONOCYTE" / "broken.jpg").write_bytes(b"not an image")
+    result = runner.invoke(app, ["evaluate", "--model", "models:/hematovision@champion", "--data", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["n_images"] == 6
+    assert metrics["per_class"]["monocyte"]["support"] == 3
+    assert metrics["unknown_folders"] == ["platelets"]
+    assert metrics["unreadable_images"][0]["path"].endswith("broken.jpg")
+
+    missing = runner.invoke(app, ["evaluate", "--model", "models:/hematovision@champion", "--data", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "not a folder" in missing.output
+
+
+def test_dvc_repro_runs_the_stages_then_does_nothing(project, trained):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    first = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'train'" in first.stdout
+    assert (project / "dvc.lock").exists()
+    second = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Running stage" not in second.stdout
+    assert "didn't change, skipping" in second.stdout
