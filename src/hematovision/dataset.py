@@ -240,3 +240,8 @@ def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int) -> dict
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def label_indices(labels: pd.Series, classes: list[str] | tuple[str, ...] = CLASSES) -> np.ndarray:
+    lookup = {name: i for i, name in enumerate(classes)}
+    return labels.map(lookup).to_numpy(dtype=int)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from hematovision.model import Classifier
 
 
 def file_sha256(path: Path) -> str:
@@ -74,3 +77,21 @@ class EmbeddingCache:
 
     def close(self) -> None:
         self.db.close()
+
+
+def cached_embeddings(
+    classifier: "Classifier",
+    paths: list[Path],
+    cache: EmbeddingCache,
+    crops: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Backbone embeddings of image files, read from the cache where the same backbone saw the same
+    bytes before; crops are made only for the images that need computing unless given."""
+    keys = [file_sha256(p) for p in paths]
+
+    def compute(indices: list[int]) -> np.ndarray:
+        batch = crops[indices] if crops is not None else classifier.crops([paths[i] for i in indices])
+        return classifier.embed(batch)
+
+    return cache.embed(classifier.backbone_fingerprint(), keys, compute, progress=progress)

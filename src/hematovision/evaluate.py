@@ -8,11 +8,10 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from hematovision.dataset import scan_class_folders
-from hematovision.embeddings import EmbeddingCache
+from hematovision.dataset import label_indices, scan_class_folders, validate_images
+from hematovision.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.metrics import classification_metrics, plot_confusion_matrix
 from hematovision.model import Classifier
-from hematovision.train import cached_embeddings, label_indices
 
 
 def evaluate_rows(
@@ -59,8 +58,6 @@ def evaluate_folder(
     if max_images_per_class > 0:
         rows = rows.groupby("label", group_keys=False).apply(
             lambda g: g.sample(min(len(g), max_images_per_class), random_state=seed))
-    from hematovision.dataset import validate_images
-
     rows, bad = validate_images(rows, folder)
     if rows.empty:
         raise ValueError(f"{folder} holds no readable images in folders named after {', '.join(classifier.classes)}")

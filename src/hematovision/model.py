@@ -23,7 +23,6 @@ from hematovision.localize import crop_wbc
 
 MODEL_FILE = "classifier.keras"
 CONFIG_FILE = "classifier.json"
-EMBEDDING_DIM = 1280
 
 
 @dataclass
@@ -38,7 +37,7 @@ def build_keras_model(config: ClassifierConfig, pretrained: bool = True):
     """Backbone (ImageNet Lite0, frozen) + a new softmax head, both named sub-models."""
     import keras
 
-    from hematovision.backbone import build_lite0
+    from hematovision.backbone import EMBEDDING_DIM, build_lite0
 
     backbone = build_lite0(input_size=config.image_size, include_top=False, weights=pretrained)
     backbone.name = "backbone"

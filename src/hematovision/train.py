@@ -16,8 +16,11 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+import keras
+
 from hematovision import CLASSES
-from hematovision.embeddings import EmbeddingCache, file_sha256
+from hematovision.dataset import label_indices
+from hematovision.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.metrics import classification_metrics
 from hematovision.model import Classifier, ClassifierConfig, read_crops
 from hematovision.params import Params
@@ -35,11 +38,6 @@ class TrainResult:
     n_train_cells: int = 0
 
 
-def label_indices(labels: pd.Series, classes: list[str] | tuple[str, ...] = CLASSES) -> np.ndarray:
-    lookup = {name: i for i, name in enumerate(classes)}
-    return labels.map(lookup).to_numpy(dtype=int)
-
-
 def limit_per_cell(rows: pd.DataFrame, max_per_cell: int, seed: int) -> pd.DataFrame:
     """At most ``max_per_cell`` augmented copies of each original cell (0 keeps all)."""
     if max_per_cell <= 0:
@@ -47,24 +45,6 @@ def limit_per_cell(rows: pd.DataFrame, max_per_cell: int, seed: int) -> pd.DataF
     return rows.groupby("group", group_keys=False).apply(
         lambda g: g.sample(min(len(g), max_per_cell), random_state=seed)
     )
-
-
-def cached_embeddings(
-    classifier: Classifier,
-    paths: list[Path],
-    cache: EmbeddingCache,
-    crops: np.ndarray | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Backbone embeddings of image files, read from the cache where the same backbone saw the same
-    bytes before; crops are made only for the images that need computing unless given."""
-    keys = [file_sha256(p) for p in paths]
-
-    def compute(indices: list[int]) -> np.ndarray:
-        batch = crops[indices] if crops is not None else classifier.crops([paths[i] for i in indices])
-        return classifier.embed(batch)
-
-    return cache.embed(classifier.backbone_fingerprint(), keys, compute, progress=progress)
 
 
 def train(
@@ -75,7 +55,6 @@ def train(
     progress: Progress | None = None,
 ) -> TrainResult:
     """Train on the manifest rows split ``train``, validate on ``val``; returns the best model."""
-    import keras
     import tensorflow as tf
 
     from hematovision.augment import augment_crop
@@ -192,13 +171,7 @@ def _embed_with_progress(classifier, paths, crops, cache, what: str, report: Pro
     return cached_embeddings(classifier, paths, cache, crops=crops, progress=step)
 
 
-def _keras_callback_base():
-    import keras
-
-    return keras.callbacks.Callback
-
-
-class _ProgressCallback(_keras_callback_base()):
+class _ProgressCallback(keras.callbacks.Callback):
     def __init__(self, report: Progress, what: str, total: int) -> None:
         super().__init__()
         self.report, self.what, self.total = report, what, total
