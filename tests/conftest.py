@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -110,3 +114,55 @@ def prefect_harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def trained(project, prefect_harness):
+    """The main job's flow, run once per session: a champion in the session's registry."""
+    # In-process under the session's Prefect harness (CliRunner's swapped streams and Prefect's
+    # log handlers do not mix); `hematovision run` is a thin printer around this call.
+    from flows.training import training_flow
+
+    return training_flow()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVICE_MAX_REQUEST_BYTES = 3 * 1024 * 1024  # small, so the oversized-upload case is cheap to send
+
+
+@pytest.fixture(scope="session")
+def service_url(project, trained, tmp_path_factory):
+    """A real ``bentoml serve`` of the session's champion on 127.0.0.1, polling the alias every second."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("service") / "service.log"
+    env = {**os.environ, "HEMATOVISION_ALIAS_POLL_SECONDS": "1",
+           "HEMATOVISION_MAX_REQUEST_BYTES": str(SERVICE_MAX_REQUEST_BYTES),
+           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    with log.open("wb") as out:
+        server = subprocess.Popen([bentoml, "serve", "hematovision.service:HematoVision", "--host", "127.0.0.1",
+                                   "--port", str(port)], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200:
+                break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"the service did not become ready:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    server.log_path = log
+    yield url
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()

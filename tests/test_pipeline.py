@@ -25,15 +25,6 @@ from hematovision.tracking import configure_mlflow
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def trained(project, prefect_harness):
-    # The flow runs in-process under the session's Prefect harness (CliRunner's swapped streams and
-    # Prefect's log handlers do not mix); `hematovision run` is a thin printer around this call.
-    from flows.training import training_flow
-
-    return training_flow()
-
-
 def test_main_job_registers_a_champion_with_its_lineage(project, trained):
     settings = get_settings()
     registry = Registry(settings.registered_model, configure_mlflow(settings))

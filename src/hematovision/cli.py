@@ -21,6 +21,8 @@ app = typer.Typer(help="HematoVision: train, evaluate, register and promote the 
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 data_app = typer.Typer(help="Dataset versions (DVC).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+predictions_app = typer.Typer(help="The prediction log and retained images.", no_args_is_help=True)
+app.add_typer(predictions_app, name="predictions")
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole for scripts that grep them
 ProfileOption = Annotated[Optional[str], typer.Option("--profile", "-p", help="Named parameter profile from params.yaml, e.g. 'quick' for smoke runs.")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file (DVC-tracked).")]
@@ -228,6 +230,71 @@ def models():
                       tags.get("new_site_accuracy", ""), tags.get("data_hash", "")[:8], tags.get("git_commit", "")[:8],
                       tags.get("gate", "")[:60])
     Console().print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 to expose it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
+):
+    """Serve the champion over HTTP (BentoML): web page at /ui/, API docs at /docs, hot swap on promote."""
+    import os
+    import shutil
+    import sys
+
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
+    if bentoml is None:
+        _fail("bentoml is not installed in this environment")
+    console.print(f"serving models:/{get_settings().registered_model}@{get_settings().serve_alias} "
+                  f"on http://{host}:{port}/ (web page /ui/, API docs /docs)")
+    os.execv(bentoml, [bentoml, "serve", "hematovision.service:HematoVision", "--host", host, "--port", str(port)])
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results file: .csv or .json.")] = Path("predictions.csv"),
+    model: Annotated[Optional[str], typer.Option(help="Model URI or saved classifier folder (default: the champion).")] = None,
+):
+    """Predict the cell type of images locally (no server), with a progress bar; writes CSV or JSON."""
+    from hematovision.batch_predict import collect_images, predict_files, write_results
+    from hematovision.packaging import load_classifier
+    from hematovision.progress import cli_logger, console_progress, logging_progress
+    from hematovision.tracking import configure_mlflow
+
+    settings = get_settings()
+    if out.suffix.lower() not in (".csv", ".json"):
+        console.print("[red]error:[/] --out must end in .csv or .json")
+        raise typer.Exit(2)
+    try:
+        files = collect_images(paths)
+    except FileNotFoundError as error:
+        _fail(str(error))
+    if not files:
+        _fail("no image files found")
+    configure_mlflow(settings)
+    uri = model or f"models:/{settings.registered_model}@{settings.serve_alias}"
+    try:
+        classifier = load_classifier(uri)
+    except Exception as error:  # noqa: BLE001 - MLflow raises many types for a missing model
+        _fail(f"cannot load {uri}: {error}")
+    with console_progress(logging_progress(cli_logger())) as report:
+        rows = predict_files(classifier, files, settings.review_threshold, progress=report)
+    write_results(rows, out, classifier.classes)
+    failed = sum(1 for r in rows if r.get("error"))
+    review = sum(1 for r in rows if r.get("needs_review"))
+    console.print(f"{len(rows)} images -> {out} ({review} need review, {failed} could not be read)")
+
+
+@predictions_app.command("purge")
+def predictions_purge(
+    older_than_days: Annotated[Optional[float], typer.Option(help="Default: the retain_images_days setting.")] = None,
+):
+    """Delete retained request images older than the retention period (patient privacy)."""
+    from hematovision.predictions import purge_images
+
+    removed = purge_images(get_settings(), older_than_days)
+    console.print(f"removed {removed} retained image(s)")
 
 
 if __name__ == "__main__":

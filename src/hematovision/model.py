@@ -31,6 +31,10 @@ class ClassifierConfig:
     image_size: int = 160
     backbone: str = "efficientnet-lite0"
     dropout: float = 0.3
+    # Test-time augmentation: probabilities averaged over this many dihedral views of the crop
+    # (1, 2, 4 or 8). A cell on a slide has no orientation, and averaging views steadies the
+    # answer on off-centre, wedge-cut copies; it costs one backbone pass per view.
+    tta_views: int = 1
 
 
 def build_keras_model(config: ClassifierConfig, pretrained: bool = True):
@@ -93,8 +97,20 @@ class Classifier:
     def classify_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         return _predict(self.head, embeddings.astype(np.float32), 1024)
 
-    def predict_crops(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        return self.classify_embeddings(self.embed(crops, batch_size))
+    def predict_crops(self, crops: np.ndarray, batch_size: int = 64, views: int | None = None) -> np.ndarray:
+        return self.predict_with_embeddings(crops, batch_size, views)[0]
+
+    def predict_with_embeddings(
+        self, crops: np.ndarray, batch_size: int = 64, views: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (averaged over the configured test-time views) and the embedding of the
+        crop as it is (what the prediction log and drift monitoring keep)."""
+        views = self.config.tta_views if views is None else views
+        embeddings = self.embed(crops, batch_size)
+        probabilities = self.classify_embeddings(embeddings)
+        for view in dihedral_views(crops, views)[1:]:
+            probabilities += self.classify_embeddings(self.embed(view, batch_size))
+        return probabilities / views, embeddings
 
     def predict_images(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
         """Class probabilities, one row per image, in the order of ``classes``."""
@@ -124,6 +140,16 @@ class Classifier:
         config = ClassifierConfig(**json.loads((Path(directory) / CONFIG_FILE).read_text()))
         model = keras.models.load_model(Path(directory) / MODEL_FILE, compile=False)
         return cls(model, config)
+
+
+def dihedral_views(crops: np.ndarray, views: int) -> list[np.ndarray]:
+    """The first ``views`` of: identity, left-right flip, up-down flip, half turn, and the four
+    transposed variants (the dihedral group of the square), on a (N, H, W, 3) batch."""
+    if views not in (1, 2, 4, 8):
+        raise ValueError(f"tta_views must be 1, 2, 4 or 8, not {views}")
+    plain = [crops, crops[:, :, ::-1], crops[:, ::-1, :], crops[:, ::-1, ::-1]]
+    transposed = [np.swapaxes(v, 1, 2) for v in plain]
+    return [np.ascontiguousarray(v) for v in (plain + transposed)[:views]]
 
 
 def _predict(model, inputs: np.ndarray, batch_size: int) -> np.ndarray:

@@ -22,6 +22,7 @@ class PrepareParams:
 class ModelParams:
     image_size: int = 160  # side of the square white-cell crop fed to the backbone
     dropout: float = 0.3
+    tta_views: int = 4  # dihedral test-time views averaged at prediction (1 = off; 2, 4 or 8)
 
 
 @dataclass

@@ -51,6 +51,32 @@ class Settings(BaseSettings):
     mlflow_artifact_location: Path = Field(Path("mlruns/artifacts"), description="Where a new experiment stores artifacts.")
     experiment_name: str = Field("hematovision", description="MLflow experiment of training runs.")
     registered_model: str = Field("hematovision", description="Name of the model in the MLflow registry.")
+    # --- serving and the prediction log -------------------------------------------------------
+    serve_alias: str = Field("champion", description="Registry alias the service follows (and hot-swaps to when it moves).")
+    alias_poll_seconds: float = Field(
+        5.0, gt=0, description="How often each serving worker asks the registry where the alias points."
+    )
+    review_threshold: float = Field(
+        0.7, ge=0, le=1, description="Predictions whose confidence is below this are flagged needs_review."
+    )
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="Largest prediction request body accepted (413 above); bounds memory per request."
+    )
+    max_batch_images: int = Field(
+        32, gt=0, description="Most images one model call takes when concurrent requests are batched together."
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long a request waits for others to share its model call (adaptive batching)."
+    )
+    predictions_db: Path = Field(
+        Path("monitoring/predictions.sqlite"), description="The prediction log (sqlite, WAL; shared by all serving workers)."
+    )
+    retain_images_days: int = Field(
+        0, ge=0, description="Keep request images this many days under images_dir (0: never store images)."
+    )
+    images_dir: Path = Field(
+        Path("monitoring/images"), description="Retained request images, content-addressed by sha256."
+    )
 
     def path(self, p: Path) -> Path:
         """Resolve a setting path against the project directory."""
@@ -72,3 +98,5 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("KERAS_HOME", str(Path(".keras").resolve()))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # mlflow draws a progress bar per artifact download; in a server log that is noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

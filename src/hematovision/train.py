@@ -71,7 +71,8 @@ def train(
     y_train, y_val = label_indices(train_rows.label, classes), label_indices(val_rows.label, classes)
 
     classifier = Classifier.new(ClassifierConfig(classes=classes, image_size=params.model.image_size,
-                                                 dropout=params.model.dropout))
+                                                 dropout=params.model.dropout,
+                                                 tta_views=params.model.tta_views))
     started = time.perf_counter()
     train_paths = [image_root / p for p in train_rows.path]
     val_paths = [image_root / p for p in val_rows.path]
@@ -117,7 +118,8 @@ def train(
             steps = max(1, per_epoch // params.train.batch_size)
             fit = model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0,
                             callbacks=[_BatchProgress(report, f"fine-tuning (epoch {epoch}/{params.train.finetune_epochs})", steps)])
-            scores = classification_metrics(y_val, classifier.predict_crops(crops_val), classes,
+            # One view while choosing the epoch: test-time views would multiply this pass's cost.
+            scores = classification_metrics(y_val, classifier.predict_crops(crops_val, views=1), classes,
                                             list(val_rows.group), bootstrap_samples=0)
             history.append({"phase": "finetune", "epoch": epoch, "loss": float(fit.history["loss"][-1]),
                             "accuracy": float(fit.history["accuracy"][-1]),

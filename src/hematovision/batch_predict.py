@@ -1,0 +1,74 @@
+"""Predictions on files, without a server: ``hematovision predict PATH...``.
+
+Uses the service's own preparation (format checks, the training decoder) and model call, so a
+folder predicted here gets exactly the answers the service would give; a bad file gets its error
+in its row instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from hematovision.progress import Progress
+from hematovision.serving import ImageRejected, prepare_image, run_model
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+
+
+def collect_images(paths: Iterable[Path]) -> list[Path]:
+    """Files as given (any suffix: the content decides), and image files found under folders."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.exists():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return found
+
+
+def predict_files(classifier, files: Sequence[Path], review_threshold: float, batch_size: int = 32,
+                  progress: Progress | None = None) -> list[dict[str, Any]]:
+    """One row per file: label, confidence, a probability per class, needs_review, or error."""
+    classes = list(classifier.classes)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        prepared, chunk_rows = [], []
+        for path in chunk:
+            row: dict[str, Any] = {"file": str(path)}
+            try:
+                prepared.append((row, prepare_image(path.read_bytes())))
+            except ImageRejected as error:
+                row["error"] = f"{error.code}: {error.message}"
+            except OSError as error:
+                row["error"] = f"unreadable: {error}"
+            chunk_rows.append(row)
+        if prepared:
+            probabilities, _ = run_model(classifier, [p for _, p in prepared])
+            for (row, _), probs in zip(prepared, probabilities):
+                best = int(probs.argmax())
+                row.update(label=classes[best], confidence=round(float(probs[best]), 4),
+                           needs_review=bool(probs[best] < review_threshold),
+                           **{f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)})
+        rows.extend(chunk_rows)
+        if progress:
+            progress("predicting", len(rows), len(files))
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], out: Path, classes: Sequence[str]) -> None:
+    """CSV (one column per class probability) or JSON, by the file's suffix."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps(rows, indent=2))
+        return
+    columns = ["file", "label", "confidence", *(f"p_{c}" for c in classes), "needs_review", "error"]
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)

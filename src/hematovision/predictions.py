@@ -1,0 +1,244 @@
+"""The prediction log: one row per served prediction, for drift monitoring, audits and review queues.
+
+Why sqlite in WAL mode: it needs no server, and several serving workers (separate processes) append
+to one file while a monitoring job reads it; WAL lets readers run during writes, and
+``busy_timeout`` makes concurrent writers wait their turn instead of failing. The schema is plain
+SQL, so moving to a server database later is a copy, not a rewrite.
+
+What a row holds and why:
+
+* the model version, label, confidence, all probabilities and the ``needs_review`` flag: enough
+  to audit any answer and to build a review queue without re-running the model;
+* the backbone embedding as **float16 bytes** (1280 values, 2.5 KB): embedding drift is the most
+  sensitive signal that the input distribution moved, and float16 keeps ~3 significant digits, far
+  more than distances or per-dimension distributions need, at half the size of float32. A random
+  projection would be smaller but would tie the log to a projection matrix forever;
+* cheap image statistics (brightness, hue, sharpness...) for drift dashboards people can read;
+* latency and the image's sha256, so a complaint about an image can be matched to its prediction.
+
+Images themselves are not stored (they may be patient material) unless ``retain_images_days`` is
+positive; then they are kept content-addressed under ``images_dir`` and :func:`purge_images`
+deletes those older than the retention. Image bytes never go to any log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hematovision.settings import Settings, get_settings
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id            TEXT PRIMARY KEY,      -- uuid4 hex, returned to the client as prediction_id
+    created_at    TEXT NOT NULL,         -- UTC ISO 8601
+    model_version TEXT NOT NULL,
+    label         TEXT NOT NULL,
+    confidence    REAL NOT NULL,
+    probabilities TEXT NOT NULL,         -- JSON {class: probability}
+    needs_review  INTEGER NOT NULL,      -- 0/1
+    embedding     BLOB,                  -- float16 little-endian, embedding_dim values
+    embedding_dim INTEGER,
+    image_stats   TEXT NOT NULL,         -- JSON, see imaging.image_stats
+    latency_ms    REAL NOT NULL,
+    image_sha256  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS predictions_created_at ON predictions (created_at);
+CREATE INDEX IF NOT EXISTS predictions_model_version ON predictions (model_version);
+"""
+_COLUMNS = ("id", "created_at", "model_version", "label", "confidence", "probabilities", "needs_review",
+            "embedding", "embedding_dim", "image_stats", "latency_ms", "image_sha256")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class PredictionRecord:
+    """One prediction as logged; ``id`` and ``created_at`` are filled in when not given."""
+
+    model_version: str
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    needs_review: bool
+    image_sha256: str
+    latency_ms: float
+    image_stats: dict[str, float] = field(default_factory=dict)
+    embedding: np.ndarray | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: str = field(default_factory=utc_now)
+
+    def row(self) -> tuple:
+        emb = None if self.embedding is None else np.asarray(self.embedding, dtype="<f2").ravel()
+        return (self.id, self.created_at, str(self.model_version), self.label, float(self.confidence),
+                json.dumps({k: float(v) for k, v in self.probabilities.items()}), int(bool(self.needs_review)),
+                None if emb is None else emb.tobytes(), None if emb is None else int(emb.size),
+                json.dumps(self.image_stats), float(self.latency_ms), self.image_sha256)
+
+
+def decode_embedding(blob: bytes | None) -> np.ndarray | None:
+    """The logged embedding back as float32."""
+    return None if blob is None else np.frombuffer(blob, dtype="<f2").astype(np.float32)
+
+
+class PredictionStore:
+    """Appends predictions to the sqlite log; safe to share between threads and processes."""
+
+    def __init__(self, db_path: Path, images_dir: Path | None = None, retain_images: bool = False) -> None:
+        self.db_path = Path(db_path)
+        self.images_dir = Path(images_dir) if images_dir is not None else self.db_path.parent / "images"
+        self.retain_images = retain_images
+        self._lock = threading.Lock()  # one connection per store, used by one thread at a time
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        with self._lock:
+            self._conn.execute("PRAGMA busy_timeout = 30000")
+            _retry_locked(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))
+            # NORMAL is durable across application crashes in WAL mode; only an OS crash or power
+            # cut can lose the last few transactions, an acceptable risk for a monitoring log.
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            _retry_locked(lambda: self._conn.executescript(_SCHEMA))
+            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> "PredictionStore":
+        settings = settings or get_settings()
+        return cls(settings.path(settings.predictions_db), settings.path(settings.images_dir),
+                   retain_images=settings.retain_images_days > 0)
+
+    def log(self, record: PredictionRecord, image: bytes | None = None) -> str:
+        return self.log_many([record], None if image is None else [image])[0]
+
+    def log_many(self, records: Sequence[PredictionRecord], images: Sequence[bytes] | None = None) -> list[str]:
+        """Append records in one transaction (one fsync per batch, not per image); returns their ids."""
+        if self.retain_images and images is not None:
+            for record, data in zip(records, images):
+                self._store_image(record.image_sha256, data)
+        placeholders = ", ".join("?" * len(_COLUMNS))
+        sql = f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+        rows = [r.row() for r in records]
+        with self._lock:
+            def write() -> None:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.executemany(sql, rows)
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            _retry_locked(write)
+        return [r.id for r in records]
+
+    def get(self, prediction_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
+        if row is None:
+            return None
+        out = dict(row)
+        out["probabilities"] = json.loads(out["probabilities"])
+        out["image_stats"] = json.loads(out["image_stats"])
+        out["needs_review"] = bool(out["needs_review"])
+        out["embedding"] = decode_embedding(out["embedding"])
+        image = self.image_path(out["image_sha256"])
+        out["image_path"] = str(image) if image.exists() else None
+        return out
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+
+    def image_path(self, sha256: str) -> Path:
+        return self.images_dir / sha256[:2] / sha256
+
+    def _store_image(self, sha256: str, data: bytes) -> None:
+        """Write once per content (atomic rename); a repeat sighting refreshes the retention clock."""
+        target = self.image_path(sha256)
+        if target.exists():
+            os.utime(target)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, target)
+
+    def purge_images(self, older_than_days: float) -> int:
+        """Delete retained images last seen more than ``older_than_days`` ago; returns how many."""
+        return _purge_dir(self.images_dir, older_than_days)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _purge_dir(images_dir: Path, older_than_days: float) -> int:
+    if not images_dir.exists():
+        return 0
+    cutoff = time.time() - older_than_days * 86400
+    removed = 0
+    for path in [p for p in images_dir.rglob("*") if p.is_file()]:
+        try:
+            if path.stat().st_mtime <= cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # another worker purged it first
+            continue
+    return removed
+
+
+def _retry_locked(action, attempts: int = 20) -> Any:
+    """Run ``action``, retrying while another process holds the database (beyond busy_timeout,
+    e.g. while it switches the journal mode at start-up)."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) and "busy" not in str(error) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    return None
+
+
+_stores: dict[tuple, PredictionStore] = {}
+_stores_lock = threading.Lock()
+
+
+def default_store(settings: Settings | None = None) -> PredictionStore:
+    """The process' store for these settings (one sqlite connection per process and file)."""
+    settings = settings or get_settings()
+    key = (settings.path(settings.predictions_db), settings.path(settings.images_dir), settings.retain_images_days > 0)
+    with _stores_lock:
+        if key not in _stores:
+            _stores[key] = PredictionStore.from_settings(settings)
+        return _stores[key]
+
+
+def log_prediction(record: PredictionRecord, image: bytes | None = None, settings: Settings | None = None) -> str:
+    """Append one prediction to the configured log (the image only if retention is on)."""
+    return default_store(settings).log(record, image)
+
+
+def get_prediction(prediction_id: str, settings: Settings | None = None) -> dict[str, Any] | None:
+    """A logged prediction with decoded probabilities, stats and embedding; None if unknown."""
+    return default_store(settings).get(prediction_id)
+
+
+def purge_images(settings: Settings | None = None, older_than_days: float | None = None) -> int:
+    """Delete retained images older than the retention (``retain_images_days``; 0 deletes all)."""
+    settings = settings or get_settings()
+    days = settings.retain_images_days if older_than_days is None else older_than_days
+    return _purge_dir(settings.path(settings.images_dir), days)

@@ -1,0 +1,122 @@
+"""The BentoML service: the champion over HTTP, hot-swapped when the registry alias moves.
+
+    hematovision serve --port 3000     # = bentoml serve hematovision.service:HematoVision
+
+POST /predict (file field ``image``), POST /predict_batch (file fields ``images``), POST /explain
+(file field ``image`` or text field ``prediction_id``; optional ``class_name``) -> PNG,
+GET /model, /healthz, /readyz (503 until a checked model is loaded), /metrics (BentoML's
+Prometheus metrics plus the served version), the web page at /ui/ (``/`` leads there) and the
+OpenAPI docs at /docs (spec at /docs.json). Only web glue lives here: the model, its hot swap and
+the adaptive batching are in ``serving.py``, request checks and the one error shape
+``{"error": code, "detail": message}`` in ``http_guard.py``. Every worker watches the registry itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hematovision.settings import get_settings, quiet_environment
+
+quiet_environment()
+
+import bentoml  # noqa: E402
+from bentoml.exceptions import ServiceUnavailable  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+from starlette.responses import RedirectResponse, Response  # noqa: E402
+from starlette.staticfiles import StaticFiles  # noqa: E402
+
+from hematovision.http_guard import RequestGuard, Upload, error_response  # noqa: E402
+from hematovision.serving import ImageRejected, ModelHolder, NotReady  # noqa: E402
+
+MAX_BATCH_FILES = 64
+WEB_DIR = Path(__file__).with_name("web")
+app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # routes BentoML does not make itself
+app.mount("/ui", StaticFiles(directory=WEB_DIR, html=True), name="ui")
+_holder: ModelHolder | None = None  # this worker's (one service instance per worker process)
+
+
+@bentoml.service(name="hematovision", workers=1, traffic={"timeout": 120})
+@bentoml.asgi_app(app, path="/")
+class HematoVision:
+    def __init__(self) -> None:
+        global _holder
+        self.holder = _holder = ModelHolder(get_settings()).start()  # loads in the background
+
+    def __is_ready__(self) -> bool:
+        return self.holder.ready
+
+    def __is_alive__(self) -> bool:
+        return self.holder.watching
+
+    def __metrics__(self, content: str) -> str:
+        return content + self.holder.prometheus()
+
+    @bentoml.api(route="/predict")
+    def predict(self, image: Path) -> dict:
+        """One JPEG/PNG/TIFF/BMP image: label, confidence, probabilities, model_version,
+        prediction_id, needs_review."""
+        try:
+            return self.holder.predict([image.read_bytes()])[0]
+        except (ImageRejected, NotReady) as error:
+            return error_response(error.status, error.code, getattr(error, "message", str(error)))
+
+    @bentoml.api(route="/predict_batch")
+    def predict_batch(self, images: list[Path]) -> list[dict]:
+        """One result per image, in order; a bad image gets ``{"error", "detail"}`` in its place.
+        Concurrent requests share model calls (adaptive batching in ``serving.Batcher``)."""
+        try:
+            return self.holder.predict([p.read_bytes() for p in images], errors="return")
+        except NotReady as error:
+            raise ServiceUnavailable(str(error)) from error
+
+    @app.post("/explain", response_class=Response)
+    async def explain(self, request: Request) -> Response:
+        """Grad-CAM heat-map of the white cell, overlaid on the whole image (PNG). Send the image
+        (field ``image``) or the ``prediction_id`` of a prediction whose image was retained;
+        ``class_name`` explains that class instead of the predicted one. The label, confidence
+        and model version are in the ``x-hematovision-*`` headers."""
+        form = await request.form()
+        try:
+            upload = form.get("image")
+            data = await upload.read() if upload is not None and hasattr(upload, "read") else None
+            prediction_id, class_name = form.get("prediction_id"), form.get("class_name")
+        finally:
+            await form.close()
+        try:
+            result = await run_in_threadpool(self.holder.explain, data, prediction_id, class_name)
+        except (ImageRejected, NotReady) as error:
+            return error_response(error.status, error.code, getattr(error, "message", str(error)))
+        return Response(result["png"], media_type="image/png", headers={
+            "x-hematovision-label": result["label"], "x-hematovision-class": result["explained_class"],
+            "x-hematovision-confidence": f"{result['confidence']:.4f}",
+            "x-hematovision-model-version": str(result["model_version"]), "cache-control": "no-store"})
+
+    @app.get("/model")
+    def model(self) -> dict:
+        """The served version, its registry metrics and tags, data hash, loaded_at, refused versions."""
+        return self.holder.status()
+
+
+class FrontDoor:
+    """``/`` leads people to the web page, ``/docs`` to the API docs (BentoML's own page at ``/``
+    would load a Google tag manager script; ours uses the same bundled Swagger UI without it)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] in ("/", "/docs"):
+            target = "/ui/" if scope["path"] == "/" else "/ui/docs.html"
+            return await RedirectResponse(target, status_code=307)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+HematoVision.add_asgi_middleware(FrontDoor)
+HematoVision.add_asgi_middleware(
+    RequestGuard,
+    routes={"/predict": Upload("image"), "/predict_batch": Upload("images", MAX_BATCH_FILES),
+            "/explain": Upload("image", required=False)},
+    max_bytes=get_settings().max_request_bytes,
+    ready=lambda: _holder is not None and _holder.ready,
+)
