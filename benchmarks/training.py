@@ -51,17 +51,30 @@ def main() -> None:
     args = parser.parse_args()
 
     from flows.training import training_flow
+    from hematovision.params import load_params
+    from hematovision.settings import get_settings
+
+    # The code that ran is the code at the start (commits may land while it runs).
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip():
+        commit += " (with uncommitted changes)"
+    p = load_params(Path("params.yaml"), args.profile)
+    recipe = (f"crop {p.model.image_size} px, head {p.train.head_epochs} epochs, fine-tune top {p.train.finetune_blocks} "
+              f"blocks x {p.train.finetune_epochs} epochs, colour jitter {p.train.colour_jitter}, "
+              f"{p.model.tta_views} test-time views")
+    cache = get_settings().path(get_settings().cache_dir)
+    cache_state = "warm" if cache.exists() and any(cache.iterdir()) else "cold"
 
     started = time.perf_counter()
     summary = training_flow(profile=args.profile)
     wall = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
     lines = [
         f"\n## Training main job — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- commit: {commit}; profile: {args.profile or 'default'}; data version {summary['data_hash']}; model v{summary['version']}",
+        f"- recipe: {recipe}; embedding cache {cache_state} at start",
         f"- wall time of the whole flow: {wall / 60:.1f} min; peak memory (RSS): {peak_mb:.0f} MiB",
         "- per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()),
         "",
