@@ -133,36 +133,58 @@ def free_port() -> int:
 
 
 SERVICE_MAX_REQUEST_BYTES = 3 * 1024 * 1024  # small, so the oversized-upload case is cheap to send
+SERVICE_REVIEW_THRESHOLD = 0.99
+
+
+def start_service(project: Path, log: Path, env: dict, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """``bentoml serve`` of the project's champion on a free port, once it answers /readyz."""
+    port = free_port()
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    with log.open("ab") as out:
+        server = subprocess.Popen([bentoml, "serve", "hematovision.service:HematoVision", "--host", "127.0.0.1",
+                                   "--port", str(port)], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200:
+                return server, url
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_service(server)
+            pytest.fail(f"the service did not become ready:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
+def stop_service(server: subprocess.Popen, kill: bool = False) -> None:
+    """Stop the server and its workers (their own process group)."""
+    import signal
+
+    try:
+        os.killpg(server.pid, signal.SIGKILL if kill else signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+
+
+def service_env(tmp_path_factory) -> dict:
+    return {**os.environ, "HEMATOVISION_ALIAS_POLL_SECONDS": "1",
+            # Nearly every answer of the tiny test model then needs review: the review queue fills.
+            "HEMATOVISION_REVIEW_THRESHOLD": str(SERVICE_REVIEW_THRESHOLD),
+            "HEMATOVISION_MAX_REQUEST_BYTES": str(SERVICE_MAX_REQUEST_BYTES),
+            "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}
 
 
 @pytest.fixture(scope="session")
 def service_url(project, trained, tmp_path_factory):
     """A real ``bentoml serve`` of the session's champion on 127.0.0.1, polling the alias every second."""
-    port = free_port()
     log = tmp_path_factory.mktemp("service") / "service.log"
-    env = {**os.environ, "HEMATOVISION_ALIAS_POLL_SECONDS": "1",
-           "HEMATOVISION_MAX_REQUEST_BYTES": str(SERVICE_MAX_REQUEST_BYTES),
-           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    with log.open("wb") as out:
-        server = subprocess.Popen([bentoml, "serve", "hematovision.service:HematoVision", "--host", "127.0.0.1",
-                                   "--port", str(port)], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200:
-                break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"the service did not become ready:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    server.log_path = log
+    server, url = start_service(project, log, service_env(tmp_path_factory))
     yield url
-    server.terminate()
-    try:
-        server.wait(30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    stop_service(server)

@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES
+from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES, SERVICE_REVIEW_THRESHOLD
 from hematovision import CLASSES
 from hematovision.params import PromoteParams
 from hematovision.predictions import PredictionRecord, PredictionStore
@@ -68,15 +68,15 @@ def test_predict_answers_with_every_field_and_logs_the_prediction(project, servi
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert body["confidence"] == pytest.approx(max(body["probabilities"].values()))
     assert body["model_version"] == champion_version()
-    assert body["needs_review"] == (body["confidence"] < get_settings().review_threshold)
+    assert body["needs_review"] == (body["confidence"] < SERVICE_REVIEW_THRESHOLD)
 
     logged = PredictionStore(project / "monitoring" / "predictions.sqlite").get(body["prediction_id"])
     assert logged is not None and logged["label"] == body["label"] and logged["model_version"] == body["model_version"]
     assert logged["embedding"].shape == (1280,) and np.isfinite(logged["embedding"]).all()
     assert {"brightness", "hue", "saturation", "sharpness", "width", "height"} <= set(logged["image_stats"])
     assert logged["latency_ms"] > 0
-    assert logged["image_path"] is None  # images are not kept by default (patient privacy)
-    assert not (project / "monitoring" / "images").exists()
+    # Images are not kept by default (patient privacy), except those the review queue must show.
+    assert (logged["image_path"] is not None) == body["needs_review"]
 
 
 def test_predict_batch_answers_in_order_with_errors_in_place(service_url):
@@ -126,10 +126,13 @@ def test_explain_returns_a_grad_cam_overlay_of_the_whole_image(service_url):
     unknown = requests.post(f"{service_url}/explain", data={"prediction_id": "nope"},
                             files={"unused": ("x", b"")}, timeout=60)
     assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_prediction"
-    prediction_id = post_image(service_url, data).json()["prediction_id"]
-    not_kept = requests.post(f"{service_url}/explain", data={"prediction_id": prediction_id},
-                             files={"unused": ("x", b"")}, timeout=60)
-    assert not_kept.status_code == 404 and not_kept.json()["error"] == "image_not_retained"
+    prediction = post_image(service_url, data).json()
+    by_id = requests.post(f"{service_url}/explain", data={"prediction_id": prediction["prediction_id"]},
+                          files={"unused": ("x", b"")}, timeout=60)
+    if prediction["needs_review"]:  # its image is kept for the review queue
+        assert by_id.status_code == 200 and by_id.content == response.content
+    else:
+        assert by_id.status_code == 404 and by_id.json()["error"] == "image_not_retained"
 
 
 def test_model_health_metrics_docs_and_page(service_url):
@@ -333,6 +336,16 @@ def test_images_are_kept_only_with_retention_and_purged_after_it(tmp_path):
     assert kept.purge_images(older_than_days=0) == 1
     assert kept.get(prediction_id)["image_path"] is None
     assert kept.get(prediction_id)["label"] == "monocyte"  # the prediction itself stays
+
+    # Only the images of predictions that need review, kept longer than the others.
+    review_only = PredictionStore(tmp_path / "review.sqlite", tmp_path / "review-images", retain_review_images=True)
+    sure = review_only.log(PredictionRecord("1", "monocyte", 0.99, {"monocyte": 0.99}, False, "cd" * 32, 1.0), b"sure")
+    unsure = review_only.log(PredictionRecord("1", "monocyte", 0.4, {"monocyte": 0.4}, True, "ef" * 32, 1.0), b"unsure")
+    assert review_only.get(sure)["image_path"] is None and review_only.get(unsure)["image_path"] is not None
+    assert [r["id"] for r in review_only.review_queue(exclude=set())] == [unsure]
+    assert review_only.review_queue(exclude={unsure}) == []
+    assert review_only.purge_images(older_than_days=0, review_older_than_days=30) == 0
+    assert review_only.purge_images(older_than_days=0, review_older_than_days=0) == 1
 
 
 def test_predict_command_writes_csv_for_files_and_folders(project, trained, tmp_path):

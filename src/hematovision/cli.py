@@ -23,6 +23,10 @@ data_app = typer.Typer(help="Dataset versions (DVC).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 predictions_app = typer.Typer(help="The prediction log and retained images.", no_args_is_help=True)
 app.add_typer(predictions_app, name="predictions")
+users_app = typer.Typer(help="Accounts of the people and systems using the service.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+feedback_app = typer.Typer(help="Pathologists' corrections.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 console = Console(stderr=True, soft_wrap=True)  # error lines stay whole for scripts that grep them
 ProfileOption = Annotated[Optional[str], typer.Option("--profile", "-p", help="Named parameter profile from params.yaml, e.g. 'quick' for smoke runs.")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file (DVC-tracked).")]
@@ -295,6 +299,78 @@ def predictions_purge(
 
     removed = purge_images(get_settings(), older_than_days)
     console.print(f"removed {removed} retained image(s)")
+
+
+def _accounts():
+    from hematovision.accounts import Accounts
+
+    settings = get_settings()
+    return Accounts(settings.path(settings.lab_db), settings.session_hours)
+
+
+@users_app.command("add")
+def users_add(
+    username: Annotated[str, typer.Argument(help="Sign-in name (lower-case letters, digits, . _ -).")],
+    role: Annotated[list[str], typer.Option("--role", "-r", help="pathologist, engineer, ops or admin (repeat for several).")],
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input (scripts).")] = False,
+):
+    """Create an account; the password is asked for (never given on the command line)."""
+    import sys
+
+    from hematovision.accounts import AccountError
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        user = _accounts().add_user(username, password, role)
+    except AccountError as error:
+        _fail(str(error))
+    console.print(f"added {user.username} ({', '.join(sorted(user.roles))})")
+
+
+@users_app.command("list")
+def users_list():
+    """Accounts, their roles and whether they are disabled."""
+    table = Table("user", "roles", "disabled", "created")
+    for user in _accounts().list_users():
+        table.add_row(user["username"], ", ".join(user["roles"]), "yes" if user["disabled"] else "", user["created_at"][:19])
+    Console().print(table)
+
+
+@users_app.command("disable")
+def users_disable(username: Annotated[str, typer.Argument()]):
+    """Disable an account: its sessions and API tokens stop working at once."""
+    from hematovision.accounts import AccountError
+
+    try:
+        _accounts().disable_user(username)
+    except AccountError as error:
+        _fail(str(error))
+    console.print(f"disabled {username}")
+
+
+@users_app.command("token")
+def users_token(
+    username: Annotated[str, typer.Argument()],
+    name: Annotated[str, typer.Option(help="What the token is for (e.g. the LIS bridge).")] = "api",
+):
+    """Create an API token for a system acting as USERNAME; printed once, only its hash is kept."""
+    from hematovision.accounts import AccountError
+
+    try:
+        token = _accounts().create_token(username, name)
+    except AccountError as error:
+        _fail(str(error))
+    print(token)
+
+
+@feedback_app.command("export")
+def feedback_export():
+    """Write the corrected images as a new DVC-tracked dataset version (class folders); nothing new, no change."""
+    from hematovision.feedback_export import export_corrections
+
+    result = export_corrections(get_settings())
+    console.print(f"{result['images']} corrected images ({result['added']} new, {result['removed']} removed, "
+                  f"{result['disputed']} disputed left out) -> {result['path']} (DVC {result['dvc_file']}, md5 {result['md5']})")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,10 @@ class RequestGuard:
             return await _respond(send, 503, "not_ready", "no model loaded yet; retry shortly (see /readyz)")
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         how = f"send multipart/form-data with the image(s) as file field '{upload.field}'"
-        if not headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
+        content_type = headers.get(b"content-type", b"").lower()
+        # A route whose file is optional also takes a plain form (e.g. just a prediction id).
+        plain_form = not upload.required and content_type.startswith(b"application/x-www-form-urlencoded")
+        if not content_type.startswith(b"multipart/form-data") and not plain_form:
             await _drain(receive)
             return await _respond(send, 415, "unsupported_media_type", how)
         body = await _read_body(receive, self.max_bytes, headers.get(b"content-length"))

@@ -54,10 +54,10 @@ def import_data(settings: Settings) -> dict[str, Any]:
     recorded_source = _dvc_import_source(dvc_file)
     wanted_source = _relative(source, dvc_file.parent)
     if pinned and recorded_source == wanted_source:
-        if not data_dir.exists() or _dvc("status", str(dvc_file.name), cwd=dvc_file.parent).strip() not in ("", "Data and pipelines are up to date."):
-            _dvc("update", dvc_file.name, cwd=dvc_file.parent)
+        if not data_dir.exists() or run_dvc("status", str(dvc_file.name), cwd=dvc_file.parent).strip() not in ("", "Data and pipelines are up to date."):
+            run_dvc("update", dvc_file.name, cwd=dvc_file.parent)
     else:
-        _dvc("import-url", "--force", wanted_source, data_dir.name, cwd=dvc_file.parent)
+        run_dvc("import-url", "--force", wanted_source, data_dir.name, cwd=dvc_file.parent)
     current = dvc_data_hash(dvc_file)
     return {
         "source": str(source),
@@ -83,7 +83,7 @@ def _relative(path: Path, start: Path) -> str:
     return os.path.relpath(path, start.resolve())
 
 
-def _dvc(*args: str, cwd: Path) -> str:
+def run_dvc(*args: str, cwd: Path) -> str:
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         raise DataImportError(f"dvc {' '.join(args)} failed:\n{result.stderr.strip() or result.stdout.strip()}")

@@ -16,9 +16,11 @@ What a row holds and why:
 * cheap image statistics (brightness, hue, sharpness...) for drift dashboards people can read;
 * latency and the image's sha256, so a complaint about an image can be matched to its prediction.
 
-Images themselves are not stored (they may be patient material) unless ``retain_images_days`` is
-positive; then they are kept content-addressed under ``images_dir`` and :func:`purge_images`
-deletes those older than the retention. Image bytes never go to any log.
+Images themselves are not stored (they may be patient material) unless a retention setting says
+so: ``retain_images_days`` for every image, ``review_image_days`` for the images of predictions
+flagged ``needs_review`` (the review queue shows them to pathologists). Kept images are
+content-addressed under ``images_dir`` and :func:`purge_images` deletes each once it is older than
+the retention that applies to it. Image bytes never go to any log.
 """
 
 from __future__ import annotations
@@ -98,10 +100,12 @@ def decode_embedding(blob: bytes | None) -> np.ndarray | None:
 class PredictionStore:
     """Appends predictions to the sqlite log; safe to share between threads and processes."""
 
-    def __init__(self, db_path: Path, images_dir: Path | None = None, retain_images: bool = False) -> None:
+    def __init__(self, db_path: Path, images_dir: Path | None = None, retain_images: bool = False,
+                 retain_review_images: bool = False) -> None:
         self.db_path = Path(db_path)
         self.images_dir = Path(images_dir) if images_dir is not None else self.db_path.parent / "images"
         self.retain_images = retain_images
+        self.retain_review_images = retain_review_images
         self._lock = threading.Lock()  # one connection per store, used by one thread at a time
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -119,16 +123,18 @@ class PredictionStore:
     def from_settings(cls, settings: Settings | None = None) -> "PredictionStore":
         settings = settings or get_settings()
         return cls(settings.path(settings.predictions_db), settings.path(settings.images_dir),
-                   retain_images=settings.retain_images_days > 0)
+                   retain_images=settings.retain_images_days > 0,
+                   retain_review_images=settings.review_image_days > 0)
 
     def log(self, record: PredictionRecord, image: bytes | None = None) -> str:
         return self.log_many([record], None if image is None else [image])[0]
 
     def log_many(self, records: Sequence[PredictionRecord], images: Sequence[bytes] | None = None) -> list[str]:
         """Append records in one transaction (one fsync per batch, not per image); returns their ids."""
-        if self.retain_images and images is not None:
+        if images is not None:
             for record, data in zip(records, images):
-                self._store_image(record.image_sha256, data)
+                if self.retain_images or (self.retain_review_images and record.needs_review):
+                    self._store_image(record.image_sha256, data)
         placeholders = ", ".join("?" * len(_COLUMNS))
         sql = f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
         rows = [r.row() for r in records]
@@ -176,23 +182,57 @@ class PredictionStore:
             tmp.write(data)
         os.replace(tmp.name, target)
 
-    def purge_images(self, older_than_days: float) -> int:
-        """Delete retained images last seen more than ``older_than_days`` ago; returns how many."""
-        return _purge_dir(self.images_dir, older_than_days)
+    def purge_images(self, older_than_days: float, review_older_than_days: float | None = None) -> int:
+        """Delete retained images last seen more than ``older_than_days`` ago (images of predictions
+        that needed review: ``review_older_than_days``, default the same); returns how many."""
+        review = self.review_image_hashes() if review_older_than_days is not None else set()
+        return _purge_dir(self.images_dir, older_than_days, review, review_older_than_days or 0)
+
+    def review_image_hashes(self) -> set[str]:
+        with self._lock:
+            rows = self._conn.execute("SELECT DISTINCT image_sha256 FROM predictions WHERE needs_review = 1").fetchall()
+        return {r[0] for r in rows}
+
+    def review_queue(self, exclude: set[str], limit: int = 50, label: str | None = None,
+                     model_version: str | None = None, since: str | None = None,
+                     until: str | None = None) -> list[dict[str, Any]]:
+        """Predictions flagged needs_review whose image is kept and not yet reviewed (ids in
+        ``exclude``), least certain first; filterable by predicted class, version, time."""
+        sql = ("SELECT id, created_at, model_version, label, confidence, probabilities, image_sha256 "
+               "FROM predictions WHERE needs_review = 1")
+        params: list[Any] = []
+        for column, op, value in (("label", "=", label), ("model_version", "=", model_version),
+                                  ("created_at", ">=", since), ("created_at", "<", until)):
+            if value:
+                sql += f" AND {column} {op} ?"
+                params.append(value)
+        sql += " ORDER BY confidence ASC, created_at ASC"
+        out = []
+        with self._lock:
+            cursor = self._conn.execute(sql, params)
+            for row in cursor:
+                if row["id"] in exclude or not self.image_path(row["image_sha256"]).exists():
+                    continue
+                out.append({**dict(row), "probabilities": json.loads(row["probabilities"])})
+                if len(out) >= limit:
+                    break
+        return out
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
 
-def _purge_dir(images_dir: Path, older_than_days: float) -> int:
+def _purge_dir(images_dir: Path, older_than_days: float, review: set[str] = frozenset(),
+               review_older_than_days: float = 0) -> int:
     if not images_dir.exists():
         return 0
-    cutoff = time.time() - older_than_days * 86400
+    now = time.time()
     removed = 0
     for path in [p for p in images_dir.rglob("*") if p.is_file()]:
+        days = review_older_than_days if path.name in review else older_than_days
         try:
-            if path.stat().st_mtime <= cutoff:
+            if path.stat().st_mtime <= now - days * 86400:
                 path.unlink()
                 removed += 1
         except FileNotFoundError:  # another worker purged it first
@@ -220,7 +260,8 @@ _stores_lock = threading.Lock()
 def default_store(settings: Settings | None = None) -> PredictionStore:
     """The process' store for these settings (one sqlite connection per process and file)."""
     settings = settings or get_settings()
-    key = (settings.path(settings.predictions_db), settings.path(settings.images_dir), settings.retain_images_days > 0)
+    key = (settings.path(settings.predictions_db), settings.path(settings.images_dir), settings.retain_images_days > 0,
+           settings.review_image_days > 0)
     with _stores_lock:
         if key not in _stores:
             _stores[key] = PredictionStore.from_settings(settings)
@@ -238,7 +279,13 @@ def get_prediction(prediction_id: str, settings: Settings | None = None) -> dict
 
 
 def purge_images(settings: Settings | None = None, older_than_days: float | None = None) -> int:
-    """Delete retained images older than the retention (``retain_images_days``; 0 deletes all)."""
+    """Delete kept images older than their retention (``retain_images_days``, or
+    ``review_image_days`` for images that needed review); ``older_than_days`` overrides both."""
     settings = settings or get_settings()
-    days = settings.retain_images_days if older_than_days is None else older_than_days
-    return _purge_dir(settings.path(settings.images_dir), days)
+    if older_than_days is not None:
+        return _purge_dir(settings.path(settings.images_dir), older_than_days)
+    store = PredictionStore.from_settings(settings)
+    try:
+        return store.purge_images(settings.retain_images_days, settings.review_image_days)
+    finally:
+        store.close()

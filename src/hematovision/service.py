@@ -8,7 +8,8 @@ GET /model, /healthz, /readyz (503 until a checked model is loaded), /metrics (B
 Prometheus metrics plus the served version), the web page at /ui/ (``/`` leads there) and the
 OpenAPI docs at /docs (spec at /docs.json). Only web glue lives here: the model, its hot swap and
 the adaptive batching are in ``serving.py``, request checks and the one error shape
-``{"error": code, "detail": message}`` in ``http_guard.py``. Every worker watches the registry itself.
+``{"error": code, "detail": message}`` in ``http_guard.py``, the routes for people (sign-in,
+review queue, corrections, promotion) in ``lab_api.py``. Every worker watches the registry itself.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 from starlette.responses import RedirectResponse, Response  # noqa: E402
 from starlette.staticfiles import StaticFiles  # noqa: E402
 
+from hematovision import lab_api  # noqa: E402
 from hematovision.http_guard import RequestGuard, Upload, error_response  # noqa: E402
 from hematovision.serving import ImageRejected, ModelHolder, NotReady  # noqa: E402
 
@@ -33,6 +35,7 @@ MAX_BATCH_FILES = 64
 WEB_DIR = Path(__file__).with_name("web")
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # routes BentoML does not make itself
 app.mount("/ui", StaticFiles(directory=WEB_DIR, html=True), name="ui")
+lab_api.install(app)  # sign-in, review queue, corrections, lab statistics, promote/rollback
 _holder: ModelHolder | None = None  # this worker's (one service instance per worker process)
 
 
@@ -116,7 +119,7 @@ HematoVision.add_asgi_middleware(FrontDoor)
 HematoVision.add_asgi_middleware(
     RequestGuard,
     routes={"/predict": Upload("image"), "/predict_batch": Upload("images", MAX_BATCH_FILES),
-            "/explain": Upload("image", required=False)},
+            "/explain": Upload("image", required=False), "/feedback": Upload("image", required=False)},
     max_bytes=get_settings().max_request_bytes,
     ready=lambda: _holder is not None and _holder.ready,
 )

@@ -77,6 +77,23 @@ class Settings(BaseSettings):
     images_dir: Path = Field(
         Path("monitoring/images"), description="Retained request images, content-addressed by sha256."
     )
+    review_image_days: int = Field(
+        30, ge=0, description="Keep the images of predictions flagged needs_review this many days: the review queue shows them (0: never)."
+    )
+    # --- people: accounts, review, corrections --------------------------------------------------
+    lab_db: Path = Field(Path("monitoring/lab.sqlite"), description="Accounts, sessions, corrections and the audit log (sqlite, WAL).")
+    corrections_images_dir: Path = Field(
+        Path("monitoring/corrections"), description="Images of corrected predictions, content-addressed (kept: a correction needs its image)."
+    )
+    corrections_dataset_dir: Path = Field(
+        Path("corrections"), description="Where `hematovision feedback export` writes the corrected images (tracked by corrections.dvc)."
+    )
+    session_hours: float = Field(12.0, gt=0, description="How long a browser sign-in lasts.")
+    predict_requires_token: bool = Field(
+        False, description="Require a signed-in user or an API token for /predict, /predict_batch and /explain."
+    )
+    login_attempts: int = Field(5, gt=0, description="Failed sign-ins allowed per user and address within login_window_seconds.")
+    login_window_seconds: float = Field(300.0, gt=0, description="Window of the sign-in rate limit.")
 
     def path(self, p: Path) -> Path:
         """Resolve a setting path against the project directory."""

@@ -1,0 +1,203 @@
+"""Pathologists' corrections: written durably, never lost, and exported as a DVC-tracked dataset.
+
+A correction says "this image is a <class>", by whom, when, and which prediction (model version,
+predicted class) it confirms or corrects. Durability, in order:
+
+1. the image is written content-addressed (temporary file, fsync, atomic rename, fsync of the
+   folder) *before* the row, so a row never points at a missing image;
+2. the row and its audit entry are one transaction in the laboratory database (WAL,
+   ``synchronous=FULL``): after the answer the correction is on disk; a crash before COMMIT leaves
+   nothing but, at worst, an unreferenced image file.
+
+Two reviewers on one image are two rows: both kept, and the disagreement is reported (and the
+image left out of an export until it is resolved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from hematovision import CLASSES
+from hematovision.labdb import connect, rows_as_dicts, transaction, utc_now
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS corrections (
+    id              TEXT PRIMARY KEY,
+    created_at      TEXT NOT NULL,
+    reviewer        TEXT NOT NULL,
+    image_sha256    TEXT NOT NULL,
+    true_class      TEXT NOT NULL,
+    predicted_class TEXT,              -- NULL when the image came without a prediction
+    model_version   TEXT,
+    prediction_id   TEXT,
+    comment         TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS corrections_image ON corrections (image_sha256);
+CREATE INDEX IF NOT EXISTS corrections_prediction ON corrections (prediction_id);
+CREATE TABLE IF NOT EXISTS audit (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     TEXT NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+class CorrectionError(ValueError):
+    """A correction that cannot be accepted (unknown class, no image)."""
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it is complete on disk or absent, never partial."""
+    if path.exists():
+        return  # content-addressed: the same bytes are already there
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class Corrections:
+    def __init__(self, db_path: Path, images_dir: Path, classes: tuple[str, ...] = CLASSES) -> None:
+        self.db = connect(Path(db_path), SCHEMA)
+        self.images_dir = Path(images_dir)
+        self.classes = tuple(classes)
+
+    def image_path(self, sha256: str) -> Path:
+        return self.images_dir / sha256[:2] / sha256
+
+    # --- writing ----------------------------------------------------------------------------
+    def submit(self, reviewer: str, true_class: str, image: bytes, prediction: dict[str, Any] | None = None,
+               comment: str = "") -> dict[str, Any]:
+        """Record one correction (or confirmation); returns it as stored."""
+        true_class = true_class.strip().lower()
+        if true_class not in self.classes:
+            raise CorrectionError(f"true_class must be one of {', '.join(self.classes)}, not {true_class!r}")
+        if not image:
+            raise CorrectionError("a correction needs the image")
+        sha = hashlib.sha256(image).hexdigest()
+        write_durably(self.image_path(sha), image)
+        row = {"id": uuid.uuid4().hex, "created_at": utc_now(), "reviewer": reviewer, "image_sha256": sha,
+               "true_class": true_class, "predicted_class": (prediction or {}).get("label"),
+               "model_version": (prediction or {}).get("model_version"), "prediction_id": (prediction or {}).get("id"),
+               "comment": comment.strip()[:2000]}
+        with transaction(self.db) as db:
+            db.execute(f"INSERT INTO corrections ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            _audit(db, reviewer, "confirm" if row["predicted_class"] == true_class else "correct", row["id"],
+                   {k: row[k] for k in ("true_class", "predicted_class", "model_version", "prediction_id")})
+        return row
+
+    def audit(self, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None) -> None:
+        with transaction(self.db) as db:
+            _audit(db, actor, action, target, detail or {})
+
+    # --- reading ----------------------------------------------------------------------------
+    def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM corrections")[0][0])
+
+    def all(self) -> list[dict[str, Any]]:
+        return rows_as_dicts(self.db, "SELECT * FROM corrections ORDER BY created_at, id")
+
+    def reviewed_prediction_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT prediction_id FROM corrections WHERE prediction_id IS NOT NULL")}
+
+    def audit_log(self, limit: int = 200) -> list[dict[str, Any]]:
+        rows = rows_as_dicts(self.db, "SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
+        for row in rows:
+            row["detail"] = json.loads(row["detail"])
+        return rows
+
+    def labels_by_image(self) -> dict[str, dict[str, Any]]:
+        """Per image: the labels reviewers gave, the agreed label (None while they disagree)."""
+        per_image: dict[str, dict[str, str]] = defaultdict(dict)
+        for row in self.all():  # in time order: a reviewer's later answer replaces their earlier one
+            per_image[row["image_sha256"]][row["reviewer"]] = row["true_class"]
+        out = {}
+        for sha, by_reviewer in per_image.items():
+            labels = set(by_reviewer.values())
+            out[sha] = {"labels": by_reviewer, "agreed": labels.pop() if len(labels) == 1 else None}
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """How often reviewers confirm the model: overall, per predicted class, per model version,
+        per day; the confusion between predicted and corrected classes; disputed images."""
+        rows = [r for r in self.all() if r["predicted_class"]]
+
+        def agreement(group: list[dict]) -> dict[str, Any]:
+            confirmed = sum(r["predicted_class"] == r["true_class"] for r in group)
+            return {"reviewed": len(group), "confirmed": confirmed,
+                    "agreement": round(confirmed / len(group), 4) if group else None}
+
+        def grouped(key) -> dict[str, Any]:
+            groups: dict[str, list] = defaultdict(list)
+            for r in rows:
+                groups[key(r)].append(r)
+            return {k: agreement(v) for k, v in sorted(groups.items())}
+
+        confusion = Counter((r["predicted_class"], r["true_class"]) for r in rows)
+        disputed = {sha: v["labels"] for sha, v in self.labels_by_image().items() if v["agreed"] is None}
+        return {
+            "corrections": self.count(),
+            "overall": agreement(rows),
+            "per_class": grouped(lambda r: r["predicted_class"]),
+            "per_model_version": grouped(lambda r: str(r["model_version"])),
+            "per_day": grouped(lambda r: r["created_at"][:10]),
+            "confusion": {"classes": list(self.classes),
+                          "matrix": [[confusion[(p, t)] for t in self.classes] for p in self.classes],
+                          "rows": "predicted", "columns": "corrected"},
+            "disputed_images": disputed,
+        }
+
+    # --- export -----------------------------------------------------------------------------
+    def export(self, dest: Path) -> dict[str, Any]:
+        """Write the corrected images as ``dest/<class>/<sha256>.<ext>`` (the raw data's class-folder
+        layout). Disputed images are left out until reviewers agree. The folder is rewritten to
+        match exactly, so exporting twice with nothing new changes nothing."""
+        from PIL import Image
+
+        wanted: dict[Path, Path] = {}
+        for sha, labels in self.labels_by_image().items():
+            if labels["agreed"] is None:
+                continue
+            source = self.image_path(sha)
+            with Image.open(source) as im:
+                ext = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp"}.get(im.format or "", "img")
+            wanted[dest / labels["agreed"] / f"{sha}.{ext}"] = source
+        dest.mkdir(parents=True, exist_ok=True)
+        existing = {p for p in dest.rglob("*") if p.is_file()}
+        for stale in existing - set(wanted):
+            stale.unlink()
+        added = 0
+        for target, source in wanted.items():
+            if target not in existing:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+                added += 1
+        for cls in self.classes:
+            (dest / cls).mkdir(exist_ok=True)
+        counts = Counter(p.parent.name for p in wanted)
+        return {"images": len(wanted), "added": added, "removed": len(existing - set(wanted)),
+                "per_class": {c: counts.get(c, 0) for c in self.classes},
+                "disputed": sum(1 for v in self.labels_by_image().values() if v["agreed"] is None)}
+
+
+def _audit(db, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
+    db.execute("INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+               (utc_now(), actor, action, target, json.dumps(detail, sort_keys=True)))

@@ -1,0 +1,26 @@
+"""``hematovision feedback export``: the corrections as a dataset version DVC pins.
+
+The corrected images are written in the raw data's class-folder layout (``corrections/<class>/``)
+and ``dvc add`` records the folder's content hash in ``corrections.dvc``, so that a retraining
+run names exactly the set of corrections it used. Exporting again with nothing new rewrites
+nothing and DVC keeps the same hash.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hematovision.corrections import Corrections
+from hematovision.pipeline import run_dvc
+from hematovision.settings import Settings
+from hematovision.tracking import dvc_data_hash
+
+
+def export_corrections(settings: Settings) -> dict[str, Any]:
+    store = Corrections(settings.path(settings.lab_db), settings.path(settings.corrections_images_dir))
+    dest = settings.path(settings.corrections_dataset_dir)
+    result = store.export(dest)
+    dvc_file = dest.with_name(dest.name + ".dvc")
+    run_dvc("add", dest.name, cwd=dest.parent)
+    store.audit("cli", "feedback_export", str(dvc_file.name), {k: result[k] for k in ("images", "added", "removed", "disputed")})
+    return {**result, "path": str(dest), "dvc_file": str(dvc_file), "md5": dvc_data_hash(dvc_file)}

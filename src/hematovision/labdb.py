@@ -1,0 +1,80 @@
+"""The laboratory database: accounts, corrections and the audit log, in one sqlite file.
+
+sqlite in WAL mode with ``synchronous=FULL``: a correction acknowledged to a pathologist has
+reached the disk (FULL syncs the WAL at every commit), readers never block the writer, and several
+server processes can share the file (``busy_timeout`` makes writers queue instead of failing).
+One connection per process and file, guarded by a lock, because the web server calls from a
+thread pool.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+_databases: dict[Path, "Database"] = {}
+_registry_lock = threading.Lock()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.lock = threading.RLock()
+        self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA busy_timeout = 30000")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self._schemas: set[str] = set()
+
+    def ensure(self, schema: str) -> None:
+        if schema not in self._schemas:
+            with self.lock:
+                self.conn.executescript(schema)
+                self._schemas.add(schema)
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> list[tuple]:
+        """A read (or a single self-contained write), fully fetched."""
+        with self.lock:
+            return self.conn.execute(sql, params).fetchall()
+
+
+def connect(path: Path, schema: str) -> Database:
+    """The process' database for ``path``, with ``schema`` created if missing."""
+    path = Path(path).resolve()
+    with _registry_lock:
+        database = _databases.get(path)
+        if database is None:
+            database = _databases[path] = Database(path)
+    database.ensure(schema)
+    return database
+
+
+@contextmanager
+def transaction(database: Database) -> Iterator[sqlite3.Connection]:
+    """All or nothing: BEGIN IMMEDIATE (take the write lock up front, so no deadlock between two
+    upgrading readers), COMMIT on success, ROLLBACK on any exception."""
+    with database.lock:
+        database.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield database.conn
+        except BaseException:
+            database.conn.execute("ROLLBACK")
+            raise
+        database.conn.execute("COMMIT")
+
+
+def rows_as_dicts(database: Database, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+    with database.lock:
+        cursor = database.conn.execute(sql, params)
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]

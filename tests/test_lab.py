@@ -1,0 +1,204 @@
+"""People on the real service: accounts and roles, sign-in with CSRF and a rate limit, the review
+queue, corrections that are never lost (even when the server is killed mid-stream), what the lab
+learns, and the corrections exported as a DVC-pinned dataset."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+import yaml
+from typer.testing import CliRunner
+
+from conftest import BLOOD_CELLS, service_env, start_service, stop_service
+from hematovision import CLASSES
+from hematovision.cli import app
+from hematovision.corrections import Corrections
+from hematovision.registry import CHAMPION, Registry
+from hematovision.settings import get_settings
+from hematovision.tracking import configure_mlflow
+
+PASSWORD = "correct horse battery"
+IMAGES = [p for c in CLASSES for p in sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[3:6]]
+
+
+def add_user(name: str, *roles: str) -> None:
+    args = ["users", "add", name, "--password-stdin"] + [a for r in roles for a in ("--role", r)]
+    result = CliRunner().invoke(app, args, input=PASSWORD + "\n")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def people(project):
+    add_user("paula", "pathologist")
+    add_user("peter", "pathologist")
+    add_user("erin", "engineer")
+    add_user("otto", "ops")
+    add_user("olga", "ops")  # locked out by the sign-in limit test
+    token = CliRunner().invoke(app, ["users", "token", "erin", "--name", "ci"])
+    assert token.exit_code == 0
+    return {"erin_token": token.output.strip().splitlines()[-1]}
+
+
+def sign_in(url: str, name: str) -> requests.Session:
+    session = requests.Session()
+    response = session.post(f"{url}/login", data={"username": name, "password": PASSWORD}, timeout=30)
+    assert response.status_code == 200, response.text
+    session.headers["X-CSRF-Token"] = response.json()["csrf_token"]
+    return session
+
+
+def predict_some(url: str) -> list[dict]:
+    out = []
+    for path in IMAGES:
+        response = requests.post(f"{url}/predict", files={"image": (path.name, path.read_bytes())}, timeout=60)
+        assert response.status_code == 200
+        out.append(response.json())
+    return out
+
+
+def test_users_command_lists_and_refuses_bad_accounts(people):
+    listing = CliRunner().invoke(app, ["users", "list"])
+    assert "paula" in listing.output and "pathologist" in listing.output
+    weak = CliRunner().invoke(app, ["users", "add", "weak", "--role", "pathologist", "--password-stdin"], input="short\n")
+    assert weak.exit_code == 1 and "at least" in weak.output
+    bad_role = CliRunner().invoke(app, ["users", "add", "x1", "--role", "wizard", "--password-stdin"], input=PASSWORD + "\n")
+    assert bad_role.exit_code == 1
+
+
+def test_roles_csrf_and_sign_in_limits(service_url, people):
+    anonymous = requests.post(f"{service_url}/feedback", files={"image": ("c.jpeg", IMAGES[0].read_bytes())},
+                              data={"true_class": "eosinophil"}, timeout=30)
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "unauthorized"
+
+    paula = sign_in(service_url, "paula")
+    assert paula.get(f"{service_url}/me", timeout=10).json()["roles"] == ["pathologist"]
+    no_csrf = requests.post(f"{service_url}/feedback", cookies=paula.cookies, timeout=30,
+                            files={"image": ("c.jpeg", IMAGES[0].read_bytes())}, data={"true_class": "eosinophil"})
+    assert no_csrf.status_code == 403 and no_csrf.json()["error"] == "csrf"
+    champion = str(Registry(get_settings().registered_model, configure_mlflow()).version_by_alias(CHAMPION).version)
+    assert paula.post(f"{service_url}/models/{champion}/promote", timeout=30).status_code == 403  # not an engineer
+    assert paula.get(f"{service_url}/audit", timeout=10).status_code == 403
+
+    erin = {"Authorization": f"Bearer {people['erin_token']}"}
+    promoted = requests.post(f"{service_url}/models/{champion}/promote", headers=erin, timeout=60)
+    assert promoted.status_code == 200, promoted.text  # already the champion: nothing moves
+    assert requests.post(f"{service_url}/models/{champion}/promote", headers={"Authorization": "Bearer hv_forged"},
+                         timeout=30).status_code == 401
+
+    for _ in range(get_settings().login_attempts):
+        assert requests.post(f"{service_url}/login", data={"username": "olga", "password": "wrong password!"},
+                             timeout=30).status_code == 401
+    limited = requests.post(f"{service_url}/login", data={"username": "olga", "password": PASSWORD}, timeout=30)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
+    assert requests.post(f"{service_url}/login", data={"username": "paula", "password": PASSWORD},
+                         timeout=30).status_code == 200  # another account is not locked out
+
+
+def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, people):
+    predicted = predict_some(service_url)
+    paula, peter = sign_in(service_url, "paula"), sign_in(service_url, "peter")
+    queue = paula.get(f"{service_url}/review/queue", params={"limit": 500}, timeout=30).json()["items"]
+    ours = [item for item in queue if item["id"] in {p["prediction_id"] for p in predicted}]
+    assert len(ours) == sum(p["needs_review"] for p in predicted) > 3
+    confidences = [item["confidence"] for item in queue]
+    assert confidences == sorted(confidences)  # least certain first
+    sent = {p["prediction_id"]: path for p, path in zip(predicted, IMAGES)}
+    assert paula.get(f"{service_url}{ours[0]['image_url']}", timeout=30).content == sent[ours[0]["id"]].read_bytes()
+    assert requests.get(f"{service_url}{ours[0]['image_url']}", timeout=30).status_code == 401
+    label = ours[0]["label"]
+    filtered = paula.get(f"{service_url}/review/queue", params={"label": label, "limit": 500}, timeout=30).json()["items"]
+    assert filtered and all(item["label"] == label for item in filtered)
+
+    # Paula confirms one and corrects two; Peter disagrees with her on the first.
+    answers = [(ours[0], ours[0]["label"]), (ours[1], next(c for c in CLASSES if c != ours[1]["label"])),
+               (ours[2], next(c for c in CLASSES if c != ours[2]["label"]))]
+    for item, true_class in answers:
+        response = paula.post(f"{service_url}/feedback", data={"prediction_id": item["id"], "true_class": true_class,
+                                                                "comment": "checked at 100x"}, timeout=30)
+        assert response.status_code == 201, response.text
+        assert response.json()["reviewer"] == "paula" and response.json()["model_version"] == item["model_version"]
+    other = next(c for c in CLASSES if c != ours[0]["label"])
+    assert peter.post(f"{service_url}/feedback", data={"prediction_id": ours[0]["id"], "true_class": other},
+                      timeout=30).status_code == 201
+    bad = paula.post(f"{service_url}/feedback", data={"prediction_id": ours[3]["id"], "true_class": "basophil"}, timeout=30)
+    assert bad.status_code == 422
+
+    remaining = {item["id"] for item in paula.get(f"{service_url}/review/queue", params={"limit": 500}, timeout=30).json()["items"]}
+    assert not remaining & {item["id"] for item, _ in answers}
+
+    otto = sign_in(service_url, "otto")
+    stats = otto.get(f"{service_url}/feedback/stats", timeout=30).json()
+    assert stats["overall"]["reviewed"] >= 4 and stats["overall"]["confirmed"] >= 1
+    assert sum(map(sum, stats["confusion"]["matrix"])) == stats["overall"]["reviewed"]
+    assert any(set(labels) == {"paula", "peter"} for labels in stats["disputed_images"].values())
+    csv_text = otto.get(f"{service_url}/feedback/export.csv", timeout=30).text
+    assert csv_text.splitlines()[0].startswith("created_at,reviewer") and "checked at 100x" in csv_text
+
+    erin = {"Authorization": f"Bearer {people['erin_token']}"}
+    actions = [e["action"] for e in requests.get(f"{service_url}/audit", headers=erin, timeout=30).json()["entries"]]
+    assert {"login", "confirm", "correct", "promote"} <= set(actions)
+
+
+def test_feedback_export_is_a_dvc_version_and_idempotent(project, service_url, people):
+    paula = sign_in(service_url, "paula")
+    for path, true_class in zip(IMAGES[:2], ("eosinophil", "lymphocyte")):
+        assert paula.post(f"{service_url}/feedback", files={"image": (path.name, path.read_bytes())},
+                          data={"true_class": true_class}, timeout=30).status_code == 201
+    first = CliRunner().invoke(app, ["feedback", "export"])
+    assert first.exit_code == 0, first.output
+    dvc_file = project / "corrections.dvc"
+    pinned = yaml.safe_load(dvc_file.read_text())["outs"][0]
+    assert pinned["path"] == "corrections" and pinned["nfiles"] >= 2
+    assert len(list((project / "corrections" / "eosinophil").iterdir())) >= 1
+    disputed = sum(1 for v in Corrections(project / "monitoring" / "lab.sqlite", project / "monitoring" / "corrections")
+                   .labels_by_image().values() if v["agreed"] is None)
+    assert disputed >= 1 and "disputed left out" in first.output
+
+    before = dvc_file.read_text()
+    second = CliRunner().invoke(app, ["feedback", "export"])
+    assert second.exit_code == 0 and "0 new, 0 removed" in second.output
+    assert dvc_file.read_text() == before
+
+
+def test_no_acknowledged_correction_is_lost_when_the_server_is_killed(project, trained, people, tmp_path_factory):
+    server, url = start_service(project, tmp_path_factory.mktemp("killed") / "service.log", service_env(tmp_path_factory))
+    acknowledged: list[str] = []
+    stop = threading.Event()
+    data = IMAGES[-1].read_bytes()
+
+    def reviewer(name: str) -> None:
+        session = sign_in(url, name)
+        while not stop.is_set():
+            try:
+                response = session.post(f"{url}/feedback", files={"image": ("c.jpeg", data)},
+                                        data={"true_class": "neutrophil", "comment": "stream"}, timeout=10)
+            except requests.RequestException:
+                return  # the server is gone
+            if response.status_code == 201:
+                acknowledged.append(response.json()["id"])
+
+    threads = [threading.Thread(target=reviewer, args=(n,)) for n in ("paula", "peter", "paula", "peter")]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop_service(server, kill=True)  # SIGKILL in mid-stream: no chance to flush anything
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(acknowledged) >= 20
+
+    server, url = start_service(project, tmp_path_factory.mktemp("restarted") / "service.log", service_env(tmp_path_factory))
+    try:
+        stored = {row["id"] for row in Corrections(project / "monitoring" / "lab.sqlite",
+                                                   project / "monitoring" / "corrections").all()
+                  if row["comment"] == "stream"}
+        assert set(acknowledged) <= stored
+        otto = sign_in(url, "otto")
+        assert otto.get(f"{url}/feedback/stats", timeout=30).json()["corrections"] >= len(stored)
+    finally:
+        stop_service(server)
