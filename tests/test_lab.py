@@ -136,6 +136,8 @@ def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, 
     assert any(set(labels) == {"paula", "peter"} for labels in stats["disputed_images"].values())
     csv_text = otto.get(f"{service_url}/feedback/export.csv", timeout=30).text
     assert csv_text.splitlines()[0].startswith("created_at,reviewer") and "checked at 100x" in csv_text
+    pdf = otto.get(f"{service_url}/feedback/report.pdf", timeout=30)
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF") and len(pdf.content) > 1000
 
     erin = {"Authorization": f"Bearer {people['erin_token']}"}
     actions = [e["action"] for e in requests.get(f"{service_url}/audit", headers=erin, timeout=30).json()["entries"]]
@@ -202,3 +204,33 @@ def test_no_acknowledged_correction_is_lost_when_the_server_is_killed(project, t
         assert otto.get(f"{url}/feedback/stats", timeout=30).json()["corrections"] >= len(stored)
     finally:
         stop_service(server)
+
+
+def test_predicting_can_be_restricted_to_signed_in_users_and_tokens(project, people, monkeypatch):
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from hematovision.http_guard import RequestGuard, Upload
+    from hematovision.lab_api import may_predict
+
+    async def answered(_request):
+        return PlainTextResponse("predicted")
+
+    guarded = RequestGuard(Starlette(routes=[Route("/predict", answered, methods=["POST"])]),
+                           routes={"/predict": Upload("image")}, max_bytes=1 << 20, authorize=may_predict)
+    client = TestClient(guarded)
+    files = {"image": ("c.jpeg", IMAGES[0].read_bytes())}
+    assert client.post("/predict", files=files).status_code == 200  # open by default
+
+    monkeypatch.setenv("HEMATOVISION_PREDICT_REQUIRES_TOKEN", "true")
+    get_settings.cache_clear()
+    try:
+        refused = client.post("/predict", files=files)
+        assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+        token = CliRunner().invoke(app, ["users", "token", "otto", "--name", "lis"]).output.strip().splitlines()[-1]
+        assert client.post("/predict", files=files, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    finally:
+        monkeypatch.delenv("HEMATOVISION_PREDICT_REQUIRES_TOKEN")
+        get_settings.cache_clear()

@@ -39,6 +39,7 @@ class Upload:
     field: str
     max_files: int = 1
     required: bool = True  # False: the route also accepts a form without files (e.g. a prediction id)
+    public: bool = True  # answered without signing in unless the service requires it (see authorize)
 
 
 def error_body(code: str, detail: str) -> bytes:
@@ -55,8 +56,8 @@ def error_response(status: int, code: str, detail: str):
 
 class RequestGuard:
     def __init__(self, app, routes: dict[str, Upload], max_bytes: int,
-                 ready: Callable[[], bool] | None = None) -> None:
-        self.app, self.routes, self.max_bytes, self.ready = app, routes, max_bytes, ready
+                 ready: Callable[[], bool] | None = None, authorize: Callable[[Scope], bool] | None = None) -> None:
+        self.app, self.routes, self.max_bytes, self.ready, self.authorize = app, routes, max_bytes, ready, authorize
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,6 +69,10 @@ class RequestGuard:
         if scope["method"] != "POST":
             await _drain(receive)
             return await _respond(send, 405, "method_not_allowed", "use POST", [(b"allow", b"POST")])
+        if upload.public and self.authorize is not None and not self.authorize(scope):
+            await _drain(receive)
+            return await _respond(send, 401, "unauthorized", "this service requires signing in or an API token "
+                                  "('Authorization: Bearer <token>')")
         if self.ready is not None and not self.ready():
             await _drain(receive)
             return await _respond(send, 503, "not_ready", "no model loaded yet; retry shortly (see /readyz)")

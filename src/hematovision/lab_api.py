@@ -72,6 +72,14 @@ def identify(request: Request) -> tuple[User | None, Session | None]:
     return (session.user if session else None), session
 
 
+def may_predict(scope: dict) -> bool:
+    """Whether a prediction request may be answered: anyone, unless ``predict_requires_token``
+    is set; then a signed-in user or a valid API token, whatever the role."""
+    if not get_settings().predict_requires_token:
+        return True
+    return identify(Request(scope))[0] is not None
+
+
 def require(request: Request, *roles: str, form: dict | None = None) -> User:
     """The caller, if signed in with one of ``roles``; state-changing browser requests must also
     carry the session's CSRF token (a token-authenticated system has no cookie to be tricked with)."""
@@ -242,6 +250,16 @@ def feedback_csv(request: Request) -> Response:
         writer.writerow({**row, "confirmed": row["predicted_class"] == row["true_class"] if row["predicted_class"] else ""})
     return Response(buffer.getvalue(), media_type="text/csv",
                     headers={"content-disposition": 'attachment; filename="hematovision-reviews.csv"'})
+
+
+@router.get("/feedback/report.pdf")
+def feedback_pdf(request: Request) -> Response:
+    """The reviewed results as a PDF report (agreement, confusion, disputed images)."""
+    require(request, "pathologist", "engineer", "ops", "admin")
+    from hematovision.lab_report import report_pdf
+
+    return Response(report_pdf(corrections().stats()), media_type="application/pdf",
+                    headers={"content-disposition": 'attachment; filename="hematovision-reviews.pdf"'})
 
 
 @router.get("/audit")

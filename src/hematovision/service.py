@@ -119,7 +119,9 @@ HematoVision.add_asgi_middleware(FrontDoor)
 HematoVision.add_asgi_middleware(
     RequestGuard,
     routes={"/predict": Upload("image"), "/predict_batch": Upload("images", MAX_BATCH_FILES),
-            "/explain": Upload("image", required=False), "/feedback": Upload("image", required=False)},
+            "/explain": Upload("image", required=False),
+            "/feedback": Upload("image", required=False, public=False)},  # lab_api checks the role
     max_bytes=get_settings().max_request_bytes,
     ready=lambda: _holder is not None and _holder.ready,
+    authorize=lab_api.may_predict,
 )
