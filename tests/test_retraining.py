@@ -93,6 +93,9 @@ def test_retraining_promotes_a_winner_with_its_lineage_and_never_trains_on_the_h
         assert version.tags["corrections_hash"] == dvc_data_hash(project / "corrections.dvc") != "unknown"
         assert version.tags["parent_version"] == parent
         assert len(version.tags["git_commit"].removesuffix("-dirty")) == 40
+        from hematovision.packaging import load_classifier
+
+        assert load_classifier(f"models:/{registry().name}/{summary['version']}").classes == list(CLASSES)
         assert version.tags["gate"].startswith("gate PASSED") and "holdout_accuracy" in version.tags["gate"]
         run = MlflowClient(tracking_uri=get_settings().tracking_uri).get_run(summary["run_id"])
         assert run.data.tags["gate_decision"] == "promoted" and run.data.tags["parent_version"] == parent
@@ -128,3 +131,31 @@ def test_gate_refuses_a_challenger_that_does_not_win(project, corrected, prefect
     assert run.data.tags["gate_decision"] == "refused" and "does not beat" in run.data.tags["gate_reasons"]
     # Only the refused challenger's alias remains; the champion is untouched.
     registry().client.delete_registered_model_alias(registry().name, CHALLENGER)
+
+
+def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefect_harness, tmp_path_factory):
+    from hematovision.demo import DemoConfig, check_drift, run_demo
+
+    parent = champion_version()
+    lines: list[str] = []
+    # Tiny TEST and holdout (a few images a class): one image moves a class's F1 by a lot.
+    config = DemoConfig(params_file=params_file(project, "demo", guard_tolerance=0.15, per_class_tolerance=1.0),
+                        test_images=8, new_site_images=48, corrections=48, eval_images=16, new_site_dir=PBC, swap_timeout_s=90,
+                        service_env={"HEMATOVISION_ALIAS_POLL_SECONDS": "1",
+                                     "BENTOML_HOME": str(tmp_path_factory.mktemp("demo-bentoml"))})
+    try:
+        result = run_demo(get_settings(), config, say=lines.append)
+        assert result["version_before"] == parent
+        assert result["promoted"] and result["swapped"], result["gate"]
+        assert result["version_after"] == result["challenger"] != parent
+        assert result["new_site_accuracy_after"] > result["new_site_accuracy_before"], result
+        assert result["corrections"] == 48
+        text = "\n".join(lines)
+        print(text)
+        assert "Summary" in text and "new-site accuracy" in text and "TEST accuracy" in text
+        drift = check_drift(get_settings())
+        assert drift["available"] or "drift monitoring unavailable" in text
+    finally:
+        if champion_version() != parent:
+            registry().rollback()
+    assert champion_version() == parent

@@ -45,7 +45,8 @@ TRAINING = "training.json"
 EVALUATION = "evaluation.json"
 REPORT = "report.json"
 PARENT_DIR = "parent"
-CHALLENGER_DIR = "challenger"
+# The folder's name is the artifact's key in the logged model (packaging.ARTIFACT_KEY).
+CHALLENGER_DIR = "challenger/classifier"
 HOLDOUT = "holdout"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -188,6 +189,7 @@ def train_challenger_step(settings: Settings, params: Params, progress: Progress
     target = out / CHALLENGER_DIR
     if target.exists():
         shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     classifier.save(target)
     result["timings"] = {**result.get("timings", {}), "train_s": time.perf_counter() - started}
     _write(settings, TRAINING, result)
