@@ -143,7 +143,8 @@ def main() -> None:
     lines.append(f"\nAfter {last['n']} corrections, new-site per-class F1: {per_class}; "
                  f"gate: {'; '.join(last['summary']['gate']['reasons'])}")
     lines.append("The first count's wall time includes embedding the raw images once under the champion's backbone "
-                 "(cached for every later retrain).")
+                 "(cached for every later retrain); TEST and pbc-sample embeddings under that backbone are already "
+                 "cached by the main job's evaluate stage when it ran on this machine.")
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nWritten by the commands in `benchmarks/`; newest last.\n")
     with RESULTS.open("a") as out:
