@@ -91,6 +91,10 @@ def retraining_flow(profile: str | None = None, params_file: str = "params.yaml"
 
     exported = timed("export", export_corrections)
     context = timed("manifest", manifest, params_file, profile)
+    reason = retrain.nothing_to_learn(context)
+    if reason:  # e.g. drift alerted before any pathologist corrected anything: not a failure
+        get_run_logger().warning(reason)
+        return retrain.skipped_summary(context, exported, reason, timings)
     training = timed("train", train_challenger, params_file, profile)
     evaluation = timed("evaluate", evaluate, params_file, profile)
     registered = timed("register", register, params_file, profile)

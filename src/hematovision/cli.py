@@ -406,6 +406,9 @@ def retrain(
 
 
 def print_retrain_summary(summary: dict) -> None:
+    if summary.get("skipped"):
+        Console().print(f"[yellow]no challenger:[/] {summary['skipped']}")
+        return
     table = Table("", "champion (parent)", "challenger", title=f"Retraining: v{summary['version']} vs v{summary['parent_version']}")
     for key, label in (("holdout_accuracy", "new-site holdout accuracy"), ("holdout_macro_f1", "new-site holdout macro-F1"),
                        ("test_accuracy", "TEST accuracy"), ("test_macro_f1", "TEST macro-F1")):

@@ -155,6 +155,24 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
     return context
 
 
+def nothing_to_learn(context: dict[str, Any]) -> str | None:
+    """Why retraining would be pointless (no corrections to train on), or None."""
+    if context["n_corrections_train"] == 0:
+        return (f"nothing to retrain on: {context['n_corrections_train']} corrections to learn from "
+                f"({context['n_corrections_holdout']} held out)")
+    return None
+
+
+def skipped_summary(context: dict[str, Any], exported: dict[str, Any], reason: str,
+                    timings: dict[str, float]) -> dict[str, Any]:
+    return {"version": None, "parent_version": context["parent_version"], "run_id": None, "promoted": False,
+            "skipped": reason, "gate": {"passed": False, "reasons": [reason], "summary": reason},
+            "mode": context["mode"], "data_hash": context["data_hash"], "corrections_hash": context["corrections_hash"],
+            "corrections": {"exported": exported.get("images"), "added": exported.get("added"),
+                            "train": context["n_corrections_train"], "holdout": context["n_corrections_holdout"]},
+            "champion": {}, "challenger": {}, "training": {}, "timings_s": timings}
+
+
 def load_retrain_manifest(settings: Settings) -> pd.DataFrame:
     return pd.read_csv(settings.path(settings.retrain_dir) / MANIFEST, dtype={"sha256": str}, keep_default_na=False)
 
@@ -428,6 +446,10 @@ def retrain(settings: Settings, params: Params, promote: bool = True, progress: 
 
     exported = timed("export", export_step, settings)
     context = timed("manifest", manifest_step, settings, params)
+    reason = nothing_to_learn(context)
+    if reason:
+        say(reason)
+        return skipped_summary(context, exported, reason, timings)
     training = timed("train", train_challenger_step, settings, params, progress)
     evaluation = timed("evaluate", evaluate_step, settings, params, progress)
     registered = timed("register", register_step, settings, params)
