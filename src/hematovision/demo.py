@@ -12,11 +12,13 @@
 7. once promoted, the demo waits until the service answers with the new version (it follows the
    alias on its own), then scores the same never-corrected new-site images and TEST images again.
 
-The new-site images scored before/after are never corrected (so never trained on).
+The new-site images scored before/after are never corrected (so never trained on): a fixed quarter
+of the new site's images (by a hash of the file name) is only ever scored, by every demo run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import secrets
@@ -83,10 +85,18 @@ def _new_site_images(folder: Path, config: DemoConfig) -> tuple[list[tuple[Path,
     for cls in CLASSES:
         paths = sorted(folder / p for p in rows[rows.label == cls].path)
         rng.shuffle(paths)
-        held += [(p, cls) for p in paths[:per_class_eval]]
-        streamed += [(p, cls) for p in paths[per_class_eval:per_class_eval + per_class_stream]]
+        # A quarter of the images (by a hash of the name) are only ever scored, never corrected,
+        # whatever the counts of this run or of earlier runs against the same registry.
+        scored_side = [p for p in paths if _scored_only(p)]
+        corrected_side = [p for p in paths if not _scored_only(p)]
+        held += [(p, cls) for p in scored_side[:per_class_eval]]
+        streamed += [(p, cls) for p in corrected_side[:per_class_stream]]
     rng.shuffle(streamed)  # traffic of mixed classes, corrections spread over classes
     return streamed, held
+
+
+def _scored_only(path: Path) -> bool:
+    return int(hashlib.sha256(path.name.encode()).hexdigest()[:8], 16) % 4 == 0
 
 
 def _test_images(settings: Settings, config: DemoConfig) -> list[tuple[Path, str]]:

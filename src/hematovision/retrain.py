@@ -114,17 +114,22 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
     from hematovision.train import limit_per_cell
 
     rp = params.retrain
-    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    uri = configure_mlflow(settings)
+    registry = Registry(settings.registered_model, uri)
     champion = registry.version_by_alias(CHAMPION)
     if champion is None:
         raise RetrainError("there is no champion to retrain from: run `hematovision run` first")
     out = _out(settings)
     parent_dir = out / PARENT_DIR
-    if parent_dir.exists():
-        shutil.rmtree(parent_dir)
-    downloaded = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{settings.registered_model}/{champion.version}"))
-    shutil.copytree(downloaded / "artifacts" / ARTIFACT_KEY, parent_dir)
+    marker = parent_dir / ".registry_version"
+    wanted = f"{settings.registered_model}/{champion.version}@{uri}"
+    if not (marker.exists() and marker.read_text() == wanted):  # versions are immutable: reuse a copy
+        if parent_dir.exists():
+            shutil.rmtree(parent_dir)
+        downloaded = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{settings.registered_model}/{champion.version}"))
+        shutil.copytree(downloaded / "artifacts" / ARTIFACT_KEY, parent_dir)
+        marker.write_text(wanted)
 
     data_dir = settings.path(settings.data_dir)
     raw = load_manifest(settings)
