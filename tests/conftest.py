@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from hematovision import service_process
+from hematovision.service_process import free_port, stop_service  # noqa: F401 - tests import them from here
 from hematovision.settings import TELEMETRY_OFF, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,51 +124,16 @@ def trained(project, prefect_harness):
     return training_flow()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SERVICE_MAX_REQUEST_BYTES = 3 * 1024 * 1024  # small, so the oversized-upload case is cheap to send
 SERVICE_REVIEW_THRESHOLD = 0.99
 
 
 def start_service(project: Path, log: Path, env: dict, timeout: float = 180) -> tuple[subprocess.Popen, str]:
     """``bentoml serve`` of the project's champion on a free port, once it answers /readyz."""
-    port = free_port()
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    with log.open("ab") as out:
-        server = subprocess.Popen([bentoml, "serve", "hematovision.service:HematoVision", "--host", "127.0.0.1",
-                                   "--port", str(port)], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200:
-                return server, url
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop_service(server)
-            pytest.fail(f"the service did not become ready:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-
-
-def stop_service(server: subprocess.Popen, kill: bool = False) -> None:
-    """Stop the server and its workers (their own process group)."""
-    import signal
-
     try:
-        os.killpg(server.pid, signal.SIGKILL if kill else signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        server.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(10)
+        return service_process.start_service(project, log, env, timeout)
+    except service_process.ServiceStartError as error:
+        pytest.fail(str(error))
 
 
 def service_env(tmp_path_factory) -> dict:

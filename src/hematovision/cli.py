@@ -373,5 +373,78 @@ def feedback_export():
                   f"{result['disputed']} disputed left out) -> {result['path']} (DVC {result['dvc_file']}, md5 {result['md5']})")
 
 
+# --- retraining on the corrections, and the demo (one block: `monitor` is added elsewhere) ---------
+@app.command()
+def retrain(
+    profile: ProfileOption = None,
+    params_file: ParamsOption = Path("params.yaml"),
+    promote: Annotated[bool, typer.Option(help="Promote the challenger if the gate passes.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON only.")] = False,
+):
+    """Retrain on raw data + the pathologists' corrections; promote only if it wins on the new site's
+    held-out corrections without losing on TEST. Exit 1 when the gate refuses."""
+    from hematovision import progress
+    from hematovision.retrain import RetrainError
+
+    from flows.retraining import retraining_flow
+
+    _params(params_file, profile)
+    with progress.console_progress() as report:
+        progress.current = report
+        try:
+            summary = retraining_flow(profile=profile, params_file=str(params_file), promote=promote)
+        except RetrainError as error:
+            _fail(str(error))
+        finally:
+            progress.current = None
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print_retrain_summary(summary)
+    if promote and not summary["promoted"]:
+        raise typer.Exit(1)
+
+
+def print_retrain_summary(summary: dict) -> None:
+    if summary.get("skipped"):
+        Console().print(f"[yellow]no challenger:[/] {summary['skipped']}")
+        return
+    table = Table("", "champion (parent)", "challenger", title=f"Retraining: v{summary['version']} vs v{summary['parent_version']}")
+    for key, label in (("holdout_accuracy", "new-site holdout accuracy"), ("holdout_macro_f1", "new-site holdout macro-F1"),
+                       ("test_accuracy", "TEST accuracy"), ("test_macro_f1", "TEST macro-F1")):
+        if key in summary["challenger"]:
+            table.add_row(label, f"{summary['champion'][key]:.4f}", f"{summary['challenger'][key]:.4f}")
+    c = summary["corrections"]
+    table.add_row("corrections", f"{c['exported']} exported ({c['added']} new)", f"{c['train']} trained on, {c['holdout']} held out")
+    table.add_row("lineage", f"data {summary['data_hash'][:8]}, corrections {summary['corrections_hash'][:8]}",
+                  f"parent v{summary['parent_version']}, mode {summary['mode']}")
+    table.add_row("wall time", "", ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings_s"].items()))
+    Console().print(table)
+    verdict = "[green]PROMOTED[/]" if summary["promoted"] else "[yellow]NOT promoted[/]"
+    Console().print(f"{verdict} v{summary['version']}: " + "; ".join(summary["gate"]["reasons"]))
+
+
+@app.command()
+def demo(
+    profile: ProfileOption = None,
+    params_file: ParamsOption = Path("params.yaml"),
+    test_images: Annotated[int, typer.Option(help="Official TEST images streamed through /predict (no drift expected).")] = 200,
+    new_site_images: Annotated[int, typer.Option(help="New-site (pbc-sample) images streamed, of which --corrections are corrected.")] = 600,
+    corrections: Annotated[int, typer.Option(help="New-site predictions the simulated pathologist corrects.")] = 400,
+    eval_images: Annotated[int, typer.Option(help="New-site images never corrected, scored before and after.")] = 200,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the service to answer with the new version.")] = 180.0,
+):
+    """The whole story: champion, service, traffic, drift check, corrections, retraining, hot swap."""
+    from hematovision.demo import DemoConfig, run_demo
+
+    _params(params_file, profile)
+    config = DemoConfig(profile=profile, params_file=str(params_file), test_images=test_images,
+                        new_site_images=new_site_images, corrections=corrections, eval_images=eval_images,
+                        swap_timeout_s=timeout)
+    result = run_demo(get_settings(), config, say=lambda m: Console().print(m))
+    if not result["swapped"]:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

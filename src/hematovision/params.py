@@ -53,6 +53,25 @@ class PromoteParams:
 
 
 @dataclass
+class RetrainParams:
+    """Retraining on the pathologists' corrections (``flows/retraining.py``) and its promotion gate."""
+
+    mode: str = "head"  # "head": new head on the champion's unchanged backbone (cached embeddings); "finetune": full two-phase training
+    holdout_fraction: float = 0.25  # share of corrections (by image sha256) kept for evaluation, never trained on
+    max_raw_images_per_cell: int = 8  # augmented copies per original raw cell in a head retrain (0 = all)
+    correction_views: int = 4  # dihedral views of each correction image used as training samples (1, 2, 4 or 8)
+    corrections_share: float = 0.5  # share of the total sample weight given to the corrections (classes balanced within each source)
+    head_epochs: int = 60
+    head_learning_rate: float = 1e-3
+    metric: str = "holdout_accuracy"  # the challenger must win on this (the new site's held-out corrections)
+    min_improvement: float = 0.0  # ... by more than this
+    per_class_tolerance: float = 0.10  # largest per-class F1 drop accepted on the holdout
+    guard_metric: str = "test_accuracy"  # the challenger may not lose on this (official TEST) ...
+    guard_tolerance: float = 0.01  # ... more than this
+    min_holdout: int = 4  # fewer held-out corrections than this: nothing can be judged, refuse
+
+
+@dataclass
 class Params:
     seed: int = 42
     prepare: PrepareParams = field(default_factory=PrepareParams)
@@ -60,6 +79,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
 
     def flat(self) -> dict[str, Any]:
         """``section.key -> value``, for logging to MLflow."""

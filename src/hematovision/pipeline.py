@@ -105,6 +105,15 @@ def load_manifest(settings: Settings) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def official_test_rows(manifest: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """The manifest's TEST rows, capped per class by ``evaluate.max_images_per_class`` (quick runs)."""
+    test_rows = manifest[manifest.split == "test"]
+    if params.evaluate.max_images_per_class > 0:
+        test_rows = test_rows.groupby("label", group_keys=False).apply(
+            lambda g: g.sample(min(len(g), params.evaluate.max_images_per_class), random_state=params.seed))
+    return test_rows
+
+
 # --- train ----------------------------------------------------------------------------------------
 def train_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Train, save the classifier under ``models/``, and log the run (params, validation metrics,
@@ -177,11 +186,7 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
     cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
     reports_dir = settings.path(settings.reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(settings)
-    test_rows = manifest[manifest.split == "test"]
-    if params.evaluate.max_images_per_class > 0:
-        test_rows = test_rows.groupby("label", group_keys=False).apply(
-            lambda g: g.sample(min(len(g), params.evaluate.max_images_per_class), random_state=params.seed))
+    test_rows = official_test_rows(load_manifest(settings), params)
     results: dict[str, Any] = {}
     started = time.perf_counter()
     results["test"] = evaluate_rows(classifier, test_rows, settings.path(settings.data_dir), cache,

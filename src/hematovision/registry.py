@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Mapping
 
 from hematovision import CLASSES
 from hematovision.params import PromoteParams
@@ -38,12 +39,15 @@ def gate(
     champion: dict[str, float] | None,
     policy: PromoteParams,
     classes: tuple[str, ...] = CLASSES,
+    guards: Mapping[str, float] | None = None,
 ) -> GateDecision:
-    """Decide whether ``challenger`` may replace ``champion`` (validation metrics of each).
+    """Decide whether ``challenger`` may replace ``champion`` (metrics of each, measured alike).
 
     The challenger must beat the champion on the headline metric by more than ``min_improvement``
     and may not lose more than ``per_class_tolerance`` F1 on any class; the first model must reach
-    ``floor``. Every check contributes a reason, so a refusal explains itself.
+    ``floor``. ``guards`` (metric -> largest drop accepted) are metrics the challenger need not win
+    on but may not lose more than that on (a retrained model must win on the new site without
+    losing on TEST). Every check contributes a reason, so a refusal explains itself.
     """
     metric = policy.metric
     prefix = metric.split("_", 1)[0]
@@ -78,6 +82,16 @@ def gate(
             )
     if passed:
         reasons.append(f"no class loses more than {policy.per_class_tolerance:.4f} F1")
+    for key, tolerance in (guards or {}).items():
+        if key not in challenger or key not in champion:
+            passed = False
+            reasons.append(f"guard {key} cannot be checked: missing for the {'challenger' if key not in challenger else 'champion'}")
+            continue
+        drop = champion[key] - challenger[key]
+        within = drop <= tolerance
+        passed = passed and within
+        reasons.append(f"{key} {challenger[key]:.4f} vs champion {champion[key]:.4f}: drop {max(drop, 0.0):.4f} "
+                       f"{'within' if within else 'MORE than'} the tolerance {tolerance:.4f}")
     return GateDecision(passed, reasons)
 
 
@@ -129,16 +143,31 @@ class Registry:
         self.client.set_registered_model_alias(self.name, CHALLENGER, result.version)
         return str(result.version)
 
-    def promote(self, version: str | int, policy: PromoteParams, force: bool = False) -> GateDecision:
-        """Move ``champion`` to ``version`` if the gate passes (or ``force``); returns the decision."""
+    def promote(
+        self,
+        version: str | int,
+        policy: PromoteParams,
+        force: bool = False,
+        *,
+        guards: Mapping[str, float] | None = None,
+        challenger_metrics: Mapping[str, float] | None = None,
+        champion_metrics: Mapping[str, float] | None = None,
+    ) -> GateDecision:
+        """Move ``champion`` to ``version`` if the gate passes (or ``force``); returns the decision.
+
+        The metrics compared are those logged in each version's run, unless given: a retraining run
+        scores the champion and the challenger on the same fresh data (the corrections' holdout) and
+        passes both, with ``guards`` for what may not get worse (see :func:`gate`)."""
         version = str(self.get_version(version).version)
         champion = self.version_by_alias(CHAMPION)
         if champion is not None and str(champion.version) == version:
             return GateDecision(True, [f"version {version} is already the champion"])
         decision = gate(
-            self.metrics_of(version),
-            self.metrics_of(champion.version) if champion is not None else None,
+            dict(challenger_metrics) if challenger_metrics is not None else self.metrics_of(version),
+            (dict(champion_metrics) if champion_metrics is not None else self.metrics_of(champion.version))
+            if champion is not None else None,
             policy,
+            guards=guards,
         )
         if champion is not None:
             decision.reasons.insert(0, f"challenger v{version} vs champion v{champion.version}")

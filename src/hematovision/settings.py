@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     corrections_dataset_dir: Path = Field(
         Path("corrections"), description="Where `hematovision feedback export` writes the corrected images (tracked by corrections.dvc)."
     )
+    retrain_dir: Path = Field(
+        Path("retrain"), description="Output of the retraining flow: its manifest (raw data + corrections, with the holdout), report, challenger."
+    )
     session_hours: float = Field(12.0, gt=0, description="How long a browser sign-in lasts.")
     predict_requires_token: bool = Field(
         False, description="Require a signed-in user or an API token for /predict, /predict_batch and /explain."

@@ -1,0 +1,249 @@
+"""``hematovision demo``: the whole story on the embedded defaults, with the real tools.
+
+1. a champion exists (the training flow trains one if there is none; an existing one is reused);
+2. the real service starts (``bentoml serve`` on 127.0.0.1, a free port);
+3. official TEST images stream through ``POST /predict`` (no drift expected), then images of the new
+   site (``pbc-sample``, 4 classes);
+4. the drift check runs (:func:`check_drift`, the monitoring entry of ``hematovision.drift`` when it
+   is installed);
+5. a simulated pathologist (an account the demo creates) signs in and corrects part of the new-site
+   predictions through ``POST /feedback``, labels from the folder names;
+6. the retraining flow exports the corrections, trains a challenger and gates it;
+7. once promoted, the demo waits until the service answers with the new version (it follows the
+   alias on its own), then scores the same never-corrected new-site images and TEST images again.
+
+The new-site images scored before/after are never corrected (so never trained on): a fixed quarter
+of the new site's images (by a hash of the file name) is only ever scored, by every demo run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from hematovision import CLASSES
+from hematovision.settings import Settings
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class DemoConfig:
+    profile: str | None = None
+    params_file: str = "params.yaml"
+    test_images: int = 200  # official TEST images streamed (before and after)
+    new_site_images: int = 600  # new-site images streamed, of which `corrections` are corrected
+    corrections: int = 400
+    eval_images: int = 200  # new-site images never corrected, scored before and after
+    new_site_dir: Path | None = None  # default: the new_site_source setting
+    swap_timeout_s: float = 180.0
+    service_timeout_s: float = 300.0
+    workers: int = 4  # concurrent requests (the service batches them)
+    seed: int = 7
+    service_env: dict[str, str] | None = None  # extra environment of the service
+
+
+def check_drift(settings: Settings) -> dict[str, Any]:
+    """The drift check hook: runs ``hematovision.drift``'s monitoring entry when that module is there
+    (imported lazily; written separately); otherwise says so and the demo goes on."""
+    try:
+        from hematovision import drift  # type: ignore[attr-defined]
+    except ImportError:
+        return {"available": False, "detail": "drift monitoring unavailable"}
+    for name in ("check_drift", "run_monitoring", "monitor", "run"):
+        entry = getattr(drift, name, None)
+        if callable(entry):
+            try:
+                result = entry(settings)
+            except TypeError:
+                result = entry()
+            except Exception as error:  # noqa: BLE001 - the demo reports a failing monitor, it does not stop
+                return {"available": True, "entry": name, "error": f"{type(error).__name__}: {error}"}
+            return {"available": True, "entry": name,
+                    "result": result if isinstance(result, dict) else {"value": repr(result)[:2000]}}
+    return {"available": False, "detail": "drift monitoring unavailable (hematovision.drift has no monitoring entry)"}
+
+
+def _new_site_images(folder: Path, config: DemoConfig) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(streamed, scored-before-and-after) images of the 4 known classes: disjoint, balanced per
+    class, the same on every run (seeded)."""
+    from hematovision.dataset import scan_class_folders
+
+    rows, _unknown = scan_class_folders(folder)
+    rng = random.Random(config.seed)
+    per_class_stream = max(1, config.new_site_images // len(CLASSES))
+    per_class_eval = max(1, config.eval_images // len(CLASSES))
+    streamed, held = [], []
+    for cls in CLASSES:
+        paths = sorted(folder / p for p in rows[rows.label == cls].path)
+        rng.shuffle(paths)
+        # A quarter of the images (by a hash of the name) are only ever scored, never corrected,
+        # whatever the counts of this run or of earlier runs against the same registry.
+        scored_side = [p for p in paths if _scored_only(p)]
+        corrected_side = [p for p in paths if not _scored_only(p)]
+        held += [(p, cls) for p in scored_side[:per_class_eval]]
+        streamed += [(p, cls) for p in corrected_side[:per_class_stream]]
+    rng.shuffle(streamed)  # traffic of mixed classes, corrections spread over classes
+    return streamed, held
+
+
+def _scored_only(path: Path) -> bool:
+    return int(hashlib.sha256(path.name.encode()).hexdigest()[:8], 16) % 4 == 0
+
+
+def _test_images(settings: Settings, config: DemoConfig) -> list[tuple[Path, str]]:
+    from hematovision.dataset import scan_kaggle
+
+    source = settings.path(settings.data_source)
+    rows = scan_kaggle(source)
+    rows = rows[rows.split == "test"]
+    picked = rows.sample(min(len(rows), config.test_images), random_state=config.seed) if len(rows) else rows
+    return [(source / p, label) for p, label in zip(picked.path, picked.label)]
+
+
+def _predict_all(url: str, images: list[tuple[Path, str]], workers: int) -> list[dict[str, Any]]:
+    import requests
+
+    def one(item: tuple[Path, str]) -> dict[str, Any]:
+        path, label = item
+        response = requests.post(f"{url}/predict", files={"image": (path.name, path.read_bytes())}, timeout=120)
+        response.raise_for_status()
+        return {**response.json(), "true_class": label, "path": path}
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(one, images))
+
+
+def _accuracy(results: list[dict[str, Any]]) -> float:
+    return sum(r["label"] == r["true_class"] for r in results) / len(results) if results else float("nan")
+
+
+def _served_version(url: str) -> str | None:
+    import requests
+
+    try:
+        return requests.get(f"{url}/model", timeout=10).json().get("version")
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = print) -> dict[str, Any]:
+    """Run the story end to end; returns the figures printed in the summary."""
+    import requests
+
+    from hematovision.accounts import Accounts
+    from hematovision.params import load_params
+    from hematovision.registry import CHAMPION, Registry
+    from hematovision.service_process import start_service, stop_service
+    from hematovision.tracking import configure_mlflow
+
+    config = config or DemoConfig()
+    started = time.perf_counter()
+    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    champion = registry.version_by_alias(CHAMPION)
+    if champion is None:
+        say("1. no champion yet: training one with the training flow")
+        from flows.training import training_flow
+
+        trained = training_flow(profile=config.profile, params_file=config.params_file)
+        if not trained["gate"]["passed"]:
+            raise RuntimeError("the first model did not pass the gate: " + "; ".join(trained["gate"]["reasons"]))
+        champion = registry.version_by_alias(CHAMPION)
+    else:
+        say(f"1. reusing the champion v{champion.version}")
+    before_version = str(champion.version)
+
+    streamed, held = _new_site_images(config.new_site_dir or settings.path(settings.new_site_source), config)
+    test_images = _test_images(settings, config)
+    log = settings.path(settings.retrain_dir) / "demo-service.log"
+    env = {**os.environ, **(config.service_env or {})}
+    say(f"2. starting the service (log {log})")
+    server, url = start_service(settings.path(settings.project_dir), log, env, config.service_timeout_s)
+    try:
+        say(f"   serving v{_served_version(url)} at {url}")
+        say(f"3. streaming {len(test_images)} official TEST images, then {len(streamed) + len(held)} new-site images")
+        test_before = _predict_all(url, test_images, config.workers)
+        held_before = _predict_all(url, held, config.workers)
+        stream_results = _predict_all(url, streamed, config.workers)
+        say(f"   TEST accuracy {_accuracy(test_before):.3f}; new-site accuracy {_accuracy(held_before + stream_results):.3f}")
+
+        say("4. drift check")
+        drift = check_drift(settings)
+        if not drift.get("available"):
+            say(f"   {drift.get('detail', 'drift monitoring unavailable')}")
+        else:
+            say(f"   {drift}"[:1000])
+
+        to_correct = stream_results[: config.corrections]
+        reviewer = f"demo-pathologist-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+        password = secrets.token_urlsafe(24)
+        Accounts(settings.path(settings.lab_db), settings.session_hours).add_user(reviewer, password, ["pathologist"])
+        session = requests.Session()
+        login = session.post(f"{url}/login", data={"username": reviewer, "password": password}, timeout=30)
+        login.raise_for_status()
+        session.headers["X-CSRF-Token"] = login.json()["csrf_token"]
+        say(f"5. {reviewer} reviews {len(to_correct)} new-site predictions")
+
+        def review(result: dict[str, Any]) -> None:
+            path = result["path"]
+            response = session.post(f"{url}/feedback", files={"image": (path.name, path.read_bytes())},
+                                    data={"prediction_id": result["prediction_id"], "true_class": result["true_class"],
+                                          "comment": "demo: label from the new site's folder"}, timeout=60)
+            response.raise_for_status()
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(review, to_correct))
+        changed = sum(r["label"] != r["true_class"] for r in to_correct)
+        say(f"   {changed} corrected, {len(to_correct) - changed} confirmed")
+
+        say("6. retraining on the corrections")
+        from flows.retraining import retraining_flow
+
+        retrain_started = time.perf_counter()
+        summary = retraining_flow(profile=config.profile, params_file=config.params_file)
+        retrain_s = time.perf_counter() - retrain_started
+        say(("   PROMOTED " if summary["promoted"] else "   NOT promoted ") + f"v{summary['version']}: "
+            + "; ".join(summary["gate"]["reasons"]))
+
+        swapped, after_version = False, _served_version(url)
+        if summary["promoted"]:
+            say(f"7. waiting for the service to answer with v{summary['version']}")
+            deadline = time.monotonic() + config.swap_timeout_s
+            while time.monotonic() < deadline:
+                after_version = _served_version(url)
+                if after_version == summary["version"]:
+                    swapped = True
+                    break
+                time.sleep(1)
+        test_after = _predict_all(url, test_images, config.workers)
+        held_after = _predict_all(url, held, config.workers)
+    finally:
+        stop_service(server)
+
+    result = {
+        "version_before": before_version, "version_after": after_version, "challenger": summary["version"],
+        "promoted": summary["promoted"], "swapped": swapped, "gate": summary["gate"]["reasons"],
+        "new_site_accuracy_before": _accuracy(held_before), "new_site_accuracy_after": _accuracy(held_after),
+        "test_accuracy_before": _accuracy(test_before), "test_accuracy_after": _accuracy(test_after),
+        "new_site_images_scored": len(held), "test_images_scored": len(test_images),
+        "corrections": len(to_correct), "drift": drift,
+        "retrain_holdout": {"champion": summary["champion"].get("holdout_accuracy"),
+                            "challenger": summary["challenger"].get("holdout_accuracy")},
+        "retrain_s": round(retrain_s, 1), "total_s": round(time.perf_counter() - started, 1),
+    }
+    say("\nSummary (through the service)")
+    say(f"  served version:        v{before_version} -> v{after_version}" + ("" if swapped else "  (no swap)"))
+    say(f"  new-site accuracy:     {result['new_site_accuracy_before']:.3f} -> {result['new_site_accuracy_after']:.3f}"
+        f"  ({len(held)} images never corrected)")
+    say(f"  TEST accuracy:         {result['test_accuracy_before']:.3f} -> {result['test_accuracy_after']:.3f}"
+        f"  ({len(test_images)} images)")
+    say(f"  corrections:           {len(to_correct)}; retraining {retrain_s:.0f} s; whole demo {result['total_s']:.0f} s")
+    return result

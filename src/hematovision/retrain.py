@@ -1,0 +1,465 @@
+"""Retraining on the pathologists' corrections: the loop that turns reviews into the next model.
+
+Steps (``flows/retraining.py`` runs each as a Prefect task; :func:`retrain` runs them in a row):
+
+1. :func:`export_step` — the corrections become a new DVC data version (``corrections/`` +
+   ``corrections.dvc``); nothing new, nothing changes.
+2. :func:`manifest_step` — one manifest of raw data + corrections. Each correction image is its own
+   cell (group ``corrections/<sha256>``). A deterministic share of the corrections, chosen by the
+   image's sha256, is the new site's *holdout*: scored, never trained on. The champion (the parent)
+   is pinned by version and copied next to the manifest.
+3. :func:`train_challenger_step` — ``retrain.mode: head`` (the fast path): a new head on the
+   parent's unchanged backbone, warm-started from the parent's head, on cached embeddings of the
+   raw data plus embeddings of the (new) correction images only; ``finetune``: the full two-phase
+   training of ``train.py`` on raw data + corrections.
+4. :func:`evaluate_step` — parent and challenger scored alike on the official TEST and the holdout.
+5. :func:`register_step` — an MLflow run (metrics of both, manifest, model) and a registered version
+   with the lineage as tags: raw data hash, corrections hash, parent version, git commit.
+6. :func:`gate_step` — the registry's gate (:func:`hematovision.registry.gate`): the challenger must
+   win on the holdout and may not lose more than ``retrain.guard_tolerance`` on TEST; promoted only
+   then. The decision and its reasons go on the run, on the version (tag ``gate``) and in the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from hematovision import CLASSES
+from hematovision.params import Params, PromoteParams
+from hematovision.settings import Settings
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+
+MANIFEST = "manifest.csv"
+CONTEXT = "context.json"
+TRAINING = "training.json"
+EVALUATION = "evaluation.json"
+REPORT = "report.json"
+PARENT_DIR = "parent"
+# The folder's name is the artifact's key in the logged model (packaging.ARTIFACT_KEY).
+CHALLENGER_DIR = "challenger/classifier"
+HOLDOUT = "holdout"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class RetrainError(RuntimeError):
+    """Retraining cannot start (no champion, no data)."""
+
+
+def is_holdout(sha256: str, fraction: float) -> bool:
+    """Whether a correction image is in the new site's holdout: a fixed function of its content,
+    so an image never moves between training and holdout as corrections accumulate."""
+    return int(sha256[:12], 16) / float(1 << 48) < fraction
+
+
+def _out(settings: Settings) -> Path:
+    out = settings.path(settings.retrain_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _read(settings: Settings, name: str) -> dict[str, Any]:
+    return json.loads((settings.path(settings.retrain_dir) / name).read_text())
+
+
+def _write(settings: Settings, name: str, value: dict[str, Any]) -> None:
+    (_out(settings) / name).write_text(json.dumps(value, indent=2, default=str))
+
+
+# --- 1. export -------------------------------------------------------------------------------------
+def export_step(settings: Settings) -> dict[str, Any]:
+    """The agreed corrections as a DVC-pinned dataset version; returns counts and its md5."""
+    from hematovision.feedback_export import export_corrections
+
+    return export_corrections(settings)
+
+
+# --- 2. manifest -----------------------------------------------------------------------------------
+def corrections_rows(folder: Path, holdout_fraction: float) -> pd.DataFrame:
+    """Manifest rows of an exported corrections folder: absolute path, split (``train`` or
+    ``holdout``), label, group (each image its own cell), source, sha256."""
+    from hematovision.dataset import scan_class_folders
+    from hematovision.embeddings import file_sha256
+
+    columns = ["path", "split", "label", "group", "source", "sha256"]
+    if not folder.is_dir():
+        return pd.DataFrame(columns=columns)
+    rows, _ = scan_class_folders(folder)
+    out = []
+    for row in rows.itertuples():
+        path = folder / row.path
+        sha = path.stem if _SHA256.match(path.stem) else file_sha256(path)
+        out.append({"path": str(path), "split": HOLDOUT if is_holdout(sha, holdout_fraction) else "train",
+                    "label": row.label, "group": f"corrections/{sha}", "source": "corrections", "sha256": sha})
+    return pd.DataFrame(out, columns=columns)
+
+
+def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
+    """Write ``retrain/manifest.csv`` (raw + corrections, with the holdout) and pin the parent."""
+    import mlflow
+
+    from hematovision.packaging import ARTIFACT_KEY
+    from hematovision.pipeline import load_manifest, official_test_rows
+    from hematovision.registry import CHAMPION, Registry
+    from hematovision.tracking import configure_mlflow, dvc_data_hash
+    from hematovision.train import limit_per_cell
+
+    rp = params.retrain
+    uri = configure_mlflow(settings)
+    registry = Registry(settings.registered_model, uri)
+    champion = registry.version_by_alias(CHAMPION)
+    if champion is None:
+        raise RetrainError("there is no champion to retrain from: run `hematovision run` first")
+    out = _out(settings)
+    parent_dir = out / PARENT_DIR
+    marker = parent_dir / ".registry_version"
+    wanted = f"{settings.registered_model}/{champion.version}@{uri}"
+    if not (marker.exists() and marker.read_text() == wanted):  # versions are immutable: reuse a copy
+        if parent_dir.exists():
+            shutil.rmtree(parent_dir)
+        downloaded = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{settings.registered_model}/{champion.version}"))
+        shutil.copytree(downloaded / "artifacts" / ARTIFACT_KEY, parent_dir)
+        marker.write_text(wanted)
+
+    data_dir = settings.path(settings.data_dir)
+    raw = load_manifest(settings)
+    raw["path"] = [str(data_dir / p) for p in raw.path]
+    raw["source"], raw["sha256"] = "raw", ""
+    learn = raw[raw.split.isin(["train", "val"])]
+    if rp.mode == "head":
+        learn = limit_per_cell(learn, rp.max_raw_images_per_cell, params.seed)
+    elif rp.mode != "finetune":
+        raise RetrainError(f"retrain.mode must be 'head' or 'finetune', not {rp.mode!r}")
+    test = official_test_rows(raw, params)
+    corrections_dir = settings.path(settings.corrections_dataset_dir)
+    corrections = corrections_rows(corrections_dir, rp.holdout_fraction)
+    manifest = pd.concat([learn, test, corrections], ignore_index=True)[
+        ["path", "split", "label", "group", "source", "sha256"]]
+    manifest.to_csv(out / MANIFEST, index=False)
+    context = {
+        "parent_version": str(champion.version),
+        "data_hash": dvc_data_hash(data_dir.with_suffix(".dvc")),
+        "corrections_hash": dvc_data_hash(corrections_dir.with_name(corrections_dir.name + ".dvc")),
+        "mode": rp.mode,
+        "n_raw_train": int((manifest.source.eq("raw") & manifest.split.isin(["train", "val"])).sum()),
+        "n_test": int(len(test)),
+        "n_corrections_train": int((manifest.source.eq("corrections") & manifest.split.eq("train")).sum()),
+        "n_corrections_holdout": int(manifest.split.eq(HOLDOUT).sum()),
+    }
+    _write(settings, CONTEXT, context)
+    return context
+
+
+def nothing_to_learn(context: dict[str, Any]) -> str | None:
+    """Why retraining would be pointless (no corrections to train on), or None."""
+    if context["n_corrections_train"] == 0:
+        return (f"nothing to retrain on: {context['n_corrections_train']} corrections to learn from "
+                f"({context['n_corrections_holdout']} held out)")
+    return None
+
+
+def skipped_summary(context: dict[str, Any], exported: dict[str, Any], reason: str,
+                    timings: dict[str, float]) -> dict[str, Any]:
+    return {"version": None, "parent_version": context["parent_version"], "run_id": None, "promoted": False,
+            "skipped": reason, "gate": {"passed": False, "reasons": [reason], "summary": reason},
+            "mode": context["mode"], "data_hash": context["data_hash"], "corrections_hash": context["corrections_hash"],
+            "corrections": {"exported": exported.get("images"), "added": exported.get("added"),
+                            "train": context["n_corrections_train"], "holdout": context["n_corrections_holdout"]},
+            "champion": {}, "challenger": {}, "training": {}, "timings_s": timings}
+
+
+def load_retrain_manifest(settings: Settings) -> pd.DataFrame:
+    return pd.read_csv(settings.path(settings.retrain_dir) / MANIFEST, dtype={"sha256": str}, keep_default_na=False)
+
+
+# --- 3. train --------------------------------------------------------------------------------------
+def train_challenger_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """Train the challenger on the manifest's training rows; saved under ``retrain/challenger``."""
+    from hematovision.embeddings import EmbeddingCache
+    from hematovision.model import Classifier
+
+    report = progress or (lambda *_: None)
+    out = _out(settings)
+    manifest = load_retrain_manifest(settings)
+    if not (manifest.source.eq("corrections") & manifest.split.eq("train")).any():
+        raise RetrainError("no corrections to learn from (all of them are held out, or there are none)")
+    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+    started = time.perf_counter()
+    try:
+        if params.retrain.mode == "head":
+            classifier = Classifier.load(out / PARENT_DIR)
+            result = _train_head(classifier, manifest, params, cache, report)
+        else:
+            from hematovision.train import train
+
+            rows = manifest[manifest.split.isin(["train", "val"])].copy()
+            result_full = train(rows, Path("/"), params, cache, progress)
+            classifier = result_full.classifier
+            result = {"val": result_full.val_metrics, "timings": result_full.timings,
+                      "n_train_images": result_full.n_train_images}
+    finally:
+        cache.close()
+    target = out / CHALLENGER_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    classifier.save(target)
+    result["timings"] = {**result.get("timings", {}), "train_s": time.perf_counter() - started}
+    _write(settings, TRAINING, result)
+    return result
+
+
+def _train_head(classifier, manifest: pd.DataFrame, params: Params, cache, report: Progress) -> dict[str, Any]:
+    """A new head on the parent's frozen backbone: raw rows from the embedding cache, correction
+    images embedded in ``correction_views`` dihedral views (each view cached under its own key)."""
+    import keras
+
+    from hematovision.dataset import label_indices
+    from hematovision.embeddings import cached_embeddings
+    from hematovision.model import dihedral_views
+
+    rp = params.retrain
+    keras.utils.set_random_seed(params.seed)
+    timings: dict[str, float] = {}
+    raw = manifest[(manifest.source == "raw") & manifest.split.isin(["train", "val"])]
+    fixes = manifest[(manifest.source == "corrections") & (manifest.split == "train")]
+
+    started = time.perf_counter()
+    done = {"n": 0}
+
+    def step(what: str, total: int):
+        def inner(n: int) -> None:
+            done["n"] += n
+            report(what, min(done["n"], total), total)
+        return inner
+
+    emb_raw = cached_embeddings(classifier, [Path(p) for p in raw.path], cache, progress=step("embedding raw data (cached)", len(raw)))
+    timings["embed_raw_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    fingerprint = classifier.backbone_fingerprint()
+    views = rp.correction_views
+    keys = [f"{sha}" if v == 0 else f"{sha}#view{v}" for v in range(views) for sha in fixes.sha256]
+    # Crops are made only if some view of some image is missing from the cache.
+    missing = set(keys) - set(cache.lookup(fingerprint, keys))
+    all_views: list[np.ndarray] | None = None
+    if missing:
+        all_views = dihedral_views(classifier.crops(list(fixes.path)), views)
+    n = len(fixes)
+
+    def compute(indices: list[int]) -> np.ndarray:
+        batch = np.stack([all_views[i // n][i % n] for i in indices])
+        return classifier.embed(batch)
+
+    done["n"] = 0
+    emb_fix = cache.embed(fingerprint, keys, compute, progress=step("embedding corrections", len(keys)))
+    timings["embed_corrections_s"] = time.perf_counter() - started
+
+    x = np.concatenate([emb_raw, emb_fix]).astype(np.float32)
+    y = np.concatenate([label_indices(raw.label, classifier.classes),
+                        np.tile(label_indices(fixes.label, classifier.classes), views)])
+    source = np.array(["raw"] * len(raw) + ["corrections"] * len(emb_fix))
+    weights = _balanced_weights(y, source, {"raw": 1.0 - rp.corrections_share, "corrections": rp.corrections_share})
+
+    started = time.perf_counter()
+    head = classifier.head
+    head.compile(optimizer=keras.optimizers.Adam(rp.head_learning_rate), loss="sparse_categorical_crossentropy",
+                 metrics=["accuracy"])
+    fit = head.fit(x, y, sample_weight=weights, epochs=rp.head_epochs, batch_size=params.train.batch_size,
+                   shuffle=True, verbose=0)
+    report("training the head", rp.head_epochs, rp.head_epochs)
+    timings["head_s"] = time.perf_counter() - started
+    return {"timings": timings, "n_train_images": int(len(x)), "n_raw_images": int(len(raw)),
+            "n_correction_images": int(n), "correction_views": views,
+            "final_loss": float(fit.history["loss"][-1]), "final_accuracy": float(fit.history["accuracy"][-1])}
+
+
+def _balanced_weights(y: np.ndarray, source: np.ndarray, shares: dict[str, float]) -> np.ndarray:
+    """Sample weights giving each source its share of the total weight, classes equal within it;
+    mean weight 1 (so the learning rate means the same whatever the mix)."""
+    weights = np.zeros(len(y), np.float64)
+    present = {s: share for s, share in shares.items() if (source == s).any() and share > 0}
+    total_share = sum(present.values()) or 1.0
+    for s, share in present.items():
+        in_source = source == s
+        classes = np.unique(y[in_source])
+        for c in classes:
+            mask = in_source & (y == c)
+            weights[mask] = share / total_share / len(classes) / mask.sum()
+    return (weights * len(y)).astype(np.float32)
+
+
+# --- 4. evaluate -----------------------------------------------------------------------------------
+def evaluate_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
+    """Parent and challenger on the official TEST and on the corrections' holdout, the same rows
+    for both (with the head fast path they share the cached embeddings)."""
+    from hematovision.embeddings import EmbeddingCache
+    from hematovision.evaluate import evaluate_rows
+    from hematovision.model import Classifier
+
+    out = _out(settings)
+    manifest = load_retrain_manifest(settings)
+    splits = {"test": manifest[manifest.split == "test"], HOLDOUT: manifest[manifest.split == HOLDOUT]}
+    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        for who, folder in (("champion", PARENT_DIR), ("challenger", CHALLENGER_DIR)):
+            classifier = Classifier.load(out / folder)
+            results[who] = {}
+            for name, rows in splits.items():
+                if rows.empty:
+                    continue
+                if progress:
+                    progress(f"scoring the {who} on {name}", 0, len(rows))
+                results[who][name] = evaluate_rows(classifier, rows, Path("/"), cache,
+                                                   params.evaluate.bootstrap_samples, params.seed)
+    finally:
+        cache.close()
+    results["timings"] = {"evaluate_s": time.perf_counter() - started}
+    _write(settings, EVALUATION, results)
+    return results
+
+
+def flat_metrics(evaluation: dict[str, Any], who: str) -> dict[str, float]:
+    from hematovision.metrics import flatten_for_mlflow
+
+    out: dict[str, float] = {}
+    for name, metrics in evaluation.get(who, {}).items():
+        out.update(flatten_for_mlflow(metrics, name))
+    return out
+
+
+# --- 5. register -----------------------------------------------------------------------------------
+def register_step(settings: Settings, params: Params) -> dict[str, Any]:
+    """Log the retraining run to MLflow and register the challenger with its lineage as tags."""
+    import mlflow
+
+    from hematovision.packaging import log_classifier
+    from hematovision.registry import Registry
+    from hematovision.tracking import configure_mlflow, git_commit
+
+    uri = configure_mlflow(settings)
+    out = _out(settings)
+    context, training, evaluation = _read(settings, CONTEXT), _read(settings, TRAINING), _read(settings, EVALUATION)
+    commit = git_commit(settings.project_dir)
+    lineage = {"data_hash": context["data_hash"], "corrections_hash": context["corrections_hash"],
+               "parent_version": context["parent_version"], "git_commit": commit}
+    with mlflow.start_run(run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+        mlflow.set_tags({**lineage, "step": "retrain", "retrain_mode": context["mode"]})
+        mlflow.log_params(params.flat())
+        mlflow.log_params({k: context[k] for k in context if k.startswith("n_")})
+        mlflow.log_metrics(flat_metrics(evaluation, "challenger"))
+        mlflow.log_metrics({f"champion_{k}": v for k, v in flat_metrics(evaluation, "champion").items()})
+        mlflow.log_metrics({f"time_{k}": v for k, v in training.get("timings", {}).items()})
+        mlflow.log_artifact(str(out / MANIFEST), "retrain")
+        mlflow.log_dict({"context": context, "training": training, "evaluation": evaluation}, "retrain/report.json")
+        model_uri = log_classifier(out / CHALLENGER_DIR)
+        run_id = run.info.run_id
+    tags = {**lineage, "run_id": run_id, "trained_on": "raw+corrections", "retrain_mode": context["mode"]}
+    for who_split, key in (("test", "accuracy"), ("test", "macro_f1"), (HOLDOUT, "accuracy"), (HOLDOUT, "macro_f1")):
+        value = evaluation["challenger"].get(who_split, {}).get(key)
+        if value is not None:
+            tags[f"{who_split}_{key}"] = f"{value:.4f}"
+    version = Registry(settings.registered_model, uri).register(model_uri, tags)
+    return {"version": version, "run_id": run_id, "tags": tags}
+
+
+# --- 6. gate ---------------------------------------------------------------------------------------
+def gate_step(settings: Settings, params: Params, version: str, run_id: str, promote: bool = True) -> dict[str, Any]:
+    """The registry's gate on the holdout (must win) with TEST as a guard (may not lose more than the
+    tolerance); promotes only if it passes. The decision goes on the run and on the version."""
+    from mlflow import MlflowClient
+
+    from hematovision.registry import GateDecision, Registry
+    from hematovision.tracking import configure_mlflow
+
+    rp = params.retrain
+    uri = configure_mlflow(settings)
+    registry = Registry(settings.registered_model, uri)
+    context, evaluation = _read(settings, CONTEXT), _read(settings, EVALUATION)
+    n_holdout = context["n_corrections_holdout"]
+    policy = PromoteParams(metric=rp.metric, min_improvement=rp.min_improvement,
+                           per_class_tolerance=rp.per_class_tolerance, floor=0.0)
+    champion = registry.version_by_alias("champion")
+    if n_holdout < rp.min_holdout:
+        decision = GateDecision(False, [f"only {n_holdout} held-out corrections (retrain.min_holdout {rp.min_holdout}): "
+                                        "the new site cannot be judged"])
+    elif champion is None or str(champion.version) != context["parent_version"]:
+        decision = GateDecision(False, [f"the champion moved from v{context['parent_version']} while retraining: "
+                                        "compare again before promoting"])
+    elif not promote:
+        decision = GateDecision(False, ["promotion not asked for"])
+    else:
+        decision = registry.promote(version, policy, guards={rp.guard_metric: rp.guard_tolerance},
+                                    challenger_metrics=flat_metrics(evaluation, "challenger"),
+                                    champion_metrics=flat_metrics(evaluation, "champion"))
+    if not decision.passed or not promote:
+        registry.client.set_model_version_tag(settings.registered_model, version, "gate", decision.summary()[:5000])
+    client = MlflowClient(tracking_uri=uri)
+    client.set_tag(run_id, "gate_decision", "promoted" if decision.passed else "refused")
+    client.set_tag(run_id, "gate_reasons", decision.summary()[:5000])
+    client.log_param(run_id, "gate_policy", json.dumps({"metric": rp.metric, "min_improvement": rp.min_improvement,
+                                                        "per_class_tolerance": rp.per_class_tolerance,
+                                                        "guard": {rp.guard_metric: rp.guard_tolerance}}))
+    return {"passed": decision.passed, "promoted": decision.passed, "reasons": decision.reasons,
+            "summary": decision.summary()}
+
+
+# --- the whole loop --------------------------------------------------------------------------------
+def summarize(context: dict, training: dict, evaluation: dict, registered: dict, gate: dict,
+              exported: dict, timings: dict[str, float]) -> dict[str, Any]:
+    def headline(who: str) -> dict[str, float]:
+        return {f"{split}_{k}": evaluation[who][split][k] for split in ("test", HOLDOUT) if split in evaluation[who]
+                for k in ("accuracy", "macro_f1")}
+
+    return {
+        "version": registered["version"], "parent_version": context["parent_version"], "run_id": registered["run_id"],
+        "promoted": gate["passed"], "gate": gate, "mode": context["mode"],
+        "data_hash": context["data_hash"], "corrections_hash": context["corrections_hash"],
+        "corrections": {"exported": exported.get("images"), "added": exported.get("added"),
+                        "train": context["n_corrections_train"], "holdout": context["n_corrections_holdout"]},
+        "champion": headline("champion"), "challenger": headline("challenger"),
+        "training": {k: v for k, v in training.items() if k != "val"}, "timings_s": timings,
+    }
+
+
+def write_report(settings: Settings, summary: dict[str, Any]) -> None:
+    _write(settings, REPORT, summary)
+
+
+def retrain(settings: Settings, params: Params, promote: bool = True, progress: Progress | None = None,
+            log: Log | None = None) -> dict[str, Any]:
+    """All the steps in a row, outside Prefect (the flow runs the same steps as tasks)."""
+    say = log or (lambda _m: None)
+    timings: dict[str, float] = {}
+
+    def timed(name, call, *args, **kwargs):
+        started = time.perf_counter()
+        result = call(*args, **kwargs)
+        timings[name] = round(time.perf_counter() - started, 1)
+        return result
+
+    exported = timed("export", export_step, settings)
+    context = timed("manifest", manifest_step, settings, params)
+    reason = nothing_to_learn(context)
+    if reason:
+        say(reason)
+        return skipped_summary(context, exported, reason, timings)
+    training = timed("train", train_challenger_step, settings, params, progress)
+    evaluation = timed("evaluate", evaluate_step, settings, params, progress)
+    registered = timed("register", register_step, settings, params)
+    gate = timed("gate", gate_step, settings, params, registered["version"], registered["run_id"], promote)
+    summary = summarize(context, training, evaluation, registered, gate, exported, timings)
+    write_report(settings, summary)
+    say(gate["summary"])
+    return summary
