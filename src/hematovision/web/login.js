@@ -13,7 +13,6 @@
 
   function showSignedIn(user) {
     $("signed-in").classList.toggle("hidden", !user);
-    $("login-form").classList.toggle("hidden", !!user);
     if (user) {
       $("current-user").textContent = user.username;
       $("current-roles").textContent = `(${user.roles.join(", ") || "no role"})`;

@@ -216,6 +216,8 @@
     ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("over"); }));
     ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.remove("over"); }));
     zone.addEventListener("drop", (e) => add(e.dataTransfer.files));
+    // A file dropped beside the zone must not make the browser leave the page to show it.
+    ["dragover", "drop"].forEach((type) => window.addEventListener(type, (e) => e.preventDefault()));
     $("download-csv").addEventListener("click", download);
     $("clear").addEventListener("click", clear);
     request("/model").then((r) => (r.ok ? r.json() : null)).then((model) => {

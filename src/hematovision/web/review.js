@@ -62,7 +62,7 @@
       keyHints.forEach((k) => { keys[k] = cls; });
       select.append(el("option", { value: cls, text: title(cls) }));
       $("answers").append(el("button", { type: "button", "data-class": cls, id: `answer-${cls}`, onclick: () => answer(cls) },
-        ...keyHints.map((k) => el("kbd", { text: k.toUpperCase() })), el("span", { text: title(cls) }), el("span", { class: "what" })));
+        ...keyHints.map((k) => el("kbd", { text: k.toUpperCase() })), el("span", { text: title(cls) })));
     });
   }
 
@@ -108,7 +108,7 @@
     document.querySelectorAll("#answers button").forEach((b) => {
       const predicted = b.dataset.class === item.label;
       b.classList.toggle("predicted", predicted);
-      b.querySelector(".what").textContent = predicted ? "confirm" : "correct";
+      b.title = predicted ? "confirm the model's type" : `correct to ${title(b.dataset.class)}`;
     });
     $("queue-pos").textContent = `Item ${pos + 1} of ${queue.length} loaded · least certain first`;
     $("image-slot").replaceChildren();
