@@ -16,7 +16,7 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
-from conftest import BLOOD_CELLS
+from conftest import BLOOD_CELLS, service_env, start_service, stop_service
 from hematovision import CLASSES
 from hematovision.cli import app
 from hematovision.predictions import PredictionStore
@@ -24,6 +24,7 @@ from hematovision.predictions import PredictionStore
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager: no statistics, and it is never run (paths given)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -68,7 +69,9 @@ def browser(downloads):
                 "--no-first-run", "--disable-extensions", "--disable-background-networking"):
         options.add_argument(arg)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
+                                              "download.prompt_for_download": False,
+                                              # a second CSV from the same page is not held for a permission prompt
+                                              "profile.default_content_setting_values.automatic_downloads": 1})
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     yield driver
@@ -76,7 +79,11 @@ def browser(downloads):
 
 
 def wait(driver, condition, timeout: float = WAIT, message: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
+    except TimeoutException:
+        page = driver.execute_script("return document.body ? document.body.innerText : ''")
+        raise AssertionError(f"timed out waiting for {message or 'the page'} on {driver.current_url}:\n{page[:3000]}") from None
 
 
 def snap(driver, name: str) -> None:
@@ -92,10 +99,14 @@ def loaded(driver, css: str) -> bool:
         "const i = document.querySelector(arguments[0]); return !!i && i.complete && i.naturalWidth > 0;", css))
 
 
-def sign_in_browser(driver, url: str, name: str, password: str = PASSWORD) -> None:
-    driver.get(f"{url}/ui/login.html")
+def sign_in_browser(driver, url: str, name: str, password: str = PASSWORD, then: str | None = None) -> None:
+    """Sign in on the login page; with ``then`` (a page name), wait until it leads there."""
+    driver.get(f"{url}/ui/login.html" + (f"?next={then}" if then else ""))
     driver.find_element(By.ID, "username").send_keys(name)
     driver.find_element(By.ID, "password").send_keys(password + Keys.ENTER)
+    if then:
+        wait(driver, lambda d: d.current_url.endswith(f"/ui/{then}"), message=f"signed in and on {then}")
+        wait(driver, lambda d: name in d.find_element(By.ID, "whoami").text, message=f"{name} in the header")
 
 
 def read_csv_download(downloads: Path, previous: set[Path]) -> list[dict]:
@@ -145,6 +156,7 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
         assert loaded(browser, f'.result[data-name="{path.name}"] img.original')
 
     before = set(downloads.glob("*.csv"))
+    wait(browser, lambda d: d.find_element(By.ID, "download-csv").is_enabled(), message="the CSV button")
     browser.find_element(By.ID, "download-csv").click()
     rows = read_csv_download(downloads, before)
     assert [r["filename"] for r in rows] == [p.name for p in UPLOADS]
@@ -172,6 +184,7 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
     wait(browser, lambda d: loaded(d, f'.result[data-name="{good.name}"] img.gradcam'))
     assert "5 images: 4 classified" in browser.find_element(By.ID, "counts").text
     before = set(downloads.glob("*.csv"))
+    wait(browser, lambda d: d.find_element(By.ID, "download-csv").is_enabled(), message="the CSV button")
     browser.find_element(By.ID, "download-csv").click()
     rows = read_csv_download(downloads, before)
     assert len(rows) == 5 and [r["filename"] for r in rows if r["error"]] == ["broken.jpg"]
@@ -191,12 +204,7 @@ def test_review_page_corrects_three_with_the_keyboard(project, service_url, brow
     wait(browser, lambda d: "Sign in" in d.find_element(By.ID, "message").text)
     sign_in_browser(browser, service_url, "wendy", "not the password")
     wait(browser, lambda d: "Wrong user name or password" in d.find_element(By.ID, "message").text)
-    browser.find_element(By.ID, "password").clear()
-    browser.get(f"{service_url}/ui/login.html?next=review.html")
-    browser.find_element(By.ID, "username").send_keys("wendy")
-    browser.find_element(By.ID, "password").send_keys(PASSWORD + Keys.ENTER)
-    wait(browser, lambda d: d.current_url.endswith("/ui/review.html"))
-    wait(browser, lambda d: "wendy" in d.find_element(By.ID, "whoami").text)
+    sign_in_browser(browser, service_url, "wendy", then="review.html")
 
     chosen: dict[str, tuple[str, str]] = {}  # prediction id -> (predicted, corrected)
     for n in range(3):
@@ -247,10 +255,9 @@ def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web
                     headers={"X-CSRF-Token": login.json()["csrf_token"]}, timeout=30).status_code == 201
     stats = api.get(f"{service_url}/feedback/stats", timeout=30).json()
 
-    sign_in_browser(browser, service_url, "wendy")
-    wait(browser, lambda d: "wendy" in d.find_element(By.ID, "whoami").text)
-    browser.get(f"{service_url}/ui/lab.html")
-    wait(browser, lambda d: d.find_element(By.ID, "tile-corrections").text.startswith(str(stats["corrections"])))
+    sign_in_browser(browser, service_url, "wendy", then="lab.html")
+    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#tile-corrections .value").text == str(stats["corrections"]),
+         message="the number of reviews")
     snap(browser, "lab")
     overall = stats["overall"]
     assert browser.find_element(By.CSS_SELECTOR, "#tile-agreement .value").text == f"{100 * overall['agreement']:.1f} %"
@@ -281,3 +288,23 @@ def test_every_page_links_the_shared_style_and_nothing_external():
         html = (web / name).read_text()
         assert 'href="style.css"' in html and 'src="common.js"' in html, name
         assert "http://" not in html and "https://" not in html, f"{name} loads something from outside"
+
+
+def test_predict_page_asks_to_sign_in_where_predicting_requires_it(project, trained, browser, web_people, tmp_path_factory):
+    env = {**service_env(tmp_path_factory), "HEMATOVISION_PREDICT_REQUIRES_TOKEN": "true"}
+    server, url = start_service(project, tmp_path_factory.mktemp("signed-in-only") / "service.log", env)
+    try:
+        browser.get(f"{url}/ui/")
+        wait(browser, lambda d: "not signed in" in d.find_element(By.ID, "whoami").text)
+        browser.find_element(By.ID, "files").send_keys(str(UPLOADS[0]))
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".result.failed"), message="the refused image")
+        message = browser.find_element(By.ID, "message")
+        assert "signed-in users" in message.text
+        assert message.find_element(By.LINK_TEXT, "Sign in").get_attribute("href").endswith("login.html?next=index.html")
+        assert browser.find_element(By.CSS_SELECTOR, ".result.failed .err").text == "sign-in required"
+
+        sign_in_browser(browser, url, "wendy", then="index.html")
+        browser.find_element(By.ID, "files").send_keys(str(UPLOADS[0]))
+        wait(browser, lambda d: loaded(d, ".result.done img.gradcam"), message="a prediction once signed in")
+    finally:
+        stop_service(server)

@@ -76,11 +76,11 @@
 
   function load(item) {
     if (!cache.has(item.id)) {
-      const image = request(item.image_url).then(async (r) => (r.ok ? blobImage(await r.blob(), "the cell under review") : null));
+      const image = request(item.image_url).then(async (r) => (r.ok ? blobImage(await r.blob(), "the cell under review") : null)).catch(() => null);
       const form = new FormData();
       form.append("prediction_id", item.id);
       const gradcam = request("/explain", { method: "POST", body: form }).then(async (r) =>
-        (r.ok ? { img: await blobImage(await r.blob(), "Grad-CAM heat-map"), cls: r.headers.get("x-hematovision-class") } : null));
+        (r.ok ? { img: await blobImage(await r.blob(), "Grad-CAM heat-map"), cls: r.headers.get("x-hematovision-class") } : null)).catch(() => null);
       cache.set(item.id, Promise.all([image, gradcam]).then(([img, cam]) => ({ image: img, gradcam: cam })));
     }
     return cache.get(item.id);
@@ -117,8 +117,9 @@
     $("gradcam-slot").replaceChildren();
     $("gradcam-slot").className = "placeholder";
     $("gradcam-slot").textContent = "loading…";
+    const current = load(item);
     queue.slice(pos + 1, pos + 1 + PREFETCH).forEach(load);  // the next ones, while this one is looked at
-    const loaded = await load(item);
+    const loaded = await current;
     if (queue[pos] !== item) return;  // answered before its images arrived
     put("image-slot", loaded.image, "image not available");
     put("gradcam-slot", loaded.gradcam && loaded.gradcam.img, "no heat-map");
