@@ -204,6 +204,7 @@ def test_review_page_corrects_three_with_the_keyboard(project, service_url, brow
     wait(browser, lambda d: "Sign in" in d.find_element(By.ID, "message").text)
     sign_in_browser(browser, service_url, "wendy", "not the password")
     wait(browser, lambda d: "Wrong user name or password" in d.find_element(By.ID, "message").text)
+    snap(browser, "login")
     sign_in_browser(browser, service_url, "wendy", then="review.html")
 
     chosen: dict[str, tuple[str, str]] = {}  # prediction id -> (predicted, corrected)
