@@ -53,6 +53,7 @@ def add_user(name: str, *roles: str) -> None:
 @pytest.fixture(scope="module")
 def web_people(project):
     add_user("wendy", "pathologist")
+    add_user("wanda", "ops")  # locked out by the sign-in limit test
     return {"pathologist": "wendy"}
 
 
@@ -281,6 +282,19 @@ def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web
     browser.get(f"{service_url}/ui/lab.html")
     wait(browser, lambda d: "signed-in staff" in d.find_element(By.ID, "message").text)
     assert not browser.find_element(By.ID, "stats").is_displayed()
+
+
+def test_sign_in_page_explains_the_sign_in_limit(service_url, browser, web_people):
+    from hematovision.settings import get_settings
+
+    for attempt in range(get_settings().login_attempts):
+        sign_in_browser(browser, service_url, "wanda", f"wrong password {attempt}")
+        wait(browser, lambda d: "Wrong user name or password" in d.find_element(By.ID, "message").text)
+    sign_in_browser(browser, service_url, "wanda")  # the right password, too late
+    wait(browser, lambda d: "Too many failed sign-ins" in d.find_element(By.ID, "message").text, message="the limit")
+    seconds = int(browser.find_element(By.ID, "message").text.split("Try again in ")[1].split()[0])
+    assert 0 < seconds <= get_settings().login_window_seconds + 1
+    wait(browser, lambda d: "not signed in" in d.find_element(By.ID, "whoami").text)
 
 
 def test_every_page_links_the_shared_style_and_nothing_external():
