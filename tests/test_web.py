@@ -110,17 +110,17 @@ def sign_in_browser(driver, url: str, name: str, password: str = PASSWORD, then:
         wait(driver, lambda d: name in d.find_element(By.ID, "whoami").text, message=f"{name} in the header")
 
 
-def read_csv_download(downloads: Path, previous: set[Path]) -> list[dict]:
-    def finished():
-        new = [p for p in downloads.glob("*.csv") if p not in previous]
-        return new[0] if new else None
-
+def download_csv(driver, downloads: Path) -> list[dict]:
+    """Click the page's CSV button; the rows of the file the browser saved."""
+    for old in downloads.iterdir():
+        old.unlink()
+    wait(driver, lambda d: d.find_element(By.ID, "download-csv").is_enabled(), message="the CSV button")
+    driver.find_element(By.ID, "download-csv").click()
     deadline = time.monotonic() + 20
-    while (path := finished()) is None:
+    while not (saved := list(downloads.glob("*.csv"))):
         assert time.monotonic() < deadline, f"no CSV was downloaded into {downloads}: {list(downloads.iterdir())}"
         time.sleep(0.2)
-    text = path.read_text(encoding="utf-8")
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(saved[0].read_text(encoding="utf-8")))
     assert reader.fieldnames == CSV_COLUMNS
     return list(reader)
 
@@ -156,10 +156,7 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
         assert badge == ("needs review" if expected["needs_review"] else "confident")
         assert loaded(browser, f'.result[data-name="{path.name}"] img.original')
 
-    before = set(downloads.glob("*.csv"))
-    wait(browser, lambda d: d.find_element(By.ID, "download-csv").is_enabled(), message="the CSV button")
-    browser.find_element(By.ID, "download-csv").click()
-    rows = read_csv_download(downloads, before)
+    rows = download_csv(browser, downloads)
     assert [r["filename"] for r in rows] == [p.name for p in UPLOADS]
     for row in rows:
         assert row["label"] in CLASSES and row["error"] == "" and row["model_version"] == model["version"]
@@ -184,10 +181,7 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
     assert failed.find_element(By.CSS_SELECTOR, ".detail").text
     wait(browser, lambda d: loaded(d, f'.result[data-name="{good.name}"] img.gradcam'))
     assert "5 images: 4 classified" in browser.find_element(By.ID, "counts").text
-    before = set(downloads.glob("*.csv"))
-    wait(browser, lambda d: d.find_element(By.ID, "download-csv").is_enabled(), message="the CSV button")
-    browser.find_element(By.ID, "download-csv").click()
-    rows = read_csv_download(downloads, before)
+    rows = download_csv(browser, downloads)
     assert len(rows) == 5 and [r["filename"] for r in rows if r["error"]] == ["broken.jpg"]
     assert rows[-1]["filename"] == good.name and rows[-1]["label"] in CLASSES
 

@@ -191,7 +191,7 @@
 
   function download() {
     const blob = new Blob([csv()], { type: "text/csv;charset=utf-8" });
-    const stamp = new Date().toISOString().replace(/[:T]/g, "-").slice(0, 19);
+    const stamp = new Date().toISOString().replace(/[:T.]/g, "-").slice(0, 23);  // one name per download
     const a = el("a", { href: URL.createObjectURL(blob), download: `hematovision-predictions-${stamp}.csv` });
     document.body.append(a);
     a.click();
