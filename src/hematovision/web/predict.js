@@ -1,0 +1,231 @@
+// Predict page: upload images (pick or drop), POST /predict_batch in chunks of at most 64,
+// then POST /explain for each good one's Grad-CAM overlay; results as CSV built in the browser.
+"use strict";
+
+(() => {
+  const { el, request, errorOf, pct, title } = HV;
+  const MAX_PER_REQUEST = 64;     // the service refuses more files in one request
+  const EXPLAIN_PARALLEL = 2;     // Grad-CAM requests in flight at once
+  const entries = [];             // {file, name, card, status: pending|done|error, result, error}
+  let classes = null;             // class order, from the first answer
+  let busy = 0;
+  const explainQueue = [];
+  let explaining = 0;
+
+  const $ = (id) => document.getElementById(id);
+
+  function describeError(err) {
+    if (err.status === 401 || err.status === 403) return "predicting requires signing in";
+    return `${err.error}: ${err.detail}`;
+  }
+
+  function authNotice(err) {
+    HV.notice($("message"), "warn", `This service only answers signed-in users or API tokens (${err.detail}). `,
+      HV.loginLink("Sign in"), " and try again.");
+  }
+
+  // --- cards ------------------------------------------------------------------------------------
+  function newCard(entry) {
+    const original = el("img", { alt: `uploaded image ${entry.name}`, class: "original" });
+    original.src = URL.createObjectURL(entry.file);
+    entry.card = el("article", { class: "card result pending", "data-name": entry.name },
+      el("figure", {}, original, el("figcaption", { text: "uploaded" })),
+      el("div", { class: "placeholder gradcam-slot", text: "predicting…" }),
+      el("div", { class: "info" }, el("div", { class: "name", text: entry.name }), el("div", { class: "muted", text: "waiting for the model…" })));
+    $("results").append(entry.card);
+  }
+
+  function showError(entry) {
+    const card = entry.card;
+    card.className = "card result failed";
+    card.replaceChildren(card.querySelector("figure"),
+      el("div", { class: "info" },
+        el("div", { class: "name", text: entry.name }),
+        el("div", {}, el("span", { class: "badge error", text: "not classified" })),
+        el("p", { class: "err", text: entry.error.error }),
+        el("p", { class: "detail", text: entry.error.detail })));
+  }
+
+  function showResult(entry) {
+    const r = entry.result;
+    const card = entry.card;
+    card.className = "card result done";
+    card.dataset.label = r.label;
+    const info = el("div", { class: "info" },
+      el("div", { class: "name", text: entry.name }),
+      el("div", {}, el("span", { class: "label", text: title(r.label) }), " ",
+        r.needs_review ? el("span", { class: "badge review", title: "confidence below the review threshold", text: "needs review" })
+                       : el("span", { class: "badge sure", text: "confident" })),
+      el("div", { class: "conf" }, el("span", { text: "confidence" }), HV.bar(r.confidence, r.needs_review ? "big warn" : "big ok"),
+        el("span", { class: "num confidence", text: pct(r.confidence) })),
+      HV.probabilities(r.probabilities, r.label),
+      el("div", { class: "meta" }, `model version ${r.model_version} · id `, el("code", { text: r.prediction_id })));
+    card.replaceChildren(card.querySelector("figure"),
+      el("div", { class: "placeholder gradcam-slot", text: "Grad-CAM…" }), info);
+    explainQueue.push(entry);
+    pumpExplain();
+  }
+
+  // --- Grad-CAM -------------------------------------------------------------------------------
+  function pumpExplain() {
+    while (explaining < EXPLAIN_PARALLEL && explainQueue.length) {
+      const entry = explainQueue.shift();
+      explaining++;
+      explain(entry).finally(() => { explaining--; pumpExplain(); });
+    }
+  }
+
+  async function explain(entry) {
+    const slot = entry.card.querySelector(".gradcam-slot");
+    const form = new FormData();
+    form.append("image", entry.file, entry.name);
+    try {
+      const response = await request("/explain", { method: "POST", body: form });
+      if (!response.ok) {
+        const err = await errorOf(response);
+        slot.textContent = `no heat-map: ${describeError(err)}`;
+        return;
+      }
+      const url = URL.createObjectURL(await response.blob());
+      const img = el("img", { alt: `Grad-CAM of ${entry.name}`, class: "gradcam",
+        title: `Grad-CAM for ${response.headers.get("x-hematovision-class") || entry.result.label}` });
+      await new Promise((resolve) => { img.onload = img.onerror = resolve; img.src = url; });
+      slot.replaceWith(el("figure", {}, img, el("figcaption", { text: `Grad-CAM · ${response.headers.get("x-hematovision-class") || ""}` })));
+    } catch (e) {
+      slot.textContent = `no heat-map: ${e.message}`;
+    }
+  }
+
+  // --- predicting -------------------------------------------------------------------------------
+  async function predictChunk(chunk) {
+    const form = new FormData();
+    for (const entry of chunk) form.append("images", entry.file, entry.name);
+    let response;
+    try {
+      response = await request("/predict_batch", { method: "POST", body: form });
+    } catch (e) {
+      return chunk.forEach((entry) => fail(entry, { error: "network", detail: e.message }));
+    }
+    if (response.ok) {
+      const results = await response.json();
+      chunk.forEach((entry, i) => {
+        const r = results[i];
+        if (!r || r.error) fail(entry, r || { error: "missing", detail: "no answer for this image" });
+        else succeed(entry, r);
+      });
+      return;
+    }
+    const err = await errorOf(response);
+    if (err.status === 413 && err.error === "too_large" && chunk.length > 1) {  // the request body was too big: halve it
+      const half = Math.ceil(chunk.length / 2);
+      await predictChunk(chunk.slice(0, half));
+      return predictChunk(chunk.slice(half));
+    }
+    if (err.status === 401 || err.status === 403) authNotice(err);
+    chunk.forEach((entry) => fail(entry, err.status === 401 || err.status === 403
+      ? { error: "sign-in required", detail: err.detail } : err));
+  }
+
+  function succeed(entry, result) {
+    entry.status = "done";
+    entry.result = result;
+    if (!classes) classes = Object.keys(result.probabilities);
+    showResult(entry);
+    update();
+  }
+
+  function fail(entry, error) {
+    entry.status = "error";
+    entry.error = { error: error.error || "error", detail: error.detail || "" };
+    showError(entry);
+    update();
+  }
+
+  async function add(files) {
+    const fresh = Array.from(files).map((file) => ({ file, name: file.name || "image", status: "pending" }));
+    if (!fresh.length) return;
+    $("message").replaceChildren();
+    fresh.forEach((entry) => { entries.push(entry); newCard(entry); });
+    busy++;
+    update();
+    try {
+      for (let i = 0; i < fresh.length; i += MAX_PER_REQUEST) await predictChunk(fresh.slice(i, i + MAX_PER_REQUEST));
+    } finally {
+      busy--;
+      update();
+    }
+  }
+
+  function update() {
+    const done = entries.filter((e) => e.status === "done");
+    const failed = entries.filter((e) => e.status === "error").length;
+    const review = done.filter((e) => e.result.needs_review).length;
+    const pending = entries.length - done.length - failed;
+    $("summary").classList.toggle("hidden", entries.length === 0);
+    $("counts").textContent = `${entries.length} image${entries.length === 1 ? "" : "s"}: ${done.length} classified` +
+      (review ? `, ${review} need review` : "") + (failed ? `, ${failed} not classified` : "") +
+      (pending ? `, ${pending} waiting…` : "");
+    $("download-csv").disabled = busy > 0 || pending > 0 || entries.length === 0;
+  }
+
+  // --- CSV --------------------------------------------------------------------------------------
+  function csvField(value) {
+    let text = value === null || value === undefined ? "" : String(value);
+    if (/^[=+\-@\t\r]/.test(text) && isNaN(Number(text))) text = `'${text}`; // no formulas in spreadsheets
+    return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+  }
+
+  function csv() {
+    const cls = classes || [];
+    const header = ["filename", "label", "confidence", ...cls.map((c) => `p_${c}`), "needs_review", "model_version",
+      "prediction_id", "error"];
+    const rows = entries.filter((e) => e.status !== "pending").map((e) => {
+      const r = e.result;
+      return r
+        ? [e.name, r.label, r.confidence.toFixed(6), ...cls.map((c) => (r.probabilities[c] ?? 0).toFixed(6)),
+          r.needs_review, r.model_version, r.prediction_id, ""]
+        : [e.name, "", "", ...cls.map(() => ""), "", "", "", `${e.error.error}: ${e.error.detail}`];
+    });
+    return [header, ...rows].map((row) => row.map(csvField).join(",")).join("\r\n") + "\r\n";
+  }
+
+  function download() {
+    const blob = new Blob([csv()], { type: "text/csv;charset=utf-8" });
+    const stamp = new Date().toISOString().replace(/[:T.]/g, "-").slice(0, 23);  // one name per download
+    const a = el("a", { href: URL.createObjectURL(blob), download: `hematovision-predictions-${stamp}.csv` });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+  }
+
+  function clear() {
+    entries.splice(0).forEach((e) => e.card.querySelectorAll("img").forEach((img) => URL.revokeObjectURL(img.src)));
+    explainQueue.length = 0;
+    classes = null;
+    $("results").replaceChildren();
+    $("message").replaceChildren();
+    update();
+  }
+
+  // --- wiring -----------------------------------------------------------------------------------
+  document.addEventListener("DOMContentLoaded", () => {
+    const input = $("files");
+    const zone = $("dropzone");
+    input.addEventListener("change", () => { add(input.files); input.value = ""; });
+    ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("over"); }));
+    ["dragleave", "drop"].forEach((type) => zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.remove("over"); }));
+    zone.addEventListener("drop", (e) => add(e.dataTransfer.files));
+    // A file dropped beside the zone must not make the browser leave the page to show it.
+    ["dragover", "drop"].forEach((type) => window.addEventListener(type, (e) => e.preventDefault()));
+    $("download-csv").addEventListener("click", download);
+    $("clear").addEventListener("click", clear);
+    request("/model").then((r) => (r.ok ? r.json() : null)).then((model) => {
+      $("model-line").textContent = model && model.version
+        ? `Model: ${model.model} version ${model.version} (${model.alias}) · flagged for review below ${pct(model.review_threshold, 0)} confidence`
+        : "Model: not loaded yet";
+    }).catch(() => { $("model-line").textContent = "Model: unknown"; });
+  });
+
+  window.HVPredict = { csv, entries };  // for people debugging in the console (and the browser test)
+})();

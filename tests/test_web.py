@@ -1,0 +1,319 @@
+"""The web pages for people, in a real headless Chromium (Debian's chromium + chromium-driver)
+against the session's real service: predicting with Grad-CAM and a CSV download, reviewing with
+the keyboard (the corrections must really be stored), and the lab statistics.
+
+Set HV_SCREENSHOTS=DIR to keep a screenshot of each page (for looking at them, not committed)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from typer.testing import CliRunner
+
+from conftest import BLOOD_CELLS, service_env, start_service, stop_service
+from hematovision import CLASSES
+from hematovision.cli import app
+from hematovision.predictions import PredictionStore
+
+os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager: no statistics, and it is never run (paths given)
+
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+PASSWORD = "web pages need a long one"
+UPLOADS = [sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[6] for c in ("eosinophil", "lymphocyte", "monocyte")]
+TO_REVIEW = [p for c in CLASSES for p in sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[7:9]]
+CSV_COLUMNS = ["filename", "label", "confidence", *(f"p_{c}" for c in CLASSES), "needs_review", "model_version",
+               "prediction_id", "error"]
+WAIT = 60
+
+# Skipped on a developer's machine without them; never in CI, which installs them (.ci/run).
+pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not os.environ.get("CI"),
+                                reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+
+
+def add_user(name: str, *roles: str) -> None:
+    args = ["users", "add", name, "--password-stdin"] + [a for r in roles for a in ("--role", r)]
+    result = CliRunner().invoke(app, args, input=PASSWORD + "\n")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def web_people(project):
+    add_user("wendy", "pathologist")
+    add_user("wanda", "ops")  # locked out by the sign-in limit test
+    return {"pathologist": "wendy"}
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads):
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1366,900",
+                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+        options.add_argument(arg)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False,
+                                              # a second CSV from the same page is not held for a permission prompt
+                                              "profile.default_content_setting_values.automatic_downloads": 1})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, timeout: float = WAIT, message: str = ""):
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
+    except TimeoutException:
+        page = driver.execute_script("return document.body ? document.body.innerText : ''")
+        raise AssertionError(f"timed out waiting for {message or 'the page'} on {driver.current_url}:\n{page[:3000]}") from None
+
+
+def snap(driver, name: str) -> None:
+    folder = os.environ.get("HV_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+
+
+def loaded(driver, css: str) -> bool:
+    """Whether the image matched by ``css`` exists and decoded (naturalWidth > 0)."""
+    return bool(driver.execute_script(
+        "const i = document.querySelector(arguments[0]); return !!i && i.complete && i.naturalWidth > 0;", css))
+
+
+def sign_in_browser(driver, url: str, name: str, password: str = PASSWORD, then: str | None = None) -> None:
+    """Sign in on the login page; with ``then`` (a page name), wait until it leads there."""
+    driver.get(f"{url}/ui/login.html" + (f"?next={then}" if then else ""))
+    driver.find_element(By.ID, "username").send_keys(name)
+    driver.find_element(By.ID, "password").send_keys(password + Keys.ENTER)
+    if then:
+        wait(driver, lambda d: d.current_url.endswith(f"/ui/{then}"), message=f"signed in and on {then}")
+        wait(driver, lambda d: name in d.find_element(By.ID, "whoami").text, message=f"{name} in the header")
+
+
+def download_csv(driver, downloads: Path) -> list[dict]:
+    """Click the page's CSV button; the rows of the file the browser saved."""
+    for old in downloads.iterdir():
+        old.unlink()
+    wait(driver, lambda d: d.find_element(By.ID, "download-csv").is_enabled(), message="the CSV button")
+    driver.find_element(By.ID, "download-csv").click()
+    deadline = time.monotonic() + 20
+    while not (saved := list(downloads.glob("*.csv"))):
+        assert time.monotonic() < deadline, f"no CSV was downloaded into {downloads}: {list(downloads.iterdir())}"
+        time.sleep(0.2)
+    reader = csv.DictReader(io.StringIO(saved[0].read_text(encoding="utf-8")))
+    assert reader.fieldnames == CSV_COLUMNS
+    return list(reader)
+
+
+def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, service_url, browser, downloads, tmp_path):
+    browser.get(f"{service_url}/")
+    assert browser.current_url.endswith("/ui/")
+    model = requests.get(f"{service_url}/model", timeout=10).json()
+    wait(browser, lambda d: f"version {model['version']}" in d.find_element(By.ID, "model-line").text)
+    nav = [a.text for a in browser.find_elements(By.CSS_SELECTOR, ".topbar nav a")]
+    assert nav == ["Predict", "Review", "Lab statistics", "Ops", "API docs"]
+    wait(browser, lambda d: "not signed in" in d.find_element(By.ID, "whoami").text)
+
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in UPLOADS))
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result.done")) == 3, message="3 results")
+    wait(browser, lambda d: all(loaded(d, f'.result[data-name="{p.name}"] img.gradcam') for p in UPLOADS),
+         message="every Grad-CAM overlay loaded")
+    snap(browser, "predict")
+
+    store = PredictionStore(project / "monitoring" / "predictions.sqlite")
+    for path in UPLOADS:
+        card = browser.find_element(By.CSS_SELECTOR, f'.result[data-name="{path.name}"]')
+        expected = requests.post(f"{service_url}/predict", files={"image": (path.name, path.read_bytes())}, timeout=60).json()
+        assert card.get_attribute("data-label") == expected["label"]
+        assert card.find_element(By.CSS_SELECTOR, ".label").text.lower() == expected["label"]
+        assert card.find_element(By.CSS_SELECTOR, ".confidence").text == f"{100 * expected['confidence']:.1f} %"
+        meter = card.find_element(By.CSS_SELECTOR, ".conf [role=meter]")
+        assert float(meter.get_attribute("aria-valuenow")) == pytest.approx(expected["confidence"], abs=1e-3)
+        rows = card.find_elements(By.CSS_SELECTOR, "table.probs tr")
+        assert sorted(r.get_attribute("data-class") for r in rows) == sorted(CLASSES)
+        assert rows[0].get_attribute("data-class") == expected["label"]  # largest first
+        badge = card.find_element(By.CSS_SELECTOR, ".badge").text
+        assert badge == ("needs review" if expected["needs_review"] else "confident")
+        assert loaded(browser, f'.result[data-name="{path.name}"] img.original')
+
+    rows = download_csv(browser, downloads)
+    assert [r["filename"] for r in rows] == [p.name for p in UPLOADS]
+    for row in rows:
+        assert row["label"] in CLASSES and row["error"] == "" and row["model_version"] == model["version"]
+        probabilities = {c: float(row[f"p_{c}"]) for c in CLASSES}
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+        assert float(row["confidence"]) == pytest.approx(max(probabilities.values()), abs=1e-5)
+        logged = store.get(row["prediction_id"])  # the id is the service's: the prediction was logged
+        assert logged is not None and logged["label"] == row["label"]
+        assert row["needs_review"] == str(logged["needs_review"] == 1).lower()
+
+    # A bad file among good ones: its error in its place, the others classified as usual.
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff this is not really a jpeg")
+    good = sorted((BLOOD_CELLS / "TEST" / "NEUTROPHIL").glob("*.jpeg"))[6]
+    browser.find_element(By.ID, "files").send_keys(f"{broken}\n{good}")
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result.done")) == 4
+         and len(d.find_elements(By.CSS_SELECTOR, ".result.failed")) == 1, message="one failed, four done")
+    failed = browser.find_element(By.CSS_SELECTOR, ".result.failed")
+    assert failed.get_attribute("data-name") == "broken.jpg"
+    refused = requests.post(f"{service_url}/predict", files={"image": ("broken.jpg", broken.read_bytes())}, timeout=60)
+    assert refused.status_code == 422 and failed.find_element(By.CSS_SELECTOR, ".err").text == refused.json()["error"]
+    assert failed.find_element(By.CSS_SELECTOR, ".detail").text
+    wait(browser, lambda d: loaded(d, f'.result[data-name="{good.name}"] img.gradcam'))
+    assert "5 images: 4 classified" in browser.find_element(By.ID, "counts").text
+    rows = download_csv(browser, downloads)
+    assert len(rows) == 5 and [r["filename"] for r in rows if r["error"]] == ["broken.jpg"]
+    assert rows[-1]["filename"] == good.name and rows[-1]["label"] in CLASSES
+
+
+def test_review_page_corrects_three_with_the_keyboard(project, service_url, browser, web_people):
+    for path in TO_REVIEW:  # fill the queue (the test service flags nearly every answer needs_review)
+        assert requests.post(f"{service_url}/predict", files={"image": (path.name, path.read_bytes())},
+                             timeout=60).status_code == 200
+    api = requests.Session()
+    login = api.post(f"{service_url}/login", data={"username": "wendy", "password": PASSWORD}, timeout=30)
+    assert login.status_code == 200
+    before = api.get(f"{service_url}/feedback/stats", timeout=30).json()
+
+    browser.get(f"{service_url}/ui/review.html")  # not signed in yet
+    wait(browser, lambda d: "Sign in" in d.find_element(By.ID, "message").text)
+    sign_in_browser(browser, service_url, "wendy", "not the password")
+    wait(browser, lambda d: "Wrong user name or password" in d.find_element(By.ID, "message").text)
+    snap(browser, "login")
+    sign_in_browser(browser, service_url, "wendy", then="review.html")
+
+    chosen: dict[str, tuple[str, str]] = {}  # prediction id -> (predicted, corrected)
+    for n in range(3):
+        wait(browser, lambda d: d.find_element(By.ID, "item").get_attribute("data-prediction-id") not in (None, "", *chosen),
+             message="the next item")
+        wait(browser, lambda d: loaded(d, "img.image") and loaded(d, "img.gradcam"), message="image and Grad-CAM")
+        if n == 0:
+            snap(browser, "review")
+            hints = browser.find_element(By.ID, "answers").text
+            assert all(f"{i + 1}" in hints and c.title() in hints for i, c in enumerate(CLASSES))
+        item = browser.find_element(By.ID, "item")
+        prediction_id = item.get_attribute("data-prediction-id")
+        predicted = browser.find_element(By.CSS_SELECTOR, "#answers button.predicted").get_attribute("data-class")
+        corrected = CLASSES[(CLASSES.index(predicted) + 1 + n) % len(CLASSES)]
+        if n == 0:  # a comment, then back out of the text box with Esc so the keys answer again
+            comment = browser.find_element(By.ID, "comment")
+            comment.send_keys("smudged, checked at 100x")
+            comment.send_keys(Keys.ESCAPE)
+        ActionChains(browser).send_keys(str(CLASSES.index(corrected) + 1)).perform()
+        chosen[prediction_id] = (predicted, corrected)
+        wait(browser, lambda d, k=n + 1: d.find_element(By.ID, "reviewed-count").text == str(k), message=f"count {n + 1}")
+    assert browser.find_element(By.ID, "reviewed-split").text == "0 confirmed · 3 corrected"
+
+    after = api.get(f"{service_url}/feedback/stats", timeout=30).json()
+    assert after["corrections"] == before["corrections"] + 3
+    assert after["overall"]["confirmed"] == before["overall"]["confirmed"]
+    classes = after["confusion"]["classes"]
+    added = {(classes[i], classes[j]): a - b for i, (ra, rb) in enumerate(zip(after["confusion"]["matrix"], before["confusion"]["matrix"]))
+             for j, (a, b) in enumerate(zip(ra, rb)) if a != b}
+    expected: dict[tuple[str, str], int] = {}
+    for pair in chosen.values():
+        expected[pair] = expected.get(pair, 0) + 1
+    assert added == expected
+    exported = [r for r in csv.DictReader(io.StringIO(api.get(f"{service_url}/feedback/export.csv", timeout=30).text))
+                if r["reviewer"] == "wendy"]
+    assert {r["prediction_id"]: (r["predicted_class"], r["true_class"]) for r in exported} == chosen
+    assert sorted(r["comment"] for r in exported) == ["", "", "smudged, checked at 100x"]
+    queue = {i["id"] for i in api.get(f"{service_url}/review/queue", params={"limit": 500}, timeout=30).json()["items"]}
+    assert not queue & set(chosen)  # reviewed items left the queue
+
+
+def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web_people):
+    api = requests.Session()
+    login = api.post(f"{service_url}/login", data={"username": "wendy", "password": PASSWORD}, timeout=30)
+    assert login.status_code == 200
+    image = TO_REVIEW[0].read_bytes()  # at least one review, whichever tests ran before
+    assert api.post(f"{service_url}/feedback", files={"image": ("cell.jpeg", image)}, data={"true_class": "monocyte"},
+                    headers={"X-CSRF-Token": login.json()["csrf_token"]}, timeout=30).status_code == 201
+    stats = api.get(f"{service_url}/feedback/stats", timeout=30).json()
+
+    sign_in_browser(browser, service_url, "wendy", then="lab.html")
+    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#tile-corrections .value").text == str(stats["corrections"]),
+         message="the number of reviews")
+    snap(browser, "lab")
+    overall = stats["overall"]
+    assert browser.find_element(By.CSS_SELECTOR, "#tile-agreement .value").text == f"{100 * overall['agreement']:.1f} %"
+    for predicted, group in stats["per_class"].items():
+        row = browser.find_element(By.CSS_SELECTOR, f'#per-class tr[data-key="{predicted}"]')
+        cells = [c.text for c in row.find_elements(By.CSS_SELECTOR, "td.num")]
+        assert cells[:2] == [str(group["reviewed"]), str(group["confirmed"])]
+    assert browser.find_elements(By.CSS_SELECTOR, "#per-version tr[data-key]")
+    assert browser.find_elements(By.CSS_SELECTOR, "#per-day tr[data-key]")
+    matrix = stats["confusion"]["matrix"]
+    for i, predicted in enumerate(CLASSES):
+        for j, corrected in enumerate(CLASSES):
+            cell = browser.find_element(By.CSS_SELECTOR, f'td[data-predicted="{predicted}"][data-corrected="{corrected}"]')
+            assert cell.text == str(matrix[i][j])
+    assert browser.find_element(By.ID, "export-csv").get_attribute("href").endswith("/feedback/export.csv")
+    assert browser.find_element(By.ID, "report-pdf").get_attribute("href").endswith("/feedback/report.pdf")
+
+    browser.find_element(By.ID, "signout").click()
+    wait(browser, lambda d: d.current_url.endswith("/ui/login.html"))
+    browser.get(f"{service_url}/ui/lab.html")
+    wait(browser, lambda d: "signed-in staff" in d.find_element(By.ID, "message").text)
+    assert not browser.find_element(By.ID, "stats").is_displayed()
+
+
+def test_sign_in_page_explains_the_sign_in_limit(service_url, browser, web_people):
+    from hematovision.settings import get_settings
+
+    for attempt in range(get_settings().login_attempts):
+        sign_in_browser(browser, service_url, "wanda", f"wrong password {attempt}")
+        wait(browser, lambda d: "Wrong user name or password" in d.find_element(By.ID, "message").text)
+    sign_in_browser(browser, service_url, "wanda")  # the right password, too late
+    wait(browser, lambda d: "Too many failed sign-ins" in d.find_element(By.ID, "message").text, message="the limit")
+    seconds = int(browser.find_element(By.ID, "message").text.split("Try again in ")[1].split()[0])
+    assert 0 < seconds <= get_settings().login_window_seconds + 1
+    wait(browser, lambda d: "not signed in" in d.find_element(By.ID, "whoami").text)
+
+
+def test_every_page_links_the_shared_style_and_nothing_external():
+    web = Path(__file__).resolve().parents[1] / "src" / "hematovision" / "web"
+    for name in ("index.html", "login.html", "review.html", "lab.html"):
+        html = (web / name).read_text()
+        assert 'href="style.css"' in html and 'src="common.js"' in html, name
+        assert "http://" not in html and "https://" not in html, f"{name} loads something from outside"
+
+
+def test_predict_page_asks_to_sign_in_where_predicting_requires_it(project, trained, browser, web_people, tmp_path_factory):
+    env = {**service_env(tmp_path_factory), "HEMATOVISION_PREDICT_REQUIRES_TOKEN": "true"}
+    server, url = start_service(project, tmp_path_factory.mktemp("signed-in-only") / "service.log", env)
+    try:
+        browser.get(f"{url}/ui/")
+        wait(browser, lambda d: "not signed in" in d.find_element(By.ID, "whoami").text)
+        browser.find_element(By.ID, "files").send_keys(str(UPLOADS[0]))
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".result.failed"), message="the refused image")
+        message = browser.find_element(By.ID, "message")
+        assert "signed-in users" in message.text
+        assert message.find_element(By.LINK_TEXT, "Sign in").get_attribute("href").endswith("login.html?next=index.html")
+        assert browser.find_element(By.CSS_SELECTOR, ".result.failed .err").text == "sign-in required"
+
+        sign_in_browser(browser, url, "wendy", then="index.html")
+        browser.find_element(By.ID, "files").send_keys(str(UPLOADS[0]))
+        wait(browser, lambda d: loaded(d, ".result.done img.gradcam"), message="a prediction once signed in")
+    finally:
+        stop_service(server)
