@@ -338,7 +338,7 @@ def check_windows(settings: Settings, state: MonitorState, version: str, now: da
     workspace, project = workspace_project(settings)
     recorded = []
     for window in windows:
-        if len(window) < settings.monitor_min_window_size:
+        if settings.monitor_window == "time" and len(window) < settings.monitor_min_window_size:
             state.put(checkpoint_key, int(window.rowid.iloc[-1]))
             logger.info("window of %d predictions ending %s skipped (fewer than %d)", len(window),
                         window.created_at.iloc[-1], settings.monitor_min_window_size)
