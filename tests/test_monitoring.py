@@ -266,3 +266,33 @@ def test_time_windows_judge_only_elapsed_windows_with_enough_predictions(project
     [window] = run_monitoring(settings, now=now)["windows"]
     assert window["n"] == 12 and not window["drifting"] and (settings.monitor_reports_dir / window["report"]).exists()
     assert run_monitoring(settings, now=now)["windows"] == []
+
+
+def test_monitor_ui_serves_the_workspace_on_localhost_without_telemetry(project, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    port = free_port()
+    env = {**os.environ, "HEMATOVISION_MONITOR_WORKSPACE": str(tmp_path / "workspace")}
+    env.pop("DO_NOT_TRACK", None)  # the command itself must switch evidently's telemetry off
+    ui = subprocess.Popen([str(Path(sys.executable).parent / "hematovision"), "monitor", "ui", "--port", str(port)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, projects = time.monotonic() + 90, None
+        while time.monotonic() < deadline and ui.poll() is None:
+            try:
+                projects = requests.get(f"http://127.0.0.1:{port}/api/projects", timeout=5).json()
+                break
+            except (requests.ConnectionError, ValueError):
+                time.sleep(0.5)
+        assert projects is not None, ui.stdout.read().decode()[-3000:] if ui.poll() is not None else "no answer"
+        assert [p["name"] for p in projects] == ["HematoVision drift"]
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{ui.pid}/environ").read_text().split("\0") if "=" in item)
+        assert environ.get("DO_NOT_TRACK") == "true"  # evidently's telemetry is off when DO_NOT_TRACK is set
+        listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(30)
