@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -257,7 +258,10 @@ _plot_lock = threading.Lock()
 def _first_components_plot():
     from evidently.legacy.metrics.data_drift import embeddings_drift
 
-    with _plot_lock:
+    with _plot_lock, warnings.catch_warnings():
+        # Constant columns (every image of a lab has one size) make numpy warn inside Evidently's
+        # correlation plots; the drift scores handle them (a zero spread is floored).
+        warnings.simplefilter("ignore", RuntimeWarning)
         original, embeddings_drift.TSNE = embeddings_drift.TSNE, _FirstTwoComponents
         try:
             yield
