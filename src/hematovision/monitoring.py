@@ -42,7 +42,6 @@ from hematovision.settings import Settings, get_settings
 logger = logging.getLogger("hematovision.monitoring")
 
 PROJECT_NAME = "HematoVision drift"
-ACTIVE = ("open", "awaiting_approval", "approved", "retraining")  # an alert still being dealt with
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -429,7 +428,8 @@ def ops_status(settings: Settings | None = None, state: MonitorState | None = No
         "last_run": state.get("last_run"),
         "retrain_trigger": settings.retrain_trigger,
         "persistence": settings.drift_persistence,
-        "alerts": state.alerts(limit),
+        "alerts": [{**a, "report_url": f"/ops/reports/{a['detail']['report']}" if a["detail"].get("report") else None}
+                   for a in state.alerts(limit)],
         "windows": [{k: w[k] for k in ("id", "start_at", "end_at", "n", "drifting", "signals")}
                     | {"report_url": f"/ops/reports/{w['report']}" if w["report"] else None} for w in latest],
     }

@@ -62,7 +62,7 @@ async def approve(request: Request, alert_id: int) -> dict:
     except ValueError as error:
         raise Refused(409, "not_awaiting_approval", str(error)) from None
     lab_api.corrections().audit(user.username, "approve_retraining", str(alert_id), {"kind": alert["kind"]})
-    return {"alert": alert}
+    return {"alert": alert, "next": "the next monitoring run (hematovision monitor run) starts the retraining"}
 
 
 @router.get("/ops/reports/{name}")
