@@ -259,13 +259,20 @@ def test_time_windows_judge_only_elapsed_windows_with_enough_predictions(project
     store = PredictionStore(settings.predictions_db)
     now = datetime.now(timezone.utc)
     hour = now.replace(minute=0, second=0, microsecond=0)
-    images = one_per_cell("TEST", 6)
+    images = one_per_cell("TEST", 10)  # 30 cells
     log_images(store, classifier, version, images[:12], hour - timedelta(hours=2) + timedelta(minutes=5))  # judged
     log_images(store, classifier, version, images[12:17], hour - timedelta(minutes=30))  # too few: skipped
     log_images(store, classifier, version, images[17:24], now)  # this hour is still filling
     [window] = run_monitoring(settings, now=now)["windows"]
     assert window["n"] == 12 and not window["drifting"] and (settings.monitor_reports_dir / window["report"]).exists()
     assert run_monitoring(settings, now=now)["windows"] == []
+
+    log_images(store, classifier, version, images[24:29], now)
+    settings = settings.model_copy(update={"monitor_keep_reports": 1})
+    [next_hour] = run_monitoring(settings, now=now + timedelta(hours=1))["windows"]  # this hour, once elapsed
+    assert next_hour["n"] == 12
+    assert sorted(p.name for p in settings.monitor_reports_dir.iterdir()) == [next_hour["report"]]  # older HTML pruned
+    assert [w["report"] for w in MonitorState(settings.monitor_state_db).windows()] == [next_hour["report"], None]
 
 
 def test_monitor_ui_serves_the_workspace_on_localhost_without_telemetry(project, tmp_path):

@@ -360,7 +360,20 @@ def check_windows(settings: Settings, state: MonitorState, version: str, now: da
             "window %d (v%s, %d predictions, %s .. %s): %s%s", window_id, version, row["n"], row["start_at"], end_at,
             "DRIFTING" if result.drifting else "no drift", f" (signals: {', '.join(drifted)})" if drifted else "")
         recorded.append({**row, "id": window_id, "report": report})
+    prune_reports(settings, state)
     return recorded
+
+
+def prune_reports(settings: Settings, state: MonitorState) -> int:
+    """Delete HTML reports beyond the newest ``monitor_keep_reports`` (Evidently inlines its whole
+    viewer: ~4 MB a window); their windows keep their scores and their workspace snapshots."""
+    old = state.db.execute("SELECT id, report FROM windows WHERE report IS NOT NULL ORDER BY id DESC LIMIT -1 OFFSET ?",
+                           (settings.monitor_keep_reports,))
+    folder = settings.path(settings.monitor_reports_dir)
+    for window_id, report in old:
+        (folder / report).unlink(missing_ok=True)
+        state.db.execute("UPDATE windows SET report = NULL WHERE id = ?", (window_id,))
+    return len(old)
 
 
 def decide(settings: Settings, state: MonitorState, version: str, champion_since: str) -> list[dict[str, Any]]:

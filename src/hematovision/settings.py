@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     monitor_state_db: Path = Field(Path("monitoring/monitor.sqlite"), description="Monitoring state: windows checked, drift status, alerts (sqlite).")
     monitor_workspace: Path = Field(Path("monitoring/workspace"), description="Evidently workspace holding every window's snapshot (`hematovision monitor ui`).")
     monitor_reports_dir: Path = Field(Path("monitoring/reports"), description="Each window's Evidently report as HTML, linked from the ops page.")
+    monitor_keep_reports: int = Field(500, gt=0, description="Newest window reports kept as HTML (~4 MB each; every window's snapshot stays in the workspace).")
     monitor_references_dir: Path = Field(Path("monitoring/references"), description="Local copies of each model version's reference profile (fetched from MLflow).")
     monitor_window: Literal["count", "time"] = Field("count", description="Windows of the prediction log: consecutive blocks of monitor_window_size predictions, or of monitor_window_minutes.")
     monitor_window_size: int = Field(50, ge=10, description="Predictions per window (count windows).")
