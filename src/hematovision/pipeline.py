@@ -209,6 +209,11 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
                                        reports_dir / f"confusion_{name}.png")
             mlflow.log_artifact(str(plot), "evaluation")
         mlflow.log_artifact(str(reports_dir / METRICS_FILE), "evaluation")
+        # The drift monitor's reference profile travels with the model version (drift.py).
+        from hematovision.drift import log_reference
+
+        log_reference(classifier, manifest, settings.path(settings.data_dir), reports_dir,
+                      settings.reference_max_images, params.seed)
     return results
 
 

@@ -36,6 +36,8 @@ WEB_DIR = Path(__file__).with_name("web")
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # routes BentoML does not make itself
 app.mount("/ui", StaticFiles(directory=WEB_DIR, html=True), name="ui")
 lab_api.install(app)  # sign-in, review queue, corrections, lab statistics, promote/rollback
+from hematovision import ops_api  # noqa: E402
+ops_api.install(app)  # drift status, alerts, approval of retraining, Evidently reports
 _holder: ModelHolder | None = None  # this worker's (one service instance per worker process)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -97,6 +98,31 @@ class Settings(BaseSettings):
     )
     login_attempts: int = Field(5, gt=0, description="Failed sign-ins allowed per user and address within login_window_seconds.")
     login_window_seconds: float = Field(300.0, gt=0, description="Window of the sign-in rate limit.")
+    # --- drift monitoring (drift.py, monitoring.py, flows/monitoring.py) ----------------------
+    monitor_state_db: Path = Field(Path("monitoring/monitor.sqlite"), description="Monitoring state: windows checked, drift status, alerts (sqlite).")
+    monitor_workspace: Path = Field(Path("monitoring/workspace"), description="Evidently workspace holding every window's snapshot (`hematovision monitor ui`).")
+    monitor_reports_dir: Path = Field(Path("monitoring/reports"), description="Each window's Evidently report as HTML, linked from the ops page.")
+    monitor_keep_reports: int = Field(500, gt=0, description="Newest window reports kept as HTML (~4 MB each; every window's snapshot stays in the workspace).")
+    monitor_references_dir: Path = Field(Path("monitoring/references"), description="Local copies of each model version's reference profile (fetched from MLflow).")
+    monitor_window: Literal["count", "time"] = Field("count", description="Windows of the prediction log: consecutive blocks of monitor_window_size predictions, or of monitor_window_minutes.")
+    monitor_window_size: int = Field(50, ge=10, description="Predictions per window (count windows).")
+    monitor_window_minutes: float = Field(60.0, gt=0, description="Length of a window (time windows).")
+    monitor_min_window_size: int = Field(30, ge=10, description="A time window with fewer predictions is skipped (too few to judge).")
+    monitor_max_windows_per_run: int = Field(20, gt=0, description="Most windows one monitoring run checks (the newest; older backlog is skipped).")
+    reference_max_images: int = Field(400, gt=0, description="Images of the validation split profiled as a model version's reference.")
+    drift_persistence: int = Field(2, gt=0, description="Consecutive drifting windows that raise a drift alert.")
+    retrain_min_corrections: int = Field(200, gt=0, description="New corrections since the champion was registered that raise a retraining alert.")
+    retrain_trigger: Literal["auto", "approval", "off"] = Field(
+        "approval", description="On an alert: auto = run the retraining flow, approval = wait for an engineer's approval, off = only alert.")
+    alert_webhook_url: str | None = Field(None, description="If set, every alert is POSTed there as JSON (never called when unset).")
+    drift_stats_threshold: float = Field(1.0, gt=0, description="Normed Wasserstein distance (in reference standard deviations) above which an image statistic drifted.")
+    drift_stats_share: float = Field(0.5, gt=0, le=1, description="Share of image statistics that must drift for the image-statistics signal.")
+    drift_embedding_threshold: float = Field(0.05, gt=0, description="MMD (PCA of the embeddings, fitted on the reference) above which the embeddings drifted.")
+    drift_embedding_components: int = Field(20, gt=0, description="PCA components of the embeddings the MMD compares.")
+    drift_prediction_threshold: float = Field(0.3, gt=0, le=1, description="Jensen-Shannon distance of the predicted-class mix above which predictions drifted.")
+    drift_confidence_threshold: float = Field(0.5, gt=0, description="Normed Wasserstein distance of the confidence above which confidence drifted.")
+    drift_signals: list[Literal["image_stats", "embeddings", "prediction", "confidence"]] = Field(
+        ["image_stats", "embeddings"], description="Signals that make a window drifting (the others are reported only).")
 
     def path(self, p: Path) -> Path:
         """Resolve a setting path against the project directory."""

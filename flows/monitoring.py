@@ -1,0 +1,79 @@
+"""The monitoring flow: judge new windows of the champion's predictions for drift, raise alerts,
+start retraining when the trigger allows it.
+
+Runs with no Prefect server (an ephemeral local API) unless PREFECT_API_URL points at one; schedule
+it (a Prefect deployment, cron, a systemd timer) as often as windows fill. Every step is a call into
+``hematovision.monitoring``; ``hematovision monitor run`` runs this flow once.
+
+    uv run python -m flows.monitoring
+"""
+
+from __future__ import annotations
+
+from hematovision.settings import quiet_environment
+
+quiet_environment()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from hematovision import monitoring  # noqa: E402
+from hematovision.settings import get_settings  # noqa: E402
+
+
+@task(name="find the champion", retries=2, retry_delay_seconds=2)
+def find_champion() -> tuple[str, str]:
+    version, since = monitoring.champion(get_settings())
+    get_run_logger().info("monitoring model v%s (registered %s)", version, since)
+    return version, since
+
+
+@task(name="check windows")
+def check_windows(version: str) -> list[dict]:
+    settings = get_settings()
+    windows = monitoring.check_windows(settings, monitoring.state_from_settings(settings), version)
+    logger = get_run_logger()
+    for w in windows:
+        drifted = [name for name, s in w["signals"].items() if s["drift"]]
+        (logger.warning if w["drifting"] else logger.info)(
+            "window %s: %d predictions, %s%s", w["id"], w["n"], "DRIFTING" if w["drifting"] else "no drift",
+            f" ({', '.join(drifted)})" if drifted else "")
+    if not windows:
+        logger.info("no new complete window")
+    return windows
+
+
+@task(name="decide")
+def decide(version: str, champion_since: str) -> list[dict]:
+    settings = get_settings()
+    alerts = monitoring.decide(settings, monitoring.state_from_settings(settings), version, champion_since)
+    for alert in alerts:
+        get_run_logger().warning("ALERT %s: %s (%s)", alert["kind"], alert["message"], alert["status"])
+    return alerts
+
+
+@task(name="start approved retraining")
+def retrain_approved() -> list[dict]:
+    settings = get_settings()
+    state = monitoring.state_from_settings(settings)
+    if settings.retrain_trigger == "off":
+        return []
+    return [monitoring.start_retraining(state, alert) for alert in state.alerts(50, status=["approved"])]
+
+
+@flow(name="hematovision-monitoring", log_prints=True)
+def monitoring_flow(act: bool = True) -> dict:
+    """Check the prediction log for drift against the champion's reference; alert; maybe retrain."""
+    settings = get_settings()
+    state = monitoring.state_from_settings(settings)
+    version, since = find_champion()
+    state.put("champion", {"version": version, "registered_at": since})
+    windows = check_windows(version)
+    alerts = decide(version, since)
+    retraining = retrain_approved() if act else []
+    state.put("last_run", {"at": monitoring.utc_now(), "windows": len(windows), "alerts": [a["id"] for a in alerts]})
+    return {"model_version": version, "windows": windows, "alerts": alerts, "retraining": retraining,
+            "status": monitoring.ops_status(settings, state)}
+
+
+if __name__ == "__main__":
+    monitoring_flow()
