@@ -54,10 +54,7 @@ def decide(version: str, champion_since: str) -> list[dict]:
 @task(name="start approved retraining")
 def retrain_approved() -> list[dict]:
     settings = get_settings()
-    state = monitoring.state_from_settings(settings)
-    if settings.retrain_trigger == "off":
-        return []
-    return [monitoring.start_retraining(state, alert) for alert in state.alerts(50, status=["approved"])]
+    return monitoring.retrain_approved(settings, monitoring.state_from_settings(settings))
 
 
 @flow(name="hematovision-monitoring", log_prints=True)

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from conftest import PBC
 from hematovision import CLASSES
 from hematovision.corrections import Corrections
+from hematovision.monitoring import MonitorState
 from hematovision.params import PromoteParams
 from hematovision.registry import CHALLENGER, CHAMPION, Registry, gate
 from hematovision.retrain import export_step, is_holdout, load_retrain_manifest
@@ -137,18 +138,25 @@ def test_gate_refuses_a_challenger_that_does_not_win(project, corrected, prefect
 
 
 def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefect_harness, tmp_path_factory):
-    from hematovision.demo import DemoConfig, check_drift, run_demo
+    from hematovision.demo import DemoConfig, run_demo
 
     parent = champion_version()
     lines: list[str] = []
     # Tiny TEST and holdout (a few images a class) on a tiny model: one image moves the figures a lot,
     # so only the holdout decides here; the story, the swap and the figures are what is checked.
+    # The monitor judges windows of 10 predictions in a state of its own, and 20 corrections
+    # raise its corrections alert: the demo approves it and the monitor starts the retraining.
+    monitored = tmp_path_factory.mktemp("demo-monitor")
+    settings = get_settings().model_copy(update={
+        "monitor_window_size": 10, "retrain_min_corrections": 20, "retrain_trigger": "approval",
+        "monitor_state_db": monitored / "monitor.sqlite", "monitor_reports_dir": monitored / "reports",
+        "monitor_workspace": monitored / "workspace", "monitor_references_dir": monitored / "references"})
     config = DemoConfig(params_file=params_file(project, "demo", guard_tolerance=1.0, per_class_tolerance=1.0),
-                        test_images=8, new_site_images=40, corrections=40, eval_images=16, new_site_dir=PBC, swap_timeout_s=90,
+                        test_images=16, new_site_images=40, corrections=40, eval_images=16, new_site_dir=PBC, swap_timeout_s=90,
                         service_env={"HEMATOVISION_ALIAS_POLL_SECONDS": "1",
                                      "BENTOML_HOME": str(tmp_path_factory.mktemp("demo-bentoml"))})
     try:
-        result = run_demo(get_settings(), config, say=lines.append)
+        result = run_demo(settings, config, say=lines.append)
         assert result["version_before"] == parent
         assert result["promoted"] and result["swapped"], result["gate"]
         assert result["version_after"] == result["challenger"] != parent
@@ -158,8 +166,12 @@ def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefec
         text = "\n".join(lines)
         print(text)
         assert "Summary" in text and "new-site accuracy" in text and "TEST accuracy" in text
-        drift = check_drift(get_settings())
-        assert drift["available"] or "drift monitoring unavailable" in text
+        drift = result["drift"]
+        assert drift["in_distribution"]["windows"] == 1 and drift["new_site"]["windows"] >= 4  # 16 TEST images here
+        [retraining] = [a for a in MonitorState(monitored / "monitor.sqlite").alerts(50) if a["kind"] == "corrections"]
+        assert retraining["status"] == "retrained" and retraining["decided_by"] == "demo-engineer"
+        assert retraining["detail"]["retraining"]["version"] == result["challenger"]
+        assert "approves alert" in text and "drift on new-site traffic" in text
     finally:
         if champion_version() != parent:
             registry().rollback()

@@ -4,11 +4,12 @@
 2. the real service starts (``bentoml serve`` on 127.0.0.1, a free port);
 3. official TEST images stream through ``POST /predict`` (no drift expected), then images of the new
    site (``pbc-sample``, 4 classes);
-4. the drift check runs (:func:`check_drift`, the monitoring entry of ``hematovision.drift`` when it
-   is installed);
+4. the drift monitor judges the logged predictions after each stream (no drift expected on TEST, drift
+   on the new site) and raises its alerts;
 5. a simulated pathologist (an account the demo creates) signs in and corrects part of the new-site
    predictions through ``POST /feedback``, labels from the folder names;
-6. the retraining flow exports the corrections, trains a challenger and gates it;
+6. the monitor raises its corrections alert, an engineer (the demo) approves the alerts, and the
+   retraining flow they start exports the corrections, trains a challenger and gates it;
 7. once promoted, the demo waits until the service answers with the new version (it follows the
    alias on its own), then scores the same never-corrected new-site images and TEST images again.
 
@@ -51,25 +52,45 @@ class DemoConfig:
     service_env: dict[str, str] | None = None  # extra environment of the service
 
 
-def check_drift(settings: Settings) -> dict[str, Any]:
-    """The drift check hook: runs ``hematovision.drift``'s monitoring entry when that module is there
-    (imported lazily; written separately); otherwise says so and the demo goes on."""
-    try:
-        from hematovision import drift  # type: ignore[attr-defined]
-    except ImportError:
-        return {"available": False, "detail": "drift monitoring unavailable"}
-    for name in ("check_drift", "run_monitoring", "monitor", "run"):
-        entry = getattr(drift, name, None)
-        if callable(entry):
-            try:
-                result = entry(settings)
-            except TypeError:
-                result = entry()
-            except Exception as error:  # noqa: BLE001 - the demo reports a failing monitor, it does not stop
-                return {"available": True, "entry": name, "error": f"{type(error).__name__}: {error}"}
-            return {"available": True, "entry": name,
-                    "result": result if isinstance(result, dict) else {"value": repr(result)[:2000]}}
-    return {"available": False, "detail": "drift monitoring unavailable (hematovision.drift has no monitoring entry)"}
+def monitor(settings: Settings, say: Say, act: bool = False, **retrain_options: Any) -> dict[str, Any]:
+    """One run of the drift monitor (``hematovision.monitoring``) over what the service logged so far;
+    prints the windows it judged and the alerts it raised."""
+    from hematovision.monitoring import run_monitoring
+
+    run = run_monitoring(settings, act=act, retrain_options=retrain_options)
+    windows = run["windows"]
+    drifting = [w for w in windows if w["drifting"]]
+    signals = sorted({name for w in drifting for name, s in w["signals"].items() if s["drift"]})
+    say(f"   {len(windows)} new windows of {settings.monitor_window_size} predictions judged, {len(drifting)} drifting"
+        + (f" ({', '.join(signals)})" if signals else ""))
+    for alert in run["alerts"]:
+        say(f"   ALERT {alert['kind']}: {alert['message']} [{alert['status']}]")
+    return {"windows": len(windows), "drifting": len(drifting), "signals": signals,
+            "alerts": [a["kind"] for a in run["alerts"]], "retraining": run["retraining"]}
+
+
+def retrain_through_alerts(settings: Settings, say: Say, profile: str | None, params_file: str) -> dict[str, Any]:
+    """The engineer approves the champion's open alerts and the monitor starts the retraining flow
+    (as the ops page's approve button and the next monitoring run do); without an alert, the
+    engineer starts the flow by hand. Returns the retraining flow's summary."""
+    from hematovision.monitoring import state_from_settings
+
+    monitor(settings, say)  # the monitor counts the new corrections and raises its alert
+    state = state_from_settings(settings)
+    for alert in state.alerts(50, status=["awaiting_approval"]):
+        state.approve(alert["id"], "demo-engineer")
+        say(f"   demo-engineer approves alert {alert['id']} ({alert['kind']})")
+    run = monitor(settings, say, act=True, profile=profile, params_file=params_file)
+    if not run["retraining"]:
+        say("   no alert calls for retraining yet: the engineer starts the retraining flow by hand")
+        from flows.retraining import retraining_flow
+
+        return retraining_flow(profile=profile, params_file=params_file)
+    outcome = run["retraining"][0]
+    if outcome["status"] != "retrained":
+        raise RuntimeError(f"retraining for alert {outcome['id']} ended {outcome['status']}: "
+                           f"{outcome['detail'].get('error', '')}")
+    return outcome["detail"]["retraining"]
 
 
 def _new_site_images(folder: Path, config: DemoConfig) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
@@ -171,16 +192,12 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         say(f"   serving v{_served_version(url)} at {url}")
         say(f"3. streaming {len(test_images)} official TEST images, then {len(streamed) + len(held)} new-site images")
         test_before = _predict_all(url, test_images, config.workers)
+        say(f"   TEST accuracy {_accuracy(test_before):.3f}; drift monitor (no drift expected):")
+        drift = {"in_distribution": monitor(settings, say)}
         held_before = _predict_all(url, held, config.workers)
         stream_results = _predict_all(url, streamed, config.workers)
-        say(f"   TEST accuracy {_accuracy(test_before):.3f}; new-site accuracy {_accuracy(held_before + stream_results):.3f}")
-
-        say("4. drift check")
-        drift = check_drift(settings)
-        if not drift.get("available"):
-            say(f"   {drift.get('detail', 'drift monitoring unavailable')}")
-        else:
-            say(f"   {drift}"[:1000])
+        say(f"4. new-site accuracy {_accuracy(held_before + stream_results):.3f}; drift monitor (a new laboratory):")
+        drift["new_site"] = monitor(settings, say)
 
         to_correct = stream_results[: config.corrections]
         reviewer = f"demo-pathologist-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
@@ -204,11 +221,9 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         changed = sum(r["label"] != r["true_class"] for r in to_correct)
         say(f"   {changed} corrected, {len(to_correct) - changed} confirmed")
 
-        say("6. retraining on the corrections")
-        from flows.retraining import retraining_flow
-
+        say("6. the monitor sees the corrections; retraining on them")
         retrain_started = time.perf_counter()
-        summary = retraining_flow(profile=config.profile, params_file=config.params_file)
+        summary = retrain_through_alerts(settings, say, config.profile, config.params_file)
         retrain_s = time.perf_counter() - retrain_started
         say(("   PROMOTED " if summary["promoted"] else "   NOT promoted ") + f"v{summary['version']}: "
             + "; ".join(summary["gate"]["reasons"]))
@@ -245,5 +260,8 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         f"  ({len(held)} images never corrected)")
     say(f"  TEST accuracy:         {result['test_accuracy_before']:.3f} -> {result['test_accuracy_after']:.3f}"
         f"  ({len(test_images)} images)")
+    for name, what in (("in_distribution", "drift on TEST traffic:"), ("new_site", "drift on new-site traffic:")):
+        d = drift[name]
+        say(f"  {what:<22} {d['drifting']}/{d['windows']} windows drifting" + (f"; alerts: {', '.join(d['alerts'])}" if d["alerts"] else ""))
     say(f"  corrections:           {len(to_correct)}; retraining {retrain_s:.0f} s; whole demo {result['total_s']:.0f} s")
     return result

@@ -242,8 +242,24 @@ def raise_alert(state: MonitorState, settings: Settings, kind: str, model_versio
     return state.alert(alert["id"])
 
 
-def start_retraining(state: MonitorState, alert: dict[str, Any]) -> dict[str, Any]:
-    """The retraining entry point: ``flows.retraining.retraining_flow()`` when that module exists."""
+def retrain_approved(settings: Settings, state: MonitorState, **flow_options: Any) -> list[dict[str, Any]]:
+    """One retraining run for every alert approved so far (a drift alert and a corrections alert
+    approved together ask for the same thing: a model trained on the corrections)."""
+    if settings.retrain_trigger == "off":
+        return []
+    approved = state.alerts(50, status=["approved"])
+    if not approved:
+        return []
+    first = start_retraining(state, approved[0], **flow_options)
+    for alert in approved[1:]:
+        state.update_alert(alert["id"], status=first["status"],
+                           detail={**alert["detail"], "retraining_of_alert": first["id"]})
+    return [first] + [state.alert(a["id"]) for a in approved[1:]]
+
+
+def start_retraining(state: MonitorState, alert: dict[str, Any], **flow_options: Any) -> dict[str, Any]:
+    """The retraining entry point: ``flows.retraining.retraining_flow(**flow_options)`` when that
+    module exists (``profile``/``params_file`` as for the training flow)."""
     try:
         from flows.retraining import retraining_flow
     except ModuleNotFoundError as error:
@@ -254,7 +270,7 @@ def start_retraining(state: MonitorState, alert: dict[str, Any]) -> dict[str, An
         return state.alert(alert["id"])
     state.update_alert(alert["id"], status="retraining")
     try:
-        result = retraining_flow()
+        result = retraining_flow(**flow_options)
     except Exception as error:  # noqa: BLE001 - recorded on the alert, the monitor keeps running
         logger.exception("retraining for alert %s failed", alert["id"])
         state.update_alert(alert["id"], status="retraining_failed", detail={**alert["detail"], "error": str(error)})
@@ -402,18 +418,17 @@ def decide(settings: Settings, state: MonitorState, version: str, champion_since
     return raised
 
 
-def run_monitoring(settings: Settings | None = None, now: datetime | None = None, act: bool = True) -> dict[str, Any]:
-    """One monitoring run: check new windows, raise alerts, start approved retraining (``act``)."""
+def run_monitoring(settings: Settings | None = None, now: datetime | None = None, act: bool = True,
+                   retrain_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One monitoring run: check new windows, raise alerts, start approved retraining (``act``;
+    ``retrain_options`` go to the retraining flow)."""
     settings = settings or get_settings()
     state = state_from_settings(settings)
     version, champion_since = champion(settings)
     state.put("champion", {"version": version, "registered_at": champion_since})
     windows = check_windows(settings, state, version, now)
     alerts = decide(settings, state, version, champion_since)
-    retraining = []
-    if act and settings.retrain_trigger != "off":
-        for alert in state.alerts(50, status=["approved"]):
-            retraining.append(start_retraining(state, alert))
+    retraining = retrain_approved(settings, state, **(retrain_options or {})) if act else []
     state.put("last_run", {"at": utc_now(), "windows": len(windows), "alerts": [a["id"] for a in alerts]})
     return {"model_version": version, "windows": windows, "alerts": alerts, "retraining": retraining,
             "status": ops_status(settings, state)}

@@ -186,7 +186,8 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
     cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
     reports_dir = settings.path(settings.reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    test_rows = official_test_rows(load_manifest(settings), params)
+    manifest = load_manifest(settings)
+    test_rows = official_test_rows(manifest, params)
     results: dict[str, Any] = {}
     started = time.perf_counter()
     results["test"] = evaluate_rows(classifier, test_rows, settings.path(settings.data_dir), cache,
