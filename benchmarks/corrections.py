@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images  # noqa: E402
-from training import RESULTS, machine  # noqa: E402
+from training import machine, record  # noqa: E402
 
 import requests  # noqa: E402
 
@@ -129,8 +129,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_record:
-        with RESULTS.open("a") as out:
-            out.write(text)
+        record(lines)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import RESULTS, machine  # noqa: E402
+from training import machine, record  # noqa: E402
 
 from hematovision.settings import get_settings, quiet_environment  # noqa: E402
 
@@ -253,10 +253,7 @@ def main() -> None:
         f"| predicted-class mix (Jensen-Shannon) | {rate('prediction')} | {caught('prediction')} | {spread('prediction')} |",
         f"| confidence (normed Wasserstein) | {rate('confidence')} | {caught('confidence')} | {spread('confidence')} |",
     ]
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nWritten by the commands in `benchmarks/`; newest last.\n")
-    with RESULTS.open("a") as out:
-        out.write("\n".join(lines) + "\n")
+    record(lines)
     print("\n".join(lines))
 
 

@@ -28,7 +28,7 @@ from hematovision.settings import quiet_environment
 quiet_environment()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import RESULTS, machine  # noqa: E402
+from training import machine, record  # noqa: E402
 
 
 def main() -> None:
@@ -153,10 +153,7 @@ def main() -> None:
         lines.append("The first count's wall time includes embedding the raw images once under the champion's backbone "
                      "(cached for every later retrain); TEST and pbc-sample embeddings under that backbone are already "
                      "cached by the main job's evaluate stage when it ran on this machine.")
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nWritten by the commands in `benchmarks/`; newest last.\n")
-    with RESULTS.open("a") as out:
-        out.write("\n".join(lines) + "\n")
+    record(lines)
     print("\n".join(lines))
 
 

@@ -53,7 +53,7 @@ quiet_environment()
 
 import requests  # noqa: E402
 
-from training import RESULTS, machine  # noqa: E402  (same machine line as the training benchmark)
+from training import machine, record  # noqa: E402  (same machine line as the training benchmark)
 
 TEST_IMAGES = Path("../shared/datasets/blood-cells/dataset2-master/images/TEST")
 BIN = Path(sys.executable).parent  # bentoml and mlflow CLIs of this environment
@@ -503,10 +503,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_record:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nWritten by the commands in `benchmarks/`; newest last.\n")
-        with RESULTS.open("a") as out:
-            out.write(text)
+        record(lines)
 
 
 def report(args, commit, settings, batch_wait_ms, tta_views, n_images, ceiling_rate, startup, agreement,

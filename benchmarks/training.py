@@ -38,6 +38,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {int(memory_gb) / 1024**2:.0f} GiB RAM, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
+def record(lines: list[str]) -> None:
+    """Append one dated section to RESULTS.md (newest last)."""
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nWritten by the commands in `benchmarks/`; newest last.\n")
+    with RESULTS.open("a") as out:
+        out.write("\n".join(lines) + "\n")
+
+
 def fmt_ci(m: dict, key: str) -> str:
     if f"{key}_ci95" not in m:
         return ""
@@ -96,10 +104,7 @@ def main() -> None:
             per_class = ", ".join(f"{c} {s['f1']:.2f}" for c, s in m["per_class"].items())
             lines.append(f"\n{names[split]} per-class F1: {per_class}; confusion (rows true, cols predicted): {m['confusion_matrix']}")
     lines.append(f"\nGate: {'passed' if summary['gate']['passed'] else 'refused'} — " + "; ".join(summary["gate"]["reasons"]))
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nWritten by the commands in `benchmarks/`; newest last.\n")
-    with RESULTS.open("a") as out:
-        out.write("\n".join(lines) + "\n")
+    record(lines)
     print("\n".join(lines))
 
 
