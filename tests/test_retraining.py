@@ -147,13 +147,15 @@ def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefec
     # The monitor judges windows of 10 predictions in a state of its own, and 20 corrections
     # raise its corrections alert: the demo approves it and the monitor starts the retraining.
     monitored = tmp_path_factory.mktemp("demo-monitor")
-    settings = get_settings().model_copy(update={
+    log = monitored / "predictions.sqlite"  # the demo's traffic alone, not the other tests'
+    settings = get_settings().model_copy(update={"predictions_db": log,
         "monitor_window_size": 10, "retrain_min_corrections": 20, "retrain_trigger": "approval",
         "monitor_state_db": monitored / "monitor.sqlite", "monitor_reports_dir": monitored / "reports",
         "monitor_workspace": monitored / "workspace", "monitor_references_dir": monitored / "references"})
     config = DemoConfig(params_file=params_file(project, "demo", guard_tolerance=1.0, per_class_tolerance=1.0),
                         test_images=16, new_site_images=40, corrections=40, eval_images=16, new_site_dir=PBC, swap_timeout_s=90,
-                        service_env={"HEMATOVISION_ALIAS_POLL_SECONDS": "1",
+                        service_env={"HEMATOVISION_ALIAS_POLL_SECONDS": "1", "HEMATOVISION_PREDICTIONS_DB": str(log),
+                                     "HEMATOVISION_IMAGES_DIR": str(monitored / "images"),
                                      "BENTOML_HOME": str(tmp_path_factory.mktemp("demo-bentoml"))})
     try:
         result = run_demo(settings, config, say=lines.append)

@@ -60,6 +60,8 @@ def wait_for_version(url: str, version: str, timeout: float = 90) -> float:
 # --- predictions ---------------------------------------------------------------------------------
 
 def test_predict_answers_with_every_field_and_logs_the_prediction(project, service_url):
+    # Earlier modules may have moved the champion and back: the service follows within a poll and a load.
+    wait_for_version(service_url, champion_version())
     response = post_image(service_url, A_CELL.read_bytes())
     assert response.status_code == 200, response.text
     body = response.json()
