@@ -170,8 +170,10 @@ def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefec
         assert "Summary" in text and "new-site accuracy" in text and "TEST accuracy" in text
         drift = result["drift"]
         assert drift["in_distribution"]["windows"] == 1 and drift["new_site"]["windows"] >= 4  # 16 TEST images here
-        [retraining] = [a for a in MonitorState(monitored / "monitor.sqlite").alerts(50) if a["kind"] == "corrections"]
-        assert retraining["status"] == "retrained" and retraining["decided_by"] == "demo-engineer"
+        alerts = MonitorState(monitored / "monitor.sqlite").alerts(50)
+        assert "corrections" in {a["kind"] for a in alerts}
+        assert all(a["status"] == "retrained" and a["decided_by"] == "demo-engineer" for a in alerts)
+        [retraining] = [a for a in alerts if "retraining" in a["detail"]]  # one run answers every approved alert
         assert retraining["detail"]["retraining"]["version"] == result["challenger"]
         assert "approves alert" in text and "drift on new-site traffic" in text
     finally:
