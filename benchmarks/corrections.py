@@ -76,6 +76,7 @@ def main() -> None:
         n = index
         while not stop.is_set():
             name, data = images[n % len(images)]
+            data += n.to_bytes(8, "big")  # bytes after the JPEG's end: a distinct image (and file) every time
             true_class = CLASSES[n % len(CLASSES)]
             n += args.reviewers
             started = time.perf_counter()

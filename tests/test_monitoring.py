@@ -217,7 +217,8 @@ def check_ops_page(url: str, alert_id: int, report_url: str) -> None:
     assert requests.post(approve, headers=auth["eng-ella"], timeout=30).status_code == 409
     assert requests.post(f"{url}/ops/alerts/999999/approve", headers=auth["eng-ella"], timeout=30).status_code == 404
     page = requests.get(f"{url}/ui/ops.html", timeout=30)
-    assert page.status_code == 200 and "/ops/status" in page.text and "style.css" in page.text
+    assert page.status_code == 200 and "ops.js" in page.text and "style.css" in page.text
+    assert "/ops/status" in requests.get(f"{url}/ui/ops.js", timeout=30).text
 
 
 def test_corrections_raise_one_alert_and_auto_trigger_calls_retraining(project, champion, tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ def add_user(name: str, *roles: str) -> None:
 def web_people(project):
     add_user("wendy", "pathologist")
     add_user("wanda", "ops")  # locked out by the sign-in limit test
+    add_user("ellie", "engineer")
     return {"pathologist": "wendy"}
 
 
@@ -278,6 +279,30 @@ def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web
     assert not browser.find_element(By.ID, "stats").is_displayed()
 
 
+def test_ops_page_shows_the_drift_status_and_an_engineer_approves_an_alert(project, service_url, browser, web_people):
+    from hematovision.monitoring import MonitorState
+
+    state = MonitorState(project / "monitoring" / "monitor.sqlite")  # the service's monitoring state
+    alert = state.add_alert("drift", "1", "images drift from model v1's reference (browser test)",
+                            {"signals": ["embeddings"]}, "awaiting_approval")
+    browser.get(f"{service_url}/ui/ops.html")
+    wait(browser, lambda d: "for ops, engineers and admins" in d.find_element(By.ID, "message").text,
+         message="the sign-in notice")
+    sign_in_browser(browser, service_url, "ellie", then="ops.html")
+    row = f'#alerts tr[data-alert="{alert["id"]}"]'
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), message="the alert")
+    assert "browser test" in browser.find_element(By.CSS_SELECTOR, row).text
+    assert browser.find_element(By.ID, "status").text  # drifting, no drift, or no monitoring run yet
+    assert browser.find_element(By.ID, "tile-trigger").text
+    snap(browser, "ops")
+    browser.find_element(By.CSS_SELECTOR, f"{row} button").click()
+    wait(browser, lambda d: "approved (ellie)" in d.find_element(By.CSS_SELECTOR, row).text, message="the approval")
+    assert state.alert(alert["id"])["status"] == "approved" and state.alert(alert["id"])["decided_by"] == "ellie"
+    state.update_alert(alert["id"], status="open")  # nothing for a later monitoring run to start
+    browser.find_element(By.ID, "signout").click()
+    wait(browser, lambda d: d.current_url.endswith("/ui/login.html"))
+
+
 def test_sign_in_page_explains_the_sign_in_limit(service_url, browser, web_people):
     from hematovision.settings import get_settings
 
@@ -293,7 +318,7 @@ def test_sign_in_page_explains_the_sign_in_limit(service_url, browser, web_peopl
 
 def test_every_page_links_the_shared_style_and_nothing_external():
     web = Path(__file__).resolve().parents[1] / "src" / "hematovision" / "web"
-    for name in ("index.html", "login.html", "review.html", "lab.html"):
+    for name in ("index.html", "login.html", "review.html", "lab.html", "ops.html"):
         html = (web / name).read_text()
         assert 'href="style.css"' in html and 'src="common.js"' in html, name
         assert "http://" not in html and "https://" not in html, f"{name} loads something from outside"

@@ -41,7 +41,9 @@ ops_api.install(app)  # drift status, alerts, approval of retraining, Evidently 
 _holder: ModelHolder | None = None  # this worker's (one service instance per worker process)
 
 
-@bentoml.service(name="hematovision", workers=1, traffic={"timeout": 120})
+# threads: BentoML runs sync APIs on a pool of one thread by default, which would serialise requests
+# and leave the adaptive batcher nothing to batch.
+@bentoml.service(name="hematovision", workers=1, threads=get_settings().serve_threads, traffic={"timeout": 120})
 @bentoml.asgi_app(app, path="/")
 class HematoVision:
     def __init__(self) -> None:

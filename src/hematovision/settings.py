@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest prediction request body accepted (413 above); bounds memory per request."
     )
+    serve_threads: int = Field(
+        32, gt=0, description="Requests one serving worker handles at once; they share model calls through the batcher (BentoML's default of 1 would serialise them)."
+    )
     max_batch_images: int = Field(
         32, gt=0, description="Most images one model call takes when concurrent requests are batched together."
     )
