@@ -24,7 +24,7 @@ from hematovision.predictions import PredictionStore
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager: no statistics, and it is never run (paths given)
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -82,7 +82,9 @@ def browser(downloads):
 
 def wait(driver, condition, timeout: float = WAIT, message: str = ""):
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition, message)
+        # A page that re-renders (after a click, a refresh) replaces elements between find and read.
+        return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                             ignored_exceptions=[StaleElementReferenceException]).until(condition, message)
     except TimeoutException:
         page = driver.execute_script("return document.body ? document.body.innerText : ''")
         raise AssertionError(f"timed out waiting for {message or 'the page'} on {driver.current_url}:\n{page[:3000]}") from None

@@ -68,7 +68,7 @@
       el("td", { class: "num", text: w.id }), el("td", { text: when(w.start_at) }), el("td", { text: when(w.end_at) }),
       el("td", { class: "num", text: w.n }), el("td", { text: w.drifting ? "yes" : "no" }),
       SIGNALS.map((name) => el("td", { class: "num", text: score(w, name) })),
-      el("td", {}, reportLink(w.report_url, "Evidently report")))))
+      el("td", {}, reportLink(w.report_url, "Evidently report"))))
       : [el("tr", {}, el("td", { colspan: 10, class: "muted", text: "No window judged yet." }))]));
   }
 
