@@ -10,7 +10,6 @@ arguments. The service follows the ``champion`` alias, so a promotion needs noth
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from hematovision.settings import quiet_environment
@@ -19,6 +18,7 @@ quiet_environment()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
+from flows import StepTimer  # noqa: E402
 from hematovision import retrain  # noqa: E402
 from hematovision.params import load_params  # noqa: E402
 from hematovision.progress import reporter  # noqa: E402
@@ -81,13 +81,8 @@ def gate(version: str, run_id: str, params_file: str, profile: str | None, promo
 def retraining_flow(profile: str | None = None, params_file: str = "params.yaml", promote: bool = True) -> dict:
     """Retrain on raw data + the pathologists' corrections; promote the challenger only if it wins
     on the new site's held-out corrections without losing on TEST."""
-    timings: dict[str, float] = {}
-
-    def timed(name, call, *args):
-        started = time.perf_counter()
-        result = call(*args)
-        timings[name] = round(time.perf_counter() - started, 1)
-        return result
+    timed = StepTimer()
+    timings = timed.timings
 
     exported = timed("export", export_corrections)
     context = timed("manifest", manifest, params_file, profile)

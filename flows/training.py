@@ -10,7 +10,6 @@ import touches the upstream folder, registering touches the MLflow store).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from hematovision.settings import quiet_environment
@@ -19,6 +18,7 @@ quiet_environment()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
+from flows import StepTimer  # noqa: E402
 from hematovision import pipeline  # noqa: E402
 from hematovision.params import load_params  # noqa: E402
 from hematovision.progress import reporter  # noqa: E402
@@ -79,13 +79,8 @@ def promote_version(version: str, params_file: str, profile: str | None) -> dict
 @flow(name="hematovision-training", log_prints=True)
 def training_flow(profile: str | None = None, params_file: str = "params.yaml", promote: bool = True) -> dict:
     """Train a new model on the pinned data and promote it if it beats the champion."""
-    timings: dict[str, float] = {}
-
-    def timed(name, call, *args):
-        started = time.perf_counter()
-        result = call(*args)
-        timings[name] = round(time.perf_counter() - started, 1)
-        return result
+    timed = StepTimer()
+    timings = timed.timings
 
     data = timed("import", import_data)
     timed("prepare", prepare, params_file, profile)
