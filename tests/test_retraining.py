@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from conftest import PBC
 from hematovision import CLASSES
 from hematovision.corrections import Corrections
+from hematovision.drift import fetch_reference
 from hematovision.monitoring import MonitorState
 from hematovision.params import PromoteParams
 from hematovision.registry import CHALLENGER, CHAMPION, Registry, gate
@@ -175,6 +176,9 @@ def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefec
         assert all(a["status"] == "retrained" and a["decided_by"] == "demo-engineer" for a in alerts)
         [retraining] = [a for a in alerts if "retraining" in a["detail"]]  # one run answers every approved alert
         assert retraining["detail"]["retraining"]["version"] == result["challenger"]
+        # The new champion brings the drift monitor a reference of its own (raw cells + corrections).
+        reference = fetch_reference(settings, result["challenger"])
+        assert len(reference) > 0 and reference.filter(like="emb_").shape[1] == 1280
         assert "approves alert" in text and "drift on new-site traffic" in text
     finally:
         if champion_version() != parent:

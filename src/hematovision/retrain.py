@@ -364,6 +364,7 @@ def register_step(settings: Settings, params: Params) -> dict[str, Any]:
         mlflow.log_artifact(str(out / MANIFEST), "retrain")
         mlflow.log_dict({"context": context, "training": training, "evaluation": evaluation}, "retrain/report.json")
         model_uri = log_classifier(out / CHALLENGER_DIR)
+        _log_drift_reference(settings, params, out)
         run_id = run.info.run_id
     tags = {**lineage, "run_id": run_id, "trained_on": "raw+corrections", "retrain_mode": context["mode"]}
     for who_split, key in (("test", "accuracy"), ("test", "macro_f1"), (HOLDOUT, "accuracy"), (HOLDOUT, "macro_f1")):
@@ -372,6 +373,19 @@ def register_step(settings: Settings, params: Params) -> dict[str, Any]:
             tags[f"{who_split}_{key}"] = f"{value:.4f}"
     version = Registry(settings.registered_model, uri).register(model_uri, tags)
     return {"version": version, "run_id": run_id, "tags": tags}
+
+
+def _log_drift_reference(settings: Settings, params: Params, out: Path) -> None:
+    """The drift monitor's reference for this version (``drift.log_reference``, as the training
+    flow logs one): what the challenger learned from, the raw validation cells and the corrections
+    it trained on, so the new site it was retrained for no longer counts as drift once it serves."""
+    from hematovision.drift import log_reference
+    from hematovision.model import Classifier
+
+    manifest = load_retrain_manifest(settings)
+    learned = manifest[((manifest.source == "raw") & (manifest.split == "val"))
+                       | ((manifest.source == "corrections") & (manifest.split == "train"))].assign(split="val")
+    log_reference(Classifier.load(out / CHALLENGER_DIR), learned, Path("."), out, settings.reference_max_images, params.seed)
 
 
 # --- 6. gate ---------------------------------------------------------------------------------------
