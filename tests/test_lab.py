@@ -24,9 +24,10 @@ PASSWORD = "correct horse battery"
 IMAGES = [p for c in CLASSES for p in sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[3:6]]
 
 
-def add_user(name: str, *roles: str) -> None:
+def add_user(name: str, *roles: str, password: str = PASSWORD) -> None:
+    """An account made through the CLI, as an administrator would."""
     args = ["users", "add", name, "--password-stdin"] + [a for r in roles for a in ("--role", r)]
-    result = CliRunner().invoke(app, args, input=PASSWORD + "\n")
+    result = CliRunner().invoke(app, args, input=password + "\n")
     assert result.exit_code == 0, result.output
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from typer.testing import CliRunner
 
 from conftest import BLOOD_CELLS, service_env, start_service, stop_service
+from test_lab import add_user
 from hematovision import CLASSES
-from hematovision.cli import app
 from hematovision.predictions import PredictionStore
 
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager: no statistics, and it is never run (paths given)
@@ -44,17 +43,11 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()
                                 reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
 
 
-def add_user(name: str, *roles: str) -> None:
-    args = ["users", "add", name, "--password-stdin"] + [a for r in roles for a in ("--role", r)]
-    result = CliRunner().invoke(app, args, input=PASSWORD + "\n")
-    assert result.exit_code == 0, result.output
-
-
 @pytest.fixture(scope="module")
 def web_people(project):
-    add_user("wendy", "pathologist")
-    add_user("wanda", "ops")  # locked out by the sign-in limit test
-    add_user("ellie", "engineer")
+    add_user("wendy", "pathologist", password=PASSWORD)
+    add_user("wanda", "ops", password=PASSWORD)  # locked out by the sign-in limit test
+    add_user("ellie", "engineer", password=PASSWORD)
     return {"pathologist": "wendy"}
 
 
