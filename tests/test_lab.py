@@ -4,6 +4,7 @@ learns, and the corrections exported as a DVC-pinned dataset."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
@@ -146,19 +147,24 @@ def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, 
 
 
 def test_feedback_export_is_a_dvc_version_and_idempotent(project, service_url, people):
-    paula = sign_in(service_url, "paula")
-    for path, true_class in zip(IMAGES[:2], ("eosinophil", "lymphocyte")):
-        assert paula.post(f"{service_url}/feedback", files={"image": (path.name, path.read_bytes())},
-                          data={"true_class": true_class}, timeout=30).status_code == 201
+    # Images no other test reviews, so what is agreed and what is disputed is this test's own doing.
+    agreed = {c: sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[9] for c in ("eosinophil", "lymphocyte")}
+    contested = sorted((BLOOD_CELLS / "TEST" / "MONOCYTE").glob("*.jpeg"))[9]
+    paula, peter = sign_in(service_url, "paula"), sign_in(service_url, "peter")
+    for reviewer, path, true_class in [(paula, agreed["eosinophil"], "eosinophil"), (paula, agreed["lymphocyte"], "lymphocyte"),
+                                       (paula, contested, "monocyte"), (peter, contested, "neutrophil")]:
+        assert reviewer.post(f"{service_url}/feedback", files={"image": (path.name, path.read_bytes())},
+                             data={"true_class": true_class}, timeout=30).status_code == 201
     first = CliRunner().invoke(app, ["feedback", "export"])
     assert first.exit_code == 0, first.output
     dvc_file = project / "corrections.dvc"
     pinned = yaml.safe_load(dvc_file.read_text())["outs"][0]
     assert pinned["path"] == "corrections" and pinned["nfiles"] >= 2
-    assert len(list((project / "corrections" / "eosinophil").iterdir())) >= 1
-    disputed = sum(1 for v in Corrections(project / "monitoring" / "lab.sqlite", project / "monitoring" / "corrections")
-                   .labels_by_image().values() if v["agreed"] is None)
-    assert disputed >= 1 and "disputed left out" in first.output
+    exported = {p.stem: p.parent.name for p in (project / "corrections").rglob("*.*")}
+    for true_class, path in agreed.items():
+        assert exported[hashlib.sha256(path.read_bytes()).hexdigest()] == true_class
+    assert hashlib.sha256(contested.read_bytes()).hexdigest() not in exported  # left out until they agree
+    assert "disputed left out" in first.output
 
     before = dvc_file.read_text()
     second = CliRunner().invoke(app, ["feedback", "export"])
