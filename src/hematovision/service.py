@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles  # noqa: E402
 
 from hematovision import lab_api  # noqa: E402
 from hematovision.http_guard import RequestGuard, Upload, error_response  # noqa: E402
-from hematovision.serving import ImageRejected, ModelHolder, NotReady  # noqa: E402
+from hematovision.serving import ImageRejected, ModelHolder, NotReady, share_cores_between_model_calls  # noqa: E402
 
 MAX_BATCH_FILES = 64
 WEB_DIR = Path(__file__).with_name("web")
@@ -48,6 +48,7 @@ _holder: ModelHolder | None = None  # this worker's (one service instance per wo
 class HematoVision:
     def __init__(self) -> None:
         global _holder
+        share_cores_between_model_calls(get_settings().model_calls)
         self.holder = _holder = ModelHolder(get_settings()).start()  # loads in the background
 
     def __is_ready__(self) -> bool:

@@ -49,11 +49,21 @@ def start_service(project_dir: Path, log: Path, env: dict | None = None, timeout
 
 
 def stop_service(server: subprocess.Popen, kill: bool = False) -> None:
-    """Stop the server and its workers (their own process group)."""
+    """Stop the server and its workers. BentoML starts each worker in a session of its own, so the
+    server's process group does not reach them: on SIGTERM the server stops them itself, but a
+    SIGKILLed server would leave them running (holding memory and a model), so they are killed too."""
+    import psutil
+
     try:
+        workers = psutil.Process(server.pid).children(recursive=True) if kill else []
         os.killpg(server.pid, signal.SIGKILL if kill else signal.SIGTERM)
-    except ProcessLookupError:
+    except (ProcessLookupError, psutil.NoSuchProcess):
         return
+    for worker in workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass
     try:
         server.wait(30)
     except subprocess.TimeoutExpired:

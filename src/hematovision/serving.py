@@ -68,10 +68,14 @@ class PreparedImage:
     rgb: Any  # PIL.Image.Image
     sha256: str
     stats: dict[str, float]
+    crop: np.ndarray | None = None  # the white-cell crop, when the model's input size was known
 
 
-def prepare_image(data: bytes) -> PreparedImage:
-    """Check the format, decode with the training decoder, compute drift statistics."""
+def prepare_image(data: bytes, crop_size: int | None = None) -> PreparedImage:
+    """Check the format, decode with the training decoder, compute drift statistics and, given
+    the model's input size, crop the white cell. The service crops here, on the request's own
+    thread: localisation then runs in parallel across requests and overlaps the batched model
+    call instead of queueing in front of it on the batcher's one thread."""
     if data and not any(data.startswith(m) for magics in ACCEPTED_FORMATS.values() for m in magics):
         if any(data.startswith(m) for m in _OTHER_IMAGE_MAGIC):
             raise ImageRejected("unsupported_format", f"accepted formats: {', '.join(ACCEPTED_FORMATS)}")
@@ -80,14 +84,16 @@ def prepare_image(data: bytes) -> PreparedImage:
         rgb = load_rgb(data)
     except ImageError as error:
         raise ImageRejected(error.code, error.message) from error
-    return PreparedImage(rgb, hashlib.sha256(data).hexdigest(), image_stats(rgb))
+    crop = crop_wbc(np.asarray(rgb), crop_size) if crop_size else None
+    return PreparedImage(rgb, hashlib.sha256(data).hexdigest(), image_stats(rgb), crop)
 
 
 def run_model(classifier, images: Sequence[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and embeddings, one row per image (crop -> backbone -> head, test-time views
     as the model was configured)."""
     size = classifier.config.image_size
-    crops = np.stack([crop_wbc(np.asarray(p.rgb), size) for p in images])
+    crops = np.stack([p.crop if p.crop is not None and p.crop.shape[0] == size else crop_wbc(np.asarray(p.rgb), size)
+                      for p in images])
     return classifier.predict_with_embeddings(crops)
 
 
@@ -118,6 +124,21 @@ def check_classifier(classifier) -> None:
         raise ValueError(f"probabilities do not sum to 1: {probabilities.sum(axis=1)}")
 
 
+def share_cores_between_model_calls(calls: int) -> None:
+    """Give each of ``calls`` concurrent model calls its share of this machine's cores (TensorFlow
+    would give every call all of them). Must run before TensorFlow's first operation; later it
+    cannot change anything, which is logged."""
+    import os
+
+    import tensorflow as tf
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // calls))
+    except RuntimeError as error:  # TensorFlow already running: keep its defaults
+        logger.warning("could not set TensorFlow's threads per model call: %s", error)
+
+
 class Batcher:
     """Adaptive batching across concurrent requests: each request thread submits its images and
     waits; one thread runs whatever has queued up (up to ``max_batch`` images, waiting at most
@@ -126,12 +147,14 @@ class Batcher:
     cores go furthest. A request brings the model it started with, so a batch is grouped by model
     and a hot swap never changes the model of a request in flight."""
 
-    def __init__(self, max_batch: int = 32, max_wait_s: float = 0.005) -> None:
+    def __init__(self, max_batch: int = 32, max_wait_s: float = 0.005, calls: int = 1) -> None:
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self._queue: list[tuple[Any, list[PreparedImage], Future]] = []
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
-        self._thread.start()
+        # ``calls`` threads take batches in turn, so that many model calls can run at once.
+        self._threads = [threading.Thread(target=self._run, name=f"batcher-{i}", daemon=True) for i in range(calls)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, model: "LoadedModel", images: list[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
         future: Future = Future()
@@ -247,7 +270,8 @@ class ModelHolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._poll_lock = threading.Lock()
-        self._batcher = Batcher(self.settings.max_batch_images, self.settings.batch_wait_ms / 1000)
+        self._batcher = Batcher(self.settings.max_batch_images, self.settings.batch_wait_ms / 1000,
+                                self.settings.model_calls)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "ModelHolder":
@@ -357,7 +381,7 @@ class ModelHolder:
         good: list[tuple[int, PreparedImage]] = []
         for index, data in enumerate(images):
             try:
-                good.append((index, prepare_image(data)))
+                good.append((index, prepare_image(data, model.classifier.config.image_size)))
             except ImageRejected as error:
                 if errors == "raise":
                     error.index = index

@@ -69,9 +69,15 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(
         32, gt=0, description="Most images one model call takes when concurrent requests are batched together."
     )
+    model_calls: int = Field(
+        2, gt=0, description="Model calls one serving worker runs at once, each on cores / model_calls TensorFlow "
+        "threads. On few cores one call spread over all of them stalls whenever request threads (decode, "
+        "localisation, logging) take a core; independent calls keep every core busy (benchmarks/serving.py)."
+    )
     batch_wait_ms: float = Field(
-        20.0, ge=0, description="How long a request waits for others to share its model call (adaptive batching; "
-        "20 ms gave 8 closed-loop clients 33 req/s against 28 at 5 ms, benchmarks/serving.py)."
+        5.0, ge=0, description="How long a request waits for others to share its model call (adaptive batching; "
+        "with compiled model calls 5 ms gave 8 closed-loop clients 77 req/s and one client 28 ms p50 against "
+        "67 req/s and 44 ms at 20 ms, benchmarks/serving.py)."
     )
     predictions_db: Path = Field(
         Path("monitoring/predictions.sqlite"), description="The prediction log (sqlite, WAL; shared by all serving workers)."
