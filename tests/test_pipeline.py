@@ -89,6 +89,28 @@ def test_evaluate_command_prints_json_for_any_class_folder(project, trained, tmp
     assert missing.exit_code == 1 and "not a folder" in missing.output
 
 
+def test_evaluation_through_the_cache_scores_the_model_as_it_answers(project, trained, tmp_path):
+    """The flow evaluates through the embedding cache; it must score every test-time view the
+    service averages, not only the plain crop (it once did: recorded figures were one view's)."""
+    from hematovision.embeddings import EmbeddingCache
+    from hematovision.evaluate import evaluate_folder
+    from hematovision.packaging import load_classifier
+
+    configure_mlflow()
+    classifier = load_classifier("models:/hematovision@champion")
+    views = classifier.config.tta_views
+    assert views > 1
+    source = Path(os.environ["HEMATOVISION_NEW_SITE_SOURCE"])
+    direct = evaluate_folder(classifier, source, bootstrap_samples=0)  # predict_images: the service's path
+    cache = EmbeddingCache(tmp_path / "embeddings.sqlite")
+    cold = evaluate_folder(classifier, source, cache, bootstrap_samples=0)
+    warm = evaluate_folder(classifier, source, cache, bootstrap_samples=0)
+    assert cache.db.execute("SELECT COUNT(*) FROM embedding").fetchone()[0] == views * direct["n_images"]
+    for metrics in (cold, warm):
+        assert metrics["confusion_matrix"] == direct["confusion_matrix"]
+        assert metrics["macro_f1"] == pytest.approx(direct["macro_f1"])
+
+
 def test_dvc_repro_runs_the_stages_then_does_nothing(project, trained):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     first = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, env=env)

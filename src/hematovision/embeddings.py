@@ -85,13 +85,26 @@ def cached_embeddings(
     cache: EmbeddingCache,
     crops: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
+    views: int = 1,
 ) -> np.ndarray:
     """Backbone embeddings of image files, read from the cache where the same backbone saw the same
-    bytes before; crops are made only for the images that need computing unless given."""
-    keys = [file_sha256(p) for p in paths]
+    bytes before; crops are made only for the images that need computing unless given.
+
+    With ``views`` > 1, the embeddings of the crop's first ``views`` dihedral views (the model's
+    test-time views), view-major: rows ``v * len(paths) + i``. View 0 is the crop itself, cached
+    under the image's sha256; view v under ``sha256#view<v>``. ``progress`` counts rows."""
+    from hematovision.model import dihedral_view
+
+    n = len(paths)
+    shas = [file_sha256(p) for p in paths]
+    keys = [sha if v == 0 else f"{sha}#view{v}" for v in range(views) for sha in shas]
+    fingerprint = classifier.backbone_fingerprint()
+    cached = cache.lookup(fingerprint, keys)
+    needed = sorted({i % n for i, key in enumerate(keys) if key not in cached})
+    if crops is None and needed:  # each image cropped once, however many of its views are missing
+        crops = dict(zip(needed, classifier.crops([paths[i] for i in needed])))
 
     def compute(indices: list[int]) -> np.ndarray:
-        batch = crops[indices] if crops is not None else classifier.crops([paths[i] for i in indices])
-        return classifier.embed(batch)
+        return classifier.embed(np.stack([dihedral_view(crops[i % n][None], i // n)[0] for i in indices]))
 
-    return cache.embed(classifier.backbone_fingerprint(), keys, compute, progress=progress)
+    return cache.embed(fingerprint, keys, compute, progress=progress)

@@ -27,9 +27,10 @@ def evaluate_rows(
     optional group). Rows whose label the model does not know are left out and counted."""
     known = rows[rows.label.isin(classifier.classes)]
     paths = [image_root / p for p in known.path]
-    if cache is not None:
-        embeddings = cached_embeddings(classifier, paths, cache, progress=progress)
-        probabilities = classifier.classify_embeddings(embeddings)
+    if cache is not None:  # the model as it answers: its test-time views, from the cache where possible
+        views = classifier.config.tta_views
+        embeddings = cached_embeddings(classifier, paths, cache, progress=_per_image(progress, views), views=views)
+        probabilities = classifier.classify_embeddings(embeddings).reshape(views, len(paths), -1).mean(axis=0)
     else:
         probabilities = classifier.predict_images(paths)
         if progress:
@@ -41,6 +42,21 @@ def evaluate_rows(
     )
     metrics["n_skipped_unknown_label"] = int(len(rows) - len(known))
     return metrics
+
+
+def _per_image(progress: Callable[[int], None] | None, views: int) -> Callable[[int], None] | None:
+    """Turn a progress count of embedded views into one of images."""
+    if progress is None:
+        return None
+    done = {"views": 0, "images": 0}
+
+    def step(n: int) -> None:
+        done["views"] += n
+        images = done["views"] // views
+        if images > done["images"]:
+            progress(images - done["images"])
+            done["images"] = images
+    return step
 
 
 def evaluate_folder(

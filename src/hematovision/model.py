@@ -153,9 +153,13 @@ def dihedral_views(crops: np.ndarray, views: int) -> list[np.ndarray]:
     transposed variants (the dihedral group of the square), on a (N, H, W, 3) batch."""
     if views not in (1, 2, 4, 8):
         raise ValueError(f"tta_views must be 1, 2, 4 or 8, not {views}")
-    plain = [crops, crops[:, :, ::-1], crops[:, ::-1, :], crops[:, ::-1, ::-1]]
-    transposed = [np.swapaxes(v, 1, 2) for v in plain]
-    return [np.ascontiguousarray(v) for v in (plain + transposed)[:views]]
+    return [dihedral_view(crops, index) for index in range(views)]
+
+
+def dihedral_view(crops: np.ndarray, index: int) -> np.ndarray:
+    """View ``index`` (0-7) of :func:`dihedral_views`."""
+    flip = [crops, crops[:, :, ::-1], crops[:, ::-1, :], crops[:, ::-1, ::-1]][index % 4]
+    return np.ascontiguousarray(np.swapaxes(flip, 1, 2) if index >= 4 else flip)
 
 
 def _predict(model, inputs: np.ndarray, batch_size: int) -> np.ndarray:

@@ -226,7 +226,6 @@ def _train_head(classifier, manifest: pd.DataFrame, params: Params, cache, repor
 
     from hematovision.dataset import label_indices
     from hematovision.embeddings import cached_embeddings
-    from hematovision.model import dihedral_views
 
     rp = params.retrain
     keras.utils.set_random_seed(params.seed)
@@ -246,22 +245,11 @@ def _train_head(classifier, manifest: pd.DataFrame, params: Params, cache, repor
     emb_raw = cached_embeddings(classifier, [Path(p) for p in raw.path], cache, progress=step("embedding raw data (cached)", len(raw)))
     timings["embed_raw_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    fingerprint = classifier.backbone_fingerprint()
     views = rp.correction_views
-    keys = [f"{sha}" if v == 0 else f"{sha}#view{v}" for v in range(views) for sha in fixes.sha256]
-    # Crops are made only if some view of some image is missing from the cache.
-    missing = set(keys) - set(cache.lookup(fingerprint, keys))
-    all_views: list[np.ndarray] | None = None
-    if missing:
-        all_views = dihedral_views(classifier.crops(list(fixes.path)), views)
-    n = len(fixes)
-
-    def compute(indices: list[int]) -> np.ndarray:
-        batch = np.stack([all_views[i // n][i % n] for i in indices])
-        return classifier.embed(batch)
-
     done["n"] = 0
-    emb_fix = cache.embed(fingerprint, keys, compute, progress=step("embedding corrections", len(keys)))
+    emb_fix = cached_embeddings(classifier, [Path(p) for p in fixes.path], cache,
+                                progress=step("embedding corrections", views * len(fixes)), views=views)
+    n = len(fixes)
     timings["embed_corrections_s"] = time.perf_counter() - started
 
     x = np.concatenate([emb_raw, emb_fix]).astype(np.float32)
