@@ -28,7 +28,7 @@ CONFIG_FILE = "classifier.json"
 @dataclass
 class ClassifierConfig:
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
-    image_size: int = 160
+    image_size: int = 192
     backbone: str = "efficientnet-lite0"
     dropout: float = 0.3
     # Test-time augmentation: probabilities averaged over this many dihedral views of the crop

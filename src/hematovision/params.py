@@ -20,7 +20,7 @@ class PrepareParams:
 
 @dataclass
 class ModelParams:
-    image_size: int = 160  # side of the square white-cell crop fed to the backbone
+    image_size: int = 192  # side of the square white-cell crop fed to the backbone
     dropout: float = 0.3
     tta_views: int = 4  # dihedral test-time views averaged at prediction (1 = off; 2, 4 or 8)
 
@@ -31,8 +31,8 @@ class TrainParams:
     max_images_per_cell: int = 0  # 0 = every augmented copy of a cell; >0 caps them (quick runs)
     head_epochs: int = 30  # phase 1: new head on cached frozen embeddings (seconds per epoch)
     head_learning_rate: float = 1e-3
-    finetune_blocks: int = 4  # phase 2: how many of the backbone's top blocks are unfrozen
-    finetune_epochs: int = 4
+    finetune_blocks: int = 8  # phase 2: how many of the backbone's top blocks are unfrozen
+    finetune_epochs: int = 6
     finetune_learning_rate: float = 1e-4
     finetune_images_per_epoch: int = 6000  # images drawn per fine-tuning epoch, balanced by class
     colour_jitter: float = 0.1  # strength of the stain/colour augmentation (hue/saturation/brightness)
