@@ -111,6 +111,24 @@ def test_evaluation_through_the_cache_scores_the_model_as_it_answers(project, tr
         assert metrics["macro_f1"] == pytest.approx(direct["macro_f1"])
 
 
+def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, trained):
+    """The promote step re-scores the champion on the new run's validation split (a champion made
+    by retraining logged no validation metrics, and "beat -inf" once let any model through).
+    Scored this way, the session's model gets what its training run logged."""
+    from hematovision.params import load_params
+    from hematovision.pipeline import scored_on_validation
+
+    settings = get_settings()
+    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    logged = registry.metrics_of(trained["version"])
+    rescored = scored_on_validation(settings, load_params(project / "params.yaml"),
+                                    f"models:/{settings.registered_model}/{trained['version']}")
+    assert rescored["val_macro_f1"] == pytest.approx(logged["val_macro_f1"], abs=0.02)
+    for name in ("eosinophil", "lymphocyte", "monocyte", "neutrophil"):
+        assert rescored[f"val_f1_{name}"] == pytest.approx(logged[f"val_f1_{name}"], abs=0.05)
+    assert scored_on_validation(settings, load_params(project / "params.yaml"), "models:/no-such-model/1") is None
+
+
 def test_dvc_repro_runs_the_stages_then_does_nothing(project, trained):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     first = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, env=env)

@@ -254,7 +254,41 @@ def register_step(settings: Settings) -> dict[str, Any]:
 
 
 def promote_step(settings: Settings, params: Params, version: str, force: bool = False):
-    from hematovision.registry import Registry
+    """The gate between the new version and the champion, both scored on this run's validation
+    split: the champion's own logged figures may come from another split (an older data version)
+    or lack the metric altogether (a champion made by retraining is scored on its holdout)."""
+    from hematovision.registry import CHAMPION, Registry
     from hematovision.tracking import configure_mlflow
 
-    return Registry(settings.registered_model, configure_mlflow(settings)).promote(version, params.promote, force)
+    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    champion = registry.version_by_alias(CHAMPION)
+    champion_metrics = None
+    if champion is not None and str(champion.version) != str(version):
+        champion_metrics = scored_on_validation(settings, params, f"models:/{settings.registered_model}@{CHAMPION}")
+    return registry.promote(version, params.promote, force, champion_metrics=champion_metrics)
+
+
+def scored_on_validation(settings: Settings, params: Params, model_uri: str) -> dict[str, float] | None:
+    """A registered model's validation metrics on this run's split, named as the training run logs
+    them (None, with a warning, if it cannot be loaded: the gate then uses its logged figures)."""
+    import logging
+
+    from hematovision.embeddings import EmbeddingCache
+    from hematovision.evaluate import evaluate_rows
+    from hematovision.metrics import flatten_for_mlflow
+    from hematovision.packaging import load_classifier
+    from hematovision.train import limit_per_cell
+
+    try:
+        classifier = load_classifier(model_uri)
+    except Exception as error:  # noqa: BLE001 - a broken champion must not block a good challenger
+        logging.getLogger("hematovision.pipeline").warning("could not load %s to score it: %s", model_uri, error)
+        return None
+    manifest = load_manifest(settings)
+    val_rows = limit_per_cell(manifest[manifest.split == "val"], params.train.max_images_per_cell, params.seed)
+    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+    try:
+        metrics = evaluate_rows(classifier, val_rows, settings.path(settings.data_dir), cache, 0, params.seed)
+    finally:
+        cache.close()
+    return flatten_for_mlflow(metrics, "val")
