@@ -9,10 +9,19 @@ of the channels, so those are jittered per image.
 from __future__ import annotations
 
 
-def augment_crop(image, colour_jitter: float, seed=None):
-    """One random variant of a (H, W, 3) float32 crop in 0..255 (a tf.data map function)."""
+def augment_crop(image, colour_jitter: float, seed=None, crop_jitter: float = 0.0):
+    """One random variant of a (H, W, 3) float32 crop in 0..255 (a tf.data map function).
+
+    ``crop_jitter`` > 0 cuts a random square of (1 - crop_jitter .. 1) x the side out of the crop
+    and scales it back: the cell a little larger and off-centre, as when the localiser's box lands
+    differently on a rotated or shifted copy (TEST holds many such copies)."""
     import tensorflow as tf
 
+    if crop_jitter > 0:
+        side = tf.random.uniform([], 1.0 - crop_jitter, 1.0)
+        y0, x0 = tf.random.uniform([], 0.0, 1.0 - side), tf.random.uniform([], 0.0, 1.0 - side)
+        size = tf.shape(image)[:2]
+        image = tf.image.crop_and_resize(image[None], [[y0, x0, y0 + side, x0 + side]], [0], size)[0]
     image = tf.image.random_flip_left_right(image)
     image = tf.image.random_flip_up_down(image)
     image = tf.image.rot90(image, k=tf.random.uniform([], 0, 4, dtype=tf.int32))

@@ -75,7 +75,7 @@ def prepare_image(data: bytes, crop_size: int | None = None) -> PreparedImage:
     """Check the format, decode with the training decoder, compute drift statistics and, given
     the model's input size, crop the white cell. The service crops here, on the request's own
     thread: localisation then runs in parallel across requests and overlaps the batched model
-    call instead of queueing in front of it on the batcher's one thread."""
+    call instead of queueing in front of it on the batcher's threads."""
     if data and not any(data.startswith(m) for magics in ACCEPTED_FORMATS.values() for m in magics):
         if any(data.startswith(m) for m in _OTHER_IMAGE_MAGIC):
             raise ImageRejected("unsupported_format", f"accepted formats: {', '.join(ACCEPTED_FORMATS)}")
@@ -141,10 +141,10 @@ def share_cores_between_model_calls(calls: int) -> None:
 
 class Batcher:
     """Adaptive batching across concurrent requests: each request thread submits its images and
-    waits; one thread runs whatever has queued up (up to ``max_batch`` images, waiting at most
-    ``max_wait_s`` for company once a request arrived) in one model call. Under no load a request
-    runs alone at once; under load the backbone sees full batches, which is what makes two CPU
-    cores go furthest. A request brings the model it started with, so a batch is grouped by model
+    waits; each of ``calls`` batcher threads takes whatever has queued up (up to ``max_batch``
+    images, waiting at most ``max_wait_s`` for company once a request arrived) into one model call.
+    Under no load a request runs alone at once; under load the backbone sees full batches, which is
+    what makes two CPU cores go furthest. A request brings the model it started with, so a batch is grouped by model
     and a hot swap never changes the model of a request in flight."""
 
     def __init__(self, max_batch: int = 32, max_wait_s: float = 0.005, calls: int = 1) -> None:

@@ -143,9 +143,9 @@ def _finetune_dataset(crops: np.ndarray, labels: np.ndarray, params: Params, aug
         per_class.append(tf.data.Dataset.from_tensor_slices(index).shuffle(len(index), seed=params.seed).repeat())
     indices = tf.data.Dataset.sample_from_datasets(per_class, seed=params.seed)
     crops_t, labels_t = tf.constant(crops), tf.constant(labels)
-    jitter = params.train.colour_jitter
+    jitter, crop_jitter = params.train.colour_jitter, params.train.crop_jitter
     return (
-        indices.map(lambda i: (augment(tf.cast(tf.gather(crops_t, i), tf.float32), jitter), tf.gather(labels_t, i)),
+        indices.map(lambda i: (augment(tf.cast(tf.gather(crops_t, i), tf.float32), jitter, crop_jitter=crop_jitter), tf.gather(labels_t, i)),
                     num_parallel_calls=tf.data.AUTOTUNE)
         .batch(params.train.batch_size)
         .prefetch(2)
