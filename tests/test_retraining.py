@@ -113,6 +113,11 @@ def test_retraining_promotes_a_winner_with_its_lineage_and_never_trains_on_the_h
         assert fixes.group.is_unique  # each correction image is its own cell
         assert summary["corrections"]["holdout"] == len(held)
         assert not set(manifest[manifest.split.isin(["train", "val"])].path) & set(held.path)
+        # The raw validation cells are not learned either: the training flow's gate scores a
+        # champion on them, so a retrained one must not have seen them.
+        raw = manifest[manifest.source == "raw"]
+        assert (raw.split == "val").any()
+        assert summary["training"]["n_raw_images"] == int((raw.split == "train").sum())
     finally:
         if champion_version() != parent:
             registry().rollback()

@@ -36,7 +36,7 @@ class TrainParams:
     finetune_learning_rate: float = 1e-4
     finetune_images_per_epoch: int = 6000  # images drawn per fine-tuning epoch, balanced by class
     colour_jitter: float = 0.1  # strength of the stain/colour augmentation (hue/saturation/brightness)
-    crop_jitter: float = 0.0  # random zoom-in/shift of the crop while fine-tuning: up to this share of its side
+    crop_jitter: float = 0.25  # random zoom-in/shift of the crop while fine-tuning: up to this share of its side
 
 
 @dataclass

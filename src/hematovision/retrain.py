@@ -230,7 +230,9 @@ def _train_head(classifier, manifest: pd.DataFrame, params: Params, cache, repor
     rp = params.retrain
     keras.utils.set_random_seed(params.seed)
     timings: dict[str, float] = {}
-    raw = manifest[(manifest.source == "raw") & manifest.split.isin(["train", "val"])]
+    # Raw validation cells stay unseen: the training flow's gate scores the champion on them, and a
+    # retrained champion that had learned them would look better there than any new model can.
+    raw = manifest[(manifest.source == "raw") & (manifest.split == "train")]
     fixes = manifest[(manifest.source == "corrections") & (manifest.split == "train")]
 
     started = time.perf_counter()
@@ -365,7 +367,7 @@ def register_step(settings: Settings, params: Params) -> dict[str, Any]:
 
 def _log_drift_reference(settings: Settings, params: Params, out: Path) -> None:
     """The drift monitor's reference for this version (``drift.log_reference``, as the training
-    flow logs one): what the challenger learned from, the raw validation cells and the corrections
+    flow logs one): the raw validation cells (in-distribution, never trained on) and the corrections
     it trained on, so the new site it was retrained for no longer counts as drift once it serves."""
     from hematovision.drift import log_reference
     from hematovision.model import Classifier
