@@ -98,13 +98,15 @@ def cached_embeddings(
     n = len(paths)
     shas = [file_sha256(p) for p in paths]
     keys = [sha if v == 0 else f"{sha}#view{v}" for v in range(views) for sha in shas]
-    fingerprint = classifier.backbone_fingerprint()
-    cached = cache.lookup(fingerprint, keys)
-    needed = sorted({i % n for i, key in enumerate(keys) if key not in cached})
-    if crops is None and needed:  # each image cropped once, however many of its views are missing
-        crops = dict(zip(needed, classifier.crops([paths[i] for i in needed])))
+    made: dict[int, np.ndarray] = {}  # crops made here: each image once, however many views miss
+
+    def crop(i: int) -> np.ndarray:
+        return crops[i] if crops is not None else made[i]
 
     def compute(indices: list[int]) -> np.ndarray:
-        return classifier.embed(np.stack([dihedral_view(crops[i % n][None], i // n)[0] for i in indices]))
+        if crops is None:
+            todo = sorted({i % n for i in indices} - made.keys())
+            made.update(zip(todo, classifier.crops([paths[i] for i in todo])))
+        return classifier.embed(np.stack([dihedral_view(crop(i % n)[None], i // n)[0] for i in indices]))
 
-    return cache.embed(fingerprint, keys, compute, progress=progress)
+    return cache.embed(classifier.backbone_fingerprint(), keys, compute, progress=progress)

@@ -76,8 +76,7 @@ class Settings(BaseSettings):
     )
     batch_wait_ms: float = Field(
         5.0, ge=0, description="How long a request waits for others to share its model call (adaptive batching; "
-        "with compiled model calls 5 ms gave 8 closed-loop clients 77 req/s and one client 28 ms p50 against "
-        "67 req/s and 44 ms at 20 ms, benchmarks/serving.py)."
+        "compare values with benchmarks/serving.py --batch-wait-ms)."
     )
     predictions_db: Path = Field(
         Path("monitoring/predictions.sqlite"), description="The prediction log (sqlite, WAL; shared by all serving workers)."
