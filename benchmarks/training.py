@@ -68,7 +68,7 @@ def main() -> None:
         commit += " (with uncommitted changes)"
     p = load_params(Path("params.yaml"), args.profile)
     recipe = (f"seed {p.seed}, crop {p.model.image_size} px, head {p.train.head_epochs} epochs, fine-tune top {p.train.finetune_blocks} "
-              f"blocks x {p.train.finetune_epochs} epochs, colour jitter {p.train.colour_jitter}, crop jitter {p.train.crop_jitter}, "
+              f"blocks x {p.train.finetune_epochs} epochs (learning rate {p.train.finetune_learning_rate:g}, cosine decay), colour jitter {p.train.colour_jitter}, crop jitter {p.train.crop_jitter}, "
               f"{p.model.tta_views} test-time views")
     cache = get_settings().path(get_settings().cache_dir)
     cache_state = "warm" if cache.exists() and any(cache.iterdir()) else "cold"

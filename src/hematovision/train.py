@@ -110,12 +110,16 @@ def train(
         started = time.perf_counter()
         trainable_top(classifier.backbone, params.train.finetune_blocks)
         model = classifier.keras_model
-        model.compile(optimizer=keras.optimizers.Adam(params.train.finetune_learning_rate),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         per_epoch = min(params.train.finetune_images_per_epoch, len(y_train))
+        steps = max(1, per_epoch // params.train.batch_size)
+        # Cosine decay to zero over the whole phase: large steps early, then settling into a
+        # minimum instead of ending wherever a constant rate leaves the weights.
+        rate = keras.optimizers.schedules.CosineDecay(params.train.finetune_learning_rate,
+                                                      decay_steps=steps * params.train.finetune_epochs)
+        model.compile(optimizer=keras.optimizers.Adam(rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         dataset = _finetune_dataset(crops_train, y_train, params, augment_crop, tf)
         for epoch in range(1, params.train.finetune_epochs + 1):
-            steps = max(1, per_epoch // params.train.batch_size)
             fit = model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0,
                             callbacks=[_BatchProgress(report, f"fine-tuning (epoch {epoch}/{params.train.finetune_epochs})", steps)])
             # One view while choosing the epoch: test-time views would multiply this pass's cost.
