@@ -103,9 +103,13 @@ def test_evaluation_through_the_cache_scores_the_model_as_it_answers(project, tr
     source = Path(os.environ["HEMATOVISION_NEW_SITE_SOURCE"])
     direct = evaluate_folder(classifier, source, bootstrap_samples=0)  # predict_images: the service's path
     cache = EmbeddingCache(tmp_path / "embeddings.sqlite")
-    cold = evaluate_folder(classifier, source, cache, bootstrap_samples=0)
+    calls: list[tuple[int, int]] = []
+    cold = evaluate_folder(classifier, source, cache, bootstrap_samples=0, progress=lambda *a: calls.append(a))
     warm = evaluate_folder(classifier, source, cache, bootstrap_samples=0)
     assert cache.db.execute("SELECT COUNT(*) FROM embedding").fetchone()[0] == views * direct["n_images"]
+    # Progress counts images against the folder's total (it once showed "n/n" all along).
+    assert calls[-1] == (direct["n_images"], direct["n_images"])
+    assert all(total == direct["n_images"] for _, total in calls)
     for metrics in (cold, warm):
         assert metrics["confusion_matrix"] == direct["confusion_matrix"]
         assert metrics["macro_f1"] == pytest.approx(direct["macro_f1"])

@@ -158,10 +158,18 @@ def evaluate(
     from hematovision.packaging import load_classifier
     from hematovision.tracking import configure_mlflow
 
+    from hematovision.embeddings import EmbeddingCache
+
     configure_mlflow()
+    settings = get_settings()
     try:
         classifier = load_classifier(model)
-        results = evaluate_folder(classifier, data, None, params.evaluate.bootstrap_samples, seed=params.seed)
+        # Through the embedding cache: chunked (so a progress bar), and a second look at the same
+        # folder with the same model reads the embeddings back instead of recomputing them.
+        cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+        with console_progress(logging_progress(cli_logger())) as report:
+            results = evaluate_folder(classifier, data, cache, params.evaluate.bootstrap_samples, seed=params.seed,
+                                      progress=lambda done, total: report(f"evaluating {data}", done, total))
     except ValueError as error:
         _fail(str(error))
     except Exception as error:  # noqa: BLE001 - an unknown model URI surfaces as many MLflow error types

@@ -66,10 +66,11 @@ def evaluate_folder(
     bootstrap_samples: int = 1000,
     max_images_per_class: int = 0,
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics on a folder of class-named subfolders (names case-insensitive); unknown folders and
-    unreadable images are reported in the result, not fatal."""
+    unreadable images are reported in the result, not fatal. ``progress(done, total)`` counts
+    images (the total is known only once the folder has been listed)."""
     rows, unknown = scan_class_folders(folder, tuple(classifier.classes))
     if max_images_per_class > 0:
         rows = rows.groupby("label", group_keys=False).apply(
@@ -77,7 +78,14 @@ def evaluate_folder(
     rows, bad = validate_images(rows, folder)
     if rows.empty:
         raise ValueError(f"{folder} holds no readable images in folders named after {', '.join(classifier.classes)}")
-    metrics = evaluate_rows(classifier, rows, folder, cache, bootstrap_samples, seed, progress)
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, len(rows))
+
+    metrics = evaluate_rows(classifier, rows, folder, cache, bootstrap_samples, seed, step if progress else None)
     metrics["unknown_folders"] = list(unknown)
     metrics["unreadable_images"] = [
         {"path": str(r.path), "error": f"{r.error_code}: {r.error_message}"} for r in bad.itertuples()

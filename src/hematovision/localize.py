@@ -36,6 +36,13 @@ _CROP_MIN_SHARE = 0.35
 _CROP_MAX_SHARE = 1.0
 
 
+# Everything above that shapes a crop. Cached embeddings are keyed by it (model.py), so a change
+# here is never answered with vectors of the old crops.
+CROP_SIGNATURE = (f"{_WORK_SHORT_SIDE}:{_NUCLEUS_BG_DIFF}:{_NUCLEUS_MAX_VALUE}:{_MIN_NUCLEUS_FRACTION}:"
+                  f"{_CENTRE_PRIOR_SCALE}:{_LOBE_MIN_SHARE}:{_LOBE_MAX_GAP}:{_CROP_FACTOR}:{_CROP_MIN_SHARE}:"
+                  f"{_CROP_MAX_SHARE}")
+
+
 @dataclass(frozen=True)
 class WbcBox:
     """Square crop box in input-pixel coordinates; ``found`` is False for the centre-crop fallback."""

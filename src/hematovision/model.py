@@ -19,7 +19,7 @@ import numpy as np
 
 from hematovision import CLASSES
 from hematovision.imaging import load_rgb
-from hematovision.localize import crop_wbc
+from hematovision.localize import CROP_SIGNATURE, crop_wbc
 
 MODEL_FILE = "classifier.keras"
 CONFIG_FILE = "classifier.json"
@@ -123,10 +123,11 @@ class Classifier:
         return self.predict_crops(self.crops(sources))
 
     def backbone_fingerprint(self) -> str:
-        """Identifies the backbone's weights and input size, so cached embeddings are never reused
-        across a fine-tuned backbone or a different crop size."""
+        """Identifies the backbone's weights, its input size and how crops are cut, so cached
+        embeddings are never reused across a fine-tuned backbone, a different crop size or a
+        changed localiser."""
         if self._backbone_fingerprint is None:
-            digest = hashlib.sha256(f"{self.config.backbone}:{self.config.image_size}".encode())
+            digest = hashlib.sha256(f"{self.config.backbone}:{self.config.image_size}:{CROP_SIGNATURE}".encode())
             for weight in self.backbone.weights:
                 digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
             self._backbone_fingerprint = digest.hexdigest()[:16]

@@ -197,7 +197,7 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
     if new_site.is_dir():
         results["new_site"] = evaluate_folder(classifier, new_site, cache, params.evaluate.bootstrap_samples,
                                               params.evaluate.max_images_per_class, params.seed,
-                                              _counter(progress, "evaluating on the new site", None))
+                                              progress and (lambda done, total: progress("evaluating on the new site", done, total)))
     cache.close()
     results["timings"] = {"evaluate_s": time.perf_counter() - started}
     (reports_dir / METRICS_FILE).write_text(json.dumps(results, indent=2))
@@ -218,7 +218,7 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
     return results
 
 
-def _counter(progress: Progress | None, what: str, total: int | None) -> Callable[[int], None] | None:
+def _counter(progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:
     if progress is None:
         return None
     done = 0
@@ -226,7 +226,7 @@ def _counter(progress: Progress | None, what: str, total: int | None) -> Callabl
     def step(n: int) -> None:
         nonlocal done
         done += n
-        progress(what, done, total or done)
+        progress(what, done, total)
 
     return step
 

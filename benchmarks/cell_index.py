@@ -1,0 +1,103 @@
+"""Does the dataset's `_<k>_` index name one original cell? A check on TEST with the champion.
+
+    uv run python benchmarks/cell_index.py [--model models:/hematovision@champion]
+
+The datasets README says every file `_<k>_<n>.jpeg` of one split and class is a rotation/shift/flip
+of one real cell; the grouped split, the cell-level metrics and their bootstrap all rest on that.
+Two measurements that would come out very differently if it were true:
+
+1. Errors per group. A classifier's mistakes follow real cells (one hard cell is misread in most of
+   its copies), so if groups were cells, group accuracies would sit near 0 or 1. If each group mixes
+   many cells, every group of a class shows about the class's error rate.
+2. Nearest neighbours. Copies of one cell look alike after rotation: with test-time-view-averaged
+   embeddings, an image's most similar other image should usually share its group. The chance
+   level (a random image of the same class) is printed beside it.
+
+Appends a dated section to benchmarks/RESULTS.md. Uses the embedding cache the evaluate stage fills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from hematovision.settings import quiet_environment
+
+quiet_environment()
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training import machine, record  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="models:/hematovision@champion")
+    args = parser.parse_args()
+
+    from hematovision.dataset import label_indices
+    from hematovision.embeddings import EmbeddingCache, cached_embeddings
+    from hematovision.packaging import load_classifier
+    from hematovision.params import load_params
+    from hematovision.pipeline import load_manifest, official_test_rows
+    from hematovision.settings import get_settings
+    from hematovision.tracking import configure_mlflow
+
+    settings = get_settings()
+    configure_mlflow(settings)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    classifier = load_classifier(args.model)
+    rows = official_test_rows(load_manifest(settings), load_params(Path("params.yaml"))).reset_index(drop=True)
+    paths = [settings.path(settings.data_dir) / p for p in rows.path]
+    views = classifier.config.tta_views
+    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+    embeddings = cached_embeddings(classifier, paths, cache, views=views).reshape(views, len(paths), -1)
+    cache.close()
+    probabilities = np.stack([classifier.classify_embeddings(e) for e in embeddings]).mean(axis=0)
+    correct = probabilities.argmax(axis=1) == label_indices(rows.label, classifier.classes)
+
+    # Rotation-tolerant similarity: the mean over the test-time views of unit-length embeddings.
+    unit = embeddings / np.linalg.norm(embeddings, axis=2, keepdims=True)
+    mean = unit.mean(axis=0)
+    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+
+    lines = [
+        f"\n## Is `_<k>_` one cell? (TEST, {args.model}) — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {machine()}",
+        f"- commit: {commit}; {views} test-time views; {len(rows)} images",
+        "",
+        "| class | groups | images a group | class accuracy | group accuracy min-max | images in groups with accuracy <0.2 or >0.8 | nearest neighbour in the same group | chance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label in classifier.classes:
+        index = np.flatnonzero(rows.label.to_numpy() == label)
+        if len(index) < 2:
+            continue
+        groups = rows.group.to_numpy()[index]
+        by_group = {g: correct[index][groups == g] for g in np.unique(groups)}
+        accuracies = np.array([v.mean() for v in by_group.values()])
+        sizes = np.array([len(v) for v in by_group.values()])
+        decided = sizes[(accuracies < 0.2) | (accuracies > 0.8)].sum() / sizes.sum()
+        similarity = mean[index] @ mean[index].T
+        np.fill_diagonal(similarity, -np.inf)
+        neighbour_same = (groups[similarity.argmax(axis=1)] == groups).mean()
+        chance = ((sizes * (sizes - 1)).sum() / (len(index) * (len(index) - 1)))
+        lines.append(
+            f"| {label} | {len(sizes)} | {np.median(sizes):.0f} | {correct[index].mean():.3f} | "
+            f"{accuracies.min():.2f}-{accuracies.max():.2f} | {decided:.2f} | {neighbour_same:.2f} | {chance:.2f} |"
+        )
+    lines.append(
+        "\nIf groups were cells, group accuracies would spread from ~0 to ~1 and nearly every nearest "
+        "neighbour would share its group; far from both, `_<k>_` mixes many real cells, so the grouped "
+        "split leaks cells into validation and cell-level figures over these groups are optimistic."
+    )
+    record(lines)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
