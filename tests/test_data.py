@@ -235,6 +235,12 @@ def test_locate_wbc_on_synthetic_smear_ignores_wedge_and_platelet() -> None:
     assert crop_wbc(edge, 64).shape == (64, 64, 3)
 
 
+def test_locate_wbc_says_when_the_nucleus_is_cut_by_the_frame_or_a_wedge() -> None:
+    assert not locate_wbc(_synthetic_smear(230, 110)).at_edge
+    assert locate_wbc(_synthetic_smear(310, 10)).at_edge  # in the frame's corner
+    assert locate_wbc(_synthetic_smear(30, 200)).at_edge  # against the black rotation wedge
+
+
 def test_locate_wbc_falls_back_to_centre_crop() -> None:
     blank = np.full((240, 320, 3), (215, 205, 200), np.uint8)
     box = locate_wbc(blank)

@@ -1,6 +1,6 @@
-"""Does the dataset's `_<k>_` index name one original cell? A check on TEST with the champion.
+"""Where the champion's TEST errors are: does `_<k>_` name one cell, and is the cell in view?
 
-    uv run python benchmarks/cell_index.py [--model models:/hematovision@champion]
+    uv run python benchmarks/error_analysis.py [--model models:/hematovision@champion]
 
 The datasets README says every file `_<k>_<n>.jpeg` of one split and class is a rotation/shift/flip
 of one real cell; the grouped split, the cell-level metrics and their bootstrap all rest on that.
@@ -12,6 +12,10 @@ Two measurements that would come out very differently if it were true:
 2. Nearest neighbours. Copies of one cell look alike after rotation: with test-time-view-averaged
    embeddings, an image's most similar other image should usually share its group. The chance
    level (a random image of the same class) is printed beside it.
+
+3. Cell in view. Some TEST pictures show the labelled cell cut by the frame or by a black rotation
+   wedge, or no stained nucleus at all (the localiser then falls back to the centre). Accuracy is
+   broken down by what the localiser saw: a whole nucleus, one at the edge, none.
 
 Appends a dated section to benchmarks/RESULTS.md. Uses the embedding cache the evaluate stage fills.
 """
@@ -41,6 +45,8 @@ def main() -> None:
 
     from hematovision.dataset import label_indices
     from hematovision.embeddings import EmbeddingCache, cached_embeddings
+    from hematovision.imaging import load_rgb
+    from hematovision.localize import locate_wbc
     from hematovision.packaging import load_classifier
     from hematovision.params import load_params
     from hematovision.pipeline import load_manifest, official_test_rows
@@ -50,6 +56,8 @@ def main() -> None:
     settings = get_settings()
     configure_mlflow(settings)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip():
+        commit += " (with uncommitted changes)"
     classifier = load_classifier(args.model)
     rows = official_test_rows(load_manifest(settings), load_params(Path("params.yaml"))).reset_index(drop=True)
     paths = [settings.path(settings.data_dir) / p for p in rows.path]
@@ -66,9 +74,11 @@ def main() -> None:
     mean /= np.linalg.norm(mean, axis=1, keepdims=True)
 
     lines = [
-        f"\n## Is `_<k>_` one cell? (TEST, {args.model}) — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\n## TEST error analysis — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
-        f"- commit: {commit}; {views} test-time views; {len(rows)} images",
+        f"- commit: {commit}; model {args.model} (v{_version(args.model)}); {views} test-time views; {len(rows)} images",
+        "",
+        "Is `_<k>_` one cell?",
         "",
         "| class | groups | images a group | class accuracy | group accuracy min-max | images in groups with accuracy <0.2 or >0.8 | nearest neighbour in the same group | chance |",
         "|---|---|---|---|---|---|---|---|",
@@ -95,8 +105,30 @@ def main() -> None:
         "neighbour would share its group; far from both, `_<k>_` mixes many real cells, so the grouped "
         "split leaks cells into validation and cell-level figures over these groups are optimistic."
     )
+
+    boxes = [locate_wbc(load_rgb(path)) for path in paths]
+    seen = np.array(["none" if not b.found else "at the edge" if b.at_edge else "whole" for b in boxes])
+    lines += ["", "Is the cell in view? (what the localiser found)", "", "| class | whole nucleus in view: images, accuracy | nucleus at the frame/wedge edge | no nucleus found |",
+              "|---|---|---|---|"]
+    for label in [*classifier.classes, "all"]:
+        in_class = rows.label.to_numpy() == label if label != "all" else np.ones(len(rows), bool)
+        cells = []
+        for kind in ("whole", "at the edge", "none"):
+            chosen = in_class & (seen == kind)
+            cells.append(f"{chosen.sum()}, {correct[chosen].mean():.3f}" if chosen.any() else "0")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     record(lines)
     print("\n".join(lines))
+
+
+def _version(model_uri: str) -> str:
+    """The registry version behind a models:/name@alias or models:/name/N URI."""
+    from mlflow import MlflowClient
+
+    name, _, rest = model_uri.removeprefix("models:/").partition("@")
+    if rest:
+        return MlflowClient().get_model_version_by_alias(name, rest).version
+    return model_uri.rsplit("/", 1)[-1]
 
 
 if __name__ == "__main__":
