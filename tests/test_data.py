@@ -238,7 +238,9 @@ def test_locate_wbc_on_synthetic_smear_ignores_wedge_and_platelet() -> None:
 def test_locate_wbc_says_when_the_nucleus_is_cut_by_the_frame_or_a_wedge() -> None:
     assert not locate_wbc(_synthetic_smear(230, 110)).at_edge
     assert locate_wbc(_synthetic_smear(310, 10)).at_edge  # in the frame's corner
-    assert locate_wbc(_synthetic_smear(30, 200)).at_edge  # against the black rotation wedge
+    cut = _synthetic_smear(230, 110)
+    cut[:, 240:] = 0  # a black rotation wedge across the nucleus, far from the frame's border
+    assert locate_wbc(cut).at_edge
 
 
 def test_locate_wbc_falls_back_to_centre_crop() -> None:

@@ -32,9 +32,9 @@ _LOBE_MIN_SHARE = 0.04
 _LOBE_MAX_GAP = 0.12
 # Pixels darker than this in every channel are a rotation wedge (outside the original picture).
 _WEDGE_MAX_VALUE = 30
-# A cell counts as cut when the frame's border or a wedge comes within this share of the nucleus'
-# size of the nucleus (the cytoplasm around it is then at least partly out of the picture).
-_EDGE_MARGIN = 0.3
+# The nucleus counts as cut when the frame's border or a wedge comes within this many working
+# pixels of it (the mask's opening shaves about one pixel off a nucleus cut by the border).
+_EDGE_MARGIN = 2
 # Crop side = factor x the nucleus' bounding-box side, clamped to a share of the frame's short side.
 _CROP_FACTOR = 1.9
 _CROP_MIN_SHARE = 0.35
@@ -136,13 +136,10 @@ def locate_wbc(rgb: np.ndarray | Image.Image) -> WbcBox:
                 keep = keep | comp
     ys, xs = np.nonzero(keep)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    # The cytoplasm reaches past the nucleus: look for the frame's border or a wedge within a
-    # margin around it, not only where the nucleus itself is cut.
-    margin = max(2.0, _EDGE_MARGIN * max(y1 - y0, x1 - x0))
     small, _ = _downscale(arr)
     wedge = small.max(axis=2) < _WEDGE_MAX_VALUE
-    at_edge = bool(min(y0, x0, sh - y1, sw - x1) < margin
-                   or (wedge & (ndi.distance_transform_edt(~keep) <= margin)).any())
+    at_edge = bool(min(y0, x0, sh - y1, sw - x1) <= _EDGE_MARGIN
+                   or (wedge & (ndi.distance_transform_edt(~keep) <= _EDGE_MARGIN)).any())
     nuc_side = max(y1 - y0, x1 - x0) * f
     side = float(np.clip(_CROP_FACTOR * nuc_side, _CROP_MIN_SHARE * short, _CROP_MAX_SHARE * short))
     return WbcBox(
