@@ -31,7 +31,7 @@ class TrainParams:
     max_images_per_cell: int = 0  # 0 = every augmented copy of a cell; >0 caps them (quick runs)
     head_epochs: int = 30  # phase 1: new head on cached frozen embeddings (seconds per epoch)
     head_learning_rate: float = 1e-3
-    finetune_blocks: int = 12  # phase 2: how many of the backbone's top blocks are unfrozen
+    finetune_blocks: int = 16  # phase 2: how many of the backbone's top blocks are unfrozen
     finetune_epochs: int = 10  # with the learning rate cosine-decayed to zero over them
     finetune_learning_rate: float = 1e-4
     finetune_images_per_epoch: int = 6000  # images drawn per fine-tuning epoch, balanced by class
