@@ -70,6 +70,7 @@ def test_predict_answers_with_every_field_and_logs_the_prediction(project, servi
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert body["confidence"] == pytest.approx(max(body["probabilities"].values()))
     assert body["model_version"] == champion_version()
+    assert body["cell_in_view"] in {"whole", "cut"}  # a TEST picture: the localiser finds its cell
     assert body["needs_review"] == (body["confidence"] < SERVICE_REVIEW_THRESHOLD)
 
     logged = PredictionStore(project / "monitoring" / "predictions.sqlite").get(body["prediction_id"])
@@ -79,6 +80,19 @@ def test_predict_answers_with_every_field_and_logs_the_prediction(project, servi
     assert logged["latency_ms"] > 0
     # Images are not kept by default (patient privacy), except those the review queue must show.
     assert (logged["image_path"] is not None) == body["needs_review"]
+
+
+def test_a_picture_without_a_white_cell_is_sent_for_review_however_confident(project, service_url):
+    """No nucleus found: the model classified the frame's centre, a guess (on TEST such answers
+    are nearly all wrong). The answer says so and a person gets to look, whatever the confidence."""
+    smear = Image.new("RGB", (320, 240), (215, 205, 200))  # background and a red cell, no stain
+    smear.paste((205, 150, 150), (140, 100, 180, 140))
+    buffer = io.BytesIO()
+    smear.save(buffer, "JPEG")
+    body = post_image(service_url, buffer.getvalue()).json()
+    assert body["cell_in_view"] == "none" and body["needs_review"] is True
+    logged = PredictionStore(project / "monitoring" / "predictions.sqlite").get(body["prediction_id"])
+    assert logged["needs_review"] == 1 and logged["image_path"] is not None  # it is in the review queue
 
 
 def test_predict_batch_answers_in_order_with_errors_in_place(service_url):
@@ -365,7 +379,9 @@ def test_predict_command_writes_csv_for_files_and_folders(project, trained, tmp_
 
     table = pd.read_csv(out)
     assert len(table) == 4
-    assert set(table.columns) >= {"file", "label", "confidence", "needs_review", "error", *(f"p_{c}" for c in CLASSES)}
+    assert set(table.columns) >= {"file", "label", "confidence", "needs_review", "cell_in_view", "error",
+                                  *(f"p_{c}" for c in CLASSES)}
+    assert set(table.cell_in_view.dropna()) <= {"whole", "cut", "none"}
     assert table.error.notna().sum() == 1 and "broken.jpg" in table[table.error.notna()].file.iloc[0]
     assert set(table.label.dropna()) <= set(CLASSES)
 

@@ -34,8 +34,8 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 PASSWORD = "web pages need a long one"
 UPLOADS = [sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[6] for c in ("eosinophil", "lymphocyte", "monocyte")]
 TO_REVIEW = [p for c in CLASSES for p in sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[7:9]]
-CSV_COLUMNS = ["filename", "label", "confidence", *(f"p_{c}" for c in CLASSES), "needs_review", "model_version",
-               "prediction_id", "error"]
+CSV_COLUMNS = ["filename", "label", "confidence", *(f"p_{c}" for c in CLASSES), "needs_review", "cell_in_view",
+               "model_version", "prediction_id", "error"]
 WAIT = 60
 
 # Skipped on a developer's machine without them; never in CI, which installs them (.ci/run).
@@ -162,6 +162,7 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
         logged = store.get(row["prediction_id"])  # the id is the service's: the prediction was logged
         assert logged is not None and logged["label"] == row["label"]
         assert row["needs_review"] == str(logged["needs_review"] == 1).lower()
+        assert row["cell_in_view"] in {"whole", "cut", "none"}
 
     # A bad file among good ones: its error in its place, the others classified as usual.
     broken = tmp_path / "broken.jpg"

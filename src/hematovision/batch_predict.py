@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from hematovision.progress import Progress
-from hematovision.serving import ImageRejected, prepare_image, run_model
+from hematovision.serving import ImageRejected, needs_review, prepare_image, run_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
@@ -33,7 +33,8 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
 
 def predict_files(classifier, files: Sequence[Path], review_threshold: float, batch_size: int = 32,
                   progress: Progress | None = None) -> list[dict[str, Any]]:
-    """One row per file: label, confidence, a probability per class, needs_review, or error."""
+    """One row per file: label, confidence, a probability per class, needs_review, cell_in_view,
+    or error."""
     classes = list(classifier.classes)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
@@ -42,7 +43,7 @@ def predict_files(classifier, files: Sequence[Path], review_threshold: float, ba
         for path in chunk:
             row: dict[str, Any] = {"file": str(path)}
             try:
-                prepared.append((row, prepare_image(path.read_bytes())))
+                prepared.append((row, prepare_image(path.read_bytes(), classifier.config.image_size)))
             except ImageRejected as error:
                 row["error"] = f"{error.code}: {error.message}"
             except OSError as error:
@@ -50,10 +51,11 @@ def predict_files(classifier, files: Sequence[Path], review_threshold: float, ba
             chunk_rows.append(row)
         if prepared:
             probabilities, _ = run_model(classifier, [p for _, p in prepared])
-            for (row, _), probs in zip(prepared, probabilities):
+            for (row, image), probs in zip(prepared, probabilities):
                 best = int(probs.argmax())
                 row.update(label=classes[best], confidence=round(float(probs[best]), 4),
-                           needs_review=bool(probs[best] < review_threshold),
+                           needs_review=needs_review(float(probs[best]), review_threshold, image.cell_in_view),
+                           cell_in_view=image.cell_in_view,
                            **{f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)})
         rows.extend(chunk_rows)
         if progress:
@@ -67,7 +69,7 @@ def write_results(rows: list[dict[str, Any]], out: Path, classes: Sequence[str])
     if out.suffix.lower() == ".json":
         out.write_text(json.dumps(rows, indent=2))
         return
-    columns = ["file", "label", "confidence", *(f"p_{c}" for c in classes), "needs_review", "error"]
+    columns = ["file", "label", "confidence", *(f"p_{c}" for c in classes), "needs_review", "cell_in_view", "error"]
     with out.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()

@@ -175,9 +175,22 @@ def crop_box(rgb: np.ndarray | Image.Image, box: WbcBox) -> np.ndarray:
     return out
 
 
+def locate_and_crop(rgb: np.ndarray | Image.Image, size: int) -> tuple[np.ndarray, WbcBox]:
+    """Square crop around the white blood cell, resized to ``size`` x ``size`` RGB uint8, and the
+    box it was cut from."""
+    arr = _as_array(rgb)
+    box = locate_wbc(arr)
+    resized = Image.fromarray(crop_box(arr, box)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8), box
+
+
 def crop_wbc(rgb: np.ndarray | Image.Image, size: int) -> np.ndarray:
     """Square crop around the white blood cell, resized to ``size`` x ``size`` RGB uint8."""
-    arr = _as_array(rgb)
-    patch = crop_box(arr, locate_wbc(arr))
-    resized = Image.fromarray(patch).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+    return locate_and_crop(rgb, size)[0]
+
+
+def cell_in_view(box: WbcBox) -> str:
+    """What a reader of a prediction should know about the picture: ``whole`` (a nucleus fully in
+    the picture), ``cut`` (cut by the frame or a rotation wedge) or ``none`` (no nucleus found:
+    the model saw the centre of the frame, and its label is a guess)."""
+    return "none" if not box.found else "cut" if box.at_edge else "whole"

@@ -63,7 +63,7 @@ class HematoVision:
     @bentoml.api(route="/predict")
     def predict(self, image: Path) -> dict:
         """One JPEG/PNG/TIFF/BMP image: label, confidence, probabilities, model_version,
-        prediction_id, needs_review."""
+        prediction_id, needs_review, cell_in_view (whole / cut / none)."""
         try:
             return self.holder.predict([image.read_bytes()])[0]
         except (ImageRejected, NotReady) as error:

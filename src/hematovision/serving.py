@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from hematovision.imaging import ImageError, image_stats, load_rgb
-from hematovision.localize import crop_wbc
+from hematovision.localize import cell_in_view, crop_wbc, locate_and_crop
 from hematovision.predictions import PredictionRecord, PredictionStore, default_store, utc_now
 from hematovision.settings import Settings, get_settings
 
@@ -69,6 +69,7 @@ class PreparedImage:
     sha256: str
     stats: dict[str, float]
     crop: np.ndarray | None = None  # the white-cell crop, when the model's input size was known
+    cell_in_view: str | None = None  # whole / cut / none (localize.cell_in_view), with the crop
 
 
 def prepare_image(data: bytes, crop_size: int | None = None) -> PreparedImage:
@@ -84,8 +85,17 @@ def prepare_image(data: bytes, crop_size: int | None = None) -> PreparedImage:
         rgb = load_rgb(data)
     except ImageError as error:
         raise ImageRejected(error.code, error.message) from error
-    crop = crop_wbc(np.asarray(rgb), crop_size) if crop_size else None
-    return PreparedImage(rgb, hashlib.sha256(data).hexdigest(), image_stats(rgb), crop)
+    crop, cell = None, None
+    if crop_size:
+        crop, box = locate_and_crop(np.asarray(rgb), crop_size)
+        cell = cell_in_view(box)
+    return PreparedImage(rgb, hashlib.sha256(data).hexdigest(), image_stats(rgb), crop, cell)
+
+
+def needs_review(confidence: float, threshold: float, cell: str | None) -> bool:
+    """A person should look: the model is unsure, or it found no white cell to classify (on TEST
+    such answers are nearly all wrong, however confident)."""
+    return confidence < threshold or cell == "none"
 
 
 def run_model(classifier, images: Sequence[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
@@ -371,7 +381,7 @@ class ModelHolder:
     # --- prediction ----------------------------------------------------------------------------
     def predict(self, images: Sequence[bytes], errors: Literal["raise", "return"] = "raise") -> list[dict[str, Any]]:
         """One dict per image: label, confidence, probabilities, model_version, prediction_id,
-        needs_review. A bad image raises :class:`ImageRejected` (``errors="raise"``) or is
+        needs_review, cell_in_view (whole / cut / none). A bad image raises :class:`ImageRejected` (``errors="raise"``) or is
         answered in place by ``{"error": code, "detail": message}`` (``errors="return"``)."""
         model = self._current  # grabbed once: a swap during this request does not affect it
         if model is None:
@@ -396,7 +406,8 @@ class ModelHolder:
                 records.append(record)
                 results[index] = {"label": record.label, "confidence": record.confidence,
                                   "probabilities": record.probabilities, "model_version": model.version,
-                                  "prediction_id": record.id, "needs_review": record.needs_review}
+                                  "prediction_id": record.id, "needs_review": record.needs_review,
+                                  "cell_in_view": prepared.cell_in_view}
             self._log(records, [images[i] for i, _ in good])
         return results  # type: ignore[return-value]
 
@@ -461,7 +472,8 @@ def _record(model: LoadedModel, prepared: PreparedImage, probs: np.ndarray, embe
     confidence = float(probs[best])
     return PredictionRecord(model_version=model.version, label=classes[best], confidence=confidence,
                             probabilities={c: float(p) for c, p in zip(classes, probs)},
-                            needs_review=confidence < threshold, image_sha256=prepared.sha256,
+                            needs_review=needs_review(confidence, threshold, prepared.cell_in_view),
+                            image_sha256=prepared.sha256,
                             latency_ms=latency_ms, image_stats=prepared.stats, embedding=embedding)
 
 

@@ -46,6 +46,12 @@
         el("p", { class: "detail", text: entry.error.detail })));
   }
 
+  // What the localiser saw, in words a reader of the answer needs (absent for a whole cell).
+  const VIEW_NOTES = {
+    cut: "The cell is cut by the picture's edge: part of it was not seen.",
+    none: "No white cell found in the picture: the label is a guess.",
+  };
+
   function showResult(entry) {
     const r = entry.result;
     const card = entry.card;
@@ -54,8 +60,10 @@
     const info = el("div", { class: "info" },
       el("div", { class: "name", text: entry.name }),
       el("div", {}, el("span", { class: "label", text: title(r.label) }), " ",
-        r.needs_review ? el("span", { class: "badge review", title: "confidence below the review threshold", text: "needs review" })
+        r.needs_review ? el("span", { class: "badge review", text: "needs review",
+                                      title: r.cell_in_view === "none" ? "no white cell found in the picture" : "confidence below the review threshold" })
                        : el("span", { class: "badge sure", text: "confident" })),
+      VIEW_NOTES[r.cell_in_view] ? el("p", { class: "view-note", text: VIEW_NOTES[r.cell_in_view] }) : "",
       el("div", { class: "conf" }, el("span", { text: "confidence" }), HV.bar(r.confidence, r.needs_review ? "big warn" : "big ok"),
         el("span", { class: "num confidence", text: pct(r.confidence) })),
       HV.probabilities(r.probabilities, r.label),
@@ -177,14 +185,14 @@
 
   function csv() {
     const cls = classes || [];
-    const header = ["filename", "label", "confidence", ...cls.map((c) => `p_${c}`), "needs_review", "model_version",
-      "prediction_id", "error"];
+    const header = ["filename", "label", "confidence", ...cls.map((c) => `p_${c}`), "needs_review", "cell_in_view",
+      "model_version", "prediction_id", "error"];
     const rows = entries.filter((e) => e.status !== "pending").map((e) => {
       const r = e.result;
       return r
         ? [e.name, r.label, r.confidence.toFixed(6), ...cls.map((c) => (r.probabilities[c] ?? 0).toFixed(6)),
-          r.needs_review, r.model_version, r.prediction_id, ""]
-        : [e.name, "", "", ...cls.map(() => ""), "", "", "", `${e.error.error}: ${e.error.detail}`];
+          r.needs_review, r.cell_in_view ?? "", r.model_version, r.prediction_id, ""]
+        : [e.name, "", "", ...cls.map(() => ""), "", "", "", "", `${e.error.error}: ${e.error.detail}`];
     });
     return [header, ...rows].map((row) => row.map(csvField).join(",")).join("\r\n") + "\r\n";
   }
