@@ -17,6 +17,11 @@ Two measurements that would come out very differently if it were true:
    wedge, or no stained nucleus at all (the localiser then falls back to the centre). Accuracy is
    broken down by what the localiser saw: a whole nucleus, one at the edge, none.
 
+4. What the misread pictures resemble. For each TEST image the model gets wrong, the labels of its
+   10 nearest TRAIN images (plain view, the same embeddings): if they carry the label the model
+   gave, the model did what TRAIN taught it, and the picture looks like cells TRAIN files under
+   that other class.
+
 Appends a dated section to benchmarks/RESULTS.md. Uses the embedding cache the evaluate stage fills.
 """
 
@@ -29,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from hematovision.settings import quiet_environment
 
@@ -117,6 +123,23 @@ def main() -> None:
             chosen = in_class & (seen == kind)
             cells.append(f"{chosen.sum()}, {correct[chosen].mean():.3f}" if chosen.any() else "0")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    train_rows = load_manifest(settings)
+    train_rows = train_rows[train_rows.split != "test"].reset_index(drop=True)
+    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+    train = cached_embeddings(classifier, [settings.path(settings.data_dir) / p for p in train_rows.path], cache)
+    cache.close()
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    predicted = np.asarray(classifier.classes)[probabilities.argmax(axis=1)]
+    lines += ["", "What the misread pictures resemble (labels of the 10 nearest TRAIN images)", "",
+              "| true class -> predicted | images | neighbours labelled as predicted | as the true class | as another |",
+              "|---|---|---|---|---|"]
+    truth = rows.label.to_numpy()
+    for (true, guess), count in sorted(pd.Series(list(zip(truth[~correct], predicted[~correct]))).value_counts().items()):
+        chosen = np.flatnonzero((truth == true) & (predicted == guess))
+        nearest = np.argsort(-(mean[chosen] @ train.T), axis=1)[:, :10]
+        labels = train_rows.label.to_numpy()[nearest]
+        lines.append(f"| {true} -> {guess} | {count} | {(labels == guess).mean():.2f} | {(labels == true).mean():.2f} | "
+                     f"{((labels != guess) & (labels != true)).mean():.2f} |")
     record(lines)
     print("\n".join(lines))
 
