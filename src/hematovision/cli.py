@@ -155,10 +155,9 @@ def evaluate(
     if not data.is_dir():
         _fail(f"{data} is not a folder")
     from hematovision.evaluate import evaluate_folder
+    from hematovision.embeddings import EmbeddingCache
     from hematovision.packaging import load_classifier
     from hematovision.tracking import configure_mlflow
-
-    from hematovision.embeddings import EmbeddingCache
 
     configure_mlflow()
     settings = get_settings()

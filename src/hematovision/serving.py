@@ -381,8 +381,9 @@ class ModelHolder:
     # --- prediction ----------------------------------------------------------------------------
     def predict(self, images: Sequence[bytes], errors: Literal["raise", "return"] = "raise") -> list[dict[str, Any]]:
         """One dict per image: label, confidence, probabilities, model_version, prediction_id,
-        needs_review, cell_in_view (whole / cut / none). A bad image raises :class:`ImageRejected` (``errors="raise"``) or is
-        answered in place by ``{"error": code, "detail": message}`` (``errors="return"``)."""
+        needs_review, cell_in_view (whole / cut / none). A bad image raises :class:`ImageRejected`
+        (``errors="raise"``) or is answered in place by ``{"error": code, "detail": message}``
+        (``errors="return"``)."""
         model = self._current  # grabbed once: a swap during this request does not affect it
         if model is None:
             raise NotReady("no model loaded yet" + (f" (loading version {self._loading})" if self._loading else ""))
