@@ -150,6 +150,8 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
         assert rows[0].get_attribute("data-class") == expected["label"]  # largest first
         badge = card.find_element(By.CSS_SELECTOR, ".badge").text
         assert badge == ("needs review" if expected["needs_review"] else "confident")
+        # A cell cut by the picture's edge, or none found, is said under the label; a whole one is not.
+        assert len(card.find_elements(By.CSS_SELECTOR, ".view-note")) == (expected["cell_in_view"] != "whole")
         assert loaded(browser, f'.result[data-name="{path.name}"] img.original')
 
     rows = download_csv(browser, downloads)
