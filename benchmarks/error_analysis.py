@@ -70,7 +70,6 @@ def main() -> None:
     views = classifier.config.tta_views
     cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
     embeddings = cached_embeddings(classifier, paths, cache, views=views).reshape(views, len(paths), -1)
-    cache.close()
     probabilities = np.stack([classifier.classify_embeddings(e) for e in embeddings]).mean(axis=0)
     correct = probabilities.argmax(axis=1) == label_indices(rows.label, classifier.classes)
 
@@ -125,7 +124,6 @@ def main() -> None:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     train_rows = load_manifest(settings)
     train_rows = train_rows[train_rows.split != "test"].reset_index(drop=True)
-    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
     train = cached_embeddings(classifier, [settings.path(settings.data_dir) / p for p in train_rows.path], cache)
     cache.close()
     train /= np.linalg.norm(train, axis=1, keepdims=True)
