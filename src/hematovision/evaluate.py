@@ -21,20 +21,22 @@ def evaluate_rows(
     cache: EmbeddingCache | None = None,
     bootstrap_samples: int = 1000,
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``classifier`` on manifest-style rows (path relative to ``image_root``, label,
-    optional group). Rows whose label the model does not know are left out and counted."""
+    optional group). Rows whose label the model does not know are left out and counted.
+    ``progress(done, total)`` counts images."""
     known = rows[rows.label.isin(classifier.classes)]
     paths = [image_root / p for p in known.path]
     if cache is not None:  # the model as it answers: its test-time views, from the cache where possible
         views = classifier.config.tta_views
-        embeddings = cached_embeddings(classifier, paths, cache, progress=_per_image(progress, views), views=views)
+        embeddings = cached_embeddings(classifier, paths, cache, progress=_images_done(progress, views, len(paths)),
+                                       views=views)
         probabilities = classifier.classify_embeddings(embeddings).reshape(views, len(paths), -1).mean(axis=0)
     else:
         probabilities = classifier.predict_images(paths)
         if progress:
-            progress(len(paths))
+            progress(len(paths), len(paths))
     groups = list(known.group) if "group" in known and known.group.notna().all() else None
     metrics = classification_metrics(
         label_indices(known.label, classifier.classes), probabilities, classifier.classes,
@@ -44,18 +46,16 @@ def evaluate_rows(
     return metrics
 
 
-def _per_image(progress: Callable[[int], None] | None, views: int) -> Callable[[int], None] | None:
-    """Turn a progress count of embedded views into one of images."""
+def _images_done(progress: Callable[[int, int], None] | None, views: int, total: int) -> Callable[[int], None] | None:
+    """Turn the cache's increments of embedded rows (``views`` per image) into images done of ``total``."""
     if progress is None:
         return None
-    done = {"views": 0, "images": 0}
+    rows = 0
 
     def step(n: int) -> None:
-        done["views"] += n
-        images = done["views"] // views
-        if images > done["images"]:
-            progress(images - done["images"])
-            done["images"] = images
+        nonlocal rows
+        rows += n
+        progress(rows // views, total)
     return step
 
 
@@ -70,7 +70,7 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Metrics on a folder of class-named subfolders (names case-insensitive); unknown folders and
     unreadable images are reported in the result, not fatal. ``progress(done, total)`` counts
-    images (the total is known only once the folder has been listed)."""
+    the readable images."""
     rows, unknown = scan_class_folders(folder, tuple(classifier.classes))
     if max_images_per_class > 0:
         rows = rows.groupby("label", group_keys=False).apply(
@@ -78,14 +78,7 @@ def evaluate_folder(
     rows, bad = validate_images(rows, folder)
     if rows.empty:
         raise ValueError(f"{folder} holds no readable images in folders named after {', '.join(classifier.classes)}")
-    done = 0
-
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        progress(done, len(rows))
-
-    metrics = evaluate_rows(classifier, rows, folder, cache, bootstrap_samples, seed, step if progress else None)
+    metrics = evaluate_rows(classifier, rows, folder, cache, bootstrap_samples, seed, progress)
     metrics["unknown_folders"] = list(unknown)
     metrics["unreadable_images"] = [
         {"path": str(r.path), "error": f"{r.error_code}: {r.error_message}"} for r in bad.itertuples()

@@ -192,12 +192,12 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
     started = time.perf_counter()
     results["test"] = evaluate_rows(classifier, test_rows, settings.path(settings.data_dir), cache,
                                     params.evaluate.bootstrap_samples, params.seed,
-                                    _counter(progress, "evaluating on TEST", len(test_rows)))
+                                    _reporting(progress, "evaluating on TEST"))
     new_site = settings.path(settings.new_site_source)
     if new_site.is_dir():
         results["new_site"] = evaluate_folder(classifier, new_site, cache, params.evaluate.bootstrap_samples,
                                               params.evaluate.max_images_per_class, params.seed,
-                                              progress and (lambda done, total: progress("evaluating on the new site", done, total)))
+                                              _reporting(progress, "evaluating on the new site"))
     cache.close()
     results["timings"] = {"evaluate_s": time.perf_counter() - started}
     (reports_dir / METRICS_FILE).write_text(json.dumps(results, indent=2))
@@ -218,17 +218,9 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
     return results
 
 
-def _counter(progress: Progress | None, what: str, total: int) -> Callable[[int], None] | None:
-    if progress is None:
-        return None
-    done = 0
-
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        progress(what, done, total)
-
-    return step
+def _reporting(progress: Progress | None, what: str) -> Callable[[int, int], None] | None:
+    """An evaluation's ``(done, total)`` progress, reported as the step ``what``."""
+    return None if progress is None else (lambda done, total: progress(what, done, total))
 
 
 # --- register and promote -------------------------------------------------------------------------
