@@ -112,9 +112,12 @@ def download_csv(driver, downloads: Path) -> list[dict]:
         old.unlink()
     wait(driver, lambda d: d.find_element(By.ID, "download-csv").is_enabled(), message="the CSV button")
     driver.find_element(By.ID, "download-csv").click()
+    # Chromium may show the file under its final name before its bytes are written (CI once read it
+    # empty), so wait for the page's CSV to be complete: it always ends with a line break.
     deadline = time.monotonic() + 20
-    while not (saved := list(downloads.glob("*.csv"))):
-        assert time.monotonic() < deadline, f"no CSV was downloaded into {downloads}: {list(downloads.iterdir())}"
+    while not ((saved := list(downloads.glob("*.csv"))) and saved[0].read_bytes().endswith(b"\r\n")
+               and not list(downloads.glob("*.crdownload"))):
+        assert time.monotonic() < deadline, f"no complete CSV was downloaded into {downloads}: {list(downloads.iterdir())}"
         time.sleep(0.2)
     reader = csv.DictReader(io.StringIO(saved[0].read_text(encoding="utf-8")))
     assert reader.fieldnames == CSV_COLUMNS
