@@ -9,6 +9,7 @@ the main job does) and appends a dated section to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import resource
 import subprocess
@@ -59,6 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from flows.training import training_flow
+    from hematovision import CLASSES
     from hematovision.params import load_params
     from hematovision.settings import get_settings
 
@@ -69,7 +71,8 @@ def main() -> None:
     p = load_params(Path("params.yaml"), args.profile)
     recipe = (f"seed {p.seed}, crop {p.model.image_size} px, head {p.train.head_epochs} epochs, fine-tune top {p.train.finetune_blocks} "
               f"blocks x {p.train.finetune_epochs} epochs (learning rate {p.train.finetune_learning_rate:g}, cosine decay), colour jitter {p.train.colour_jitter}, crop jitter {p.train.crop_jitter}, "
-              f"{p.model.tta_views} test-time views")
+              f"{p.model.tta_views} test-time views; cells grouped by {p.prepare.cell_grouping}"
+              + (f" (cosine distance {p.prepare.cell_max_distance:g})" if p.prepare.cell_grouping == "content" else ""))
     cache = get_settings().path(get_settings().cache_dir)
     cache_state = "warm" if cache.exists() and any(cache.iterdir()) else "cold"
 
@@ -77,6 +80,9 @@ def main() -> None:
     summary = training_flow(profile=args.profile)
     wall = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    prepared = json.loads((get_settings().path(get_settings().prepared_dir) / "summary.json").read_text())
+    cells = "; ".join(f"{split} " + "/".join(str(prepared["groups"][split].get(c, 0)) for c in CLASSES)
+                      for split in ("train", "val", "test") if split in prepared["groups"])
 
     lines = [
         f"\n## Training main job — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -85,8 +91,9 @@ def main() -> None:
         f"- recipe: {recipe}; embedding cache {cache_state} at start",
         f"- wall time of the whole flow: {wall / 60:.1f} min; peak memory (RSS): {peak_mb:.0f} MiB",
         "- per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()),
+        f"- cells (groups) per class, {'/'.join(c[:2].upper() for c in CLASSES)}: {cells}",
         "",
-        "| data | images | accuracy [95% CI, groups resampled] | macro-F1 | groups | group-level accuracy [95% CI] |",
+        "| data | images | accuracy [95% CI, cells resampled] | macro-F1 | cells | cell-level accuracy [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
     names = {"val": "validation (held-out TRAIN cells)", "test": "official TEST", "new_site": "pbc-sample (another lab, 4 classes)"}
@@ -98,8 +105,12 @@ def main() -> None:
             f"| {label} | {m['n_images']} | {m['accuracy']:.3f}{fmt_ci(m, 'accuracy')} | {m['macro_f1']:.3f} | "
             f"{m.get('n_cells', '')} | {m.get('cell_accuracy', float('nan')):.3f}{fmt_ci(m, 'cell_accuracy')} |"
         )
-    lines.append("\nGroups are the dataset's `_<k>_` index (pbc-sample: one image each). It is not one real cell "
-                 "(benchmarks/error_analysis.py): group-level accuracy and intervals that resample groups are optimistic.")
+    if p.prepare.cell_grouping == "content":
+        lines.append("\nCells are found by clustering the frozen backbone's crop embeddings (src/hematovision/cells.py; "
+                     "pbc-sample: one image each); a cluster may hold more than one real cell, so cell counts are low.")
+    else:
+        lines.append("\nCells are the dataset's `_<k>_` index (pbc-sample: one image each). It is not one real cell "
+                     "(benchmarks/error_analysis.py): cell-level accuracy and intervals that resample cells are optimistic.")
     for split in ("test", "new_site"):
         m = summary["metrics"].get(split)
         if m:

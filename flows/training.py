@@ -37,7 +37,7 @@ def import_data() -> dict:
 
 @task(name="prepare")
 def prepare(params_file: str, profile: str | None) -> dict:
-    summary = pipeline.prepare_step(get_settings(), load_params(Path(params_file), profile))
+    summary = pipeline.prepare_step(get_settings(), load_params(Path(params_file), profile), reporter(get_run_logger()))
     get_run_logger().info("prepared: %s", {k: v for k, v in summary.items() if k in ("counts", "n_bad")} or summary)
     return summary
 

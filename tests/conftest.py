@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from hematovision import service_process
 from hematovision.service_process import free_port, stop_service  # noqa: F401 - tests import them from here
@@ -29,12 +30,27 @@ os.environ.update(TELEMETRY_OFF)
 
 
 def copy_cells(split: str, cls: str, dest: Path, cells: int, per_cell: int) -> None:
-    """Copy ``per_cell`` augmented images of each of the first ``cells`` original cells."""
+    """``cells`` real cells, ``per_cell`` pictures of each (the real file, then flipped copies).
+
+    Named like the real dataset, ``_<k>_<n>.jpeg``, and like it the ``k`` does not name the cell:
+    picture ``c`` of cell ``j`` is ``_<(j + c) % cells>_<1000 + 10 j + c>``, so only the pictures'
+    content tells which belong together (``true_cell`` reads the truth back from ``n``)."""
     dest.mkdir(parents=True, exist_ok=True)
     files = sorted((BLOOD_CELLS / split / cls).iterdir())
-    for k in range(cells):
-        for f in [f for f in files if f.name.startswith(f"_{k}_")][:per_cell]:
-            shutil.copy(f, dest / f.name)
+    flips = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180]
+    for j, original in enumerate(files[: cells * 37 : 37]):  # spread out over the class's files
+        for c, flip in enumerate(flips[:per_cell]):
+            name = f"_{(j + c) % cells}_{1000 + 10 * j + c}.jpeg"
+            if flip is None:
+                shutil.copy(original, dest / name)
+            else:
+                Image.open(original).transpose(flip).save(dest / name, quality=95)
+
+
+def true_cell(path: str) -> str:
+    """The cell a picture made by ``copy_cells`` shows: its folder and ``j``."""
+    folder, name = path.rsplit("/", 1)
+    return f"{folder}/{(int(name.split('_')[2].split('.')[0]) - 1000) // 10}"
 
 
 def build_kaggle_subset(root: Path, train_cells: int = 4, test_cells: int = 2, per_cell: int = 2) -> Path:

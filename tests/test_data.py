@@ -291,6 +291,18 @@ def test_grouped_split_tiny_class_still_validated() -> None:
         grouped_split(df[df["group"].isin(["a/0", "b/0", "b/1"])], val_fraction=0.2, seed=0)
 
 
+def test_grouped_split_holds_out_a_share_of_images_not_of_groups() -> None:
+    # Cells found by content vary in size: one holds 40% of the class, the others 2-8 pictures each.
+    sizes = [160] + [2, 8] * 30
+    rows = [{"split": "train", "label": "a", "group": f"a/{g}", "path": f"a/{g}/{i}"} for g, n in enumerate(sizes) for i in range(n)]
+    df = pd.DataFrame(rows)
+    for seed in range(5):
+        split = grouped_split(df, val_fraction=0.2, seed=seed)
+        share = (split == "val").mean()
+        assert 0.18 <= share <= 0.3, share
+        assert (split[df["group"] == "a/0"] == "train").all()  # the big one would make val 40% or more
+
+
 def test_scan_class_folders_case_insensitive_with_unknown_folders(tmp_path: Path) -> None:
     png = _encode(_noise_rgb(64, 64), "PNG")
     for folder, name in [("EOSINOPHIL", "a.PNG"), ("Lymphocyte", "b.png"), ("monocyte", "c.Jpg"), ("monocyte/sub", "d.tif")]:
@@ -342,7 +354,8 @@ def test_prepare_on_a_kaggle_subset_reports_bad_images(tmp_path: Path) -> None:
     bad = pd.read_csv(out / "bad_images.csv")
     assert dict(zip(bad["path"].map(lambda p: Path(p).name), bad["error_code"])) == {"_99_1.jpeg": "truncated", "_98_1.jpeg": "empty"}
     manifest = pd.read_csv(out / "manifest.csv")
-    assert list(manifest.columns) == ["path", "split", "label", "group", "width", "height"]
+    assert list(manifest.columns) == ["path", "split", "label", "group", "name_group", "width", "height"]
+    assert manifest["group"].equals(manifest["name_group"])  # no embedding function: the names decide
     assert not manifest["path"].str.contains("_99_1|_98_1").any()
     assert all((src / p).is_file() for p in manifest["path"])
     assert set(manifest["split"]) == {"train", "val", "test"}

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import true_cell
 from hematovision.cli import app
 from hematovision.registry import CHAMPION, Registry
 from hematovision.settings import get_settings
@@ -60,6 +61,12 @@ def test_prepare_reports_the_bad_image_and_splits_by_cell(project, trained):
     train_groups = set(manifest[manifest.split == "train"].group)
     val_groups = set(manifest[manifest.split == "val"].group)
     assert train_groups and val_groups and not train_groups & val_groups
+    # The subset's file names scramble which picture shows which cell, as the real dataset's do:
+    # the groups must be the true cells, found from the pictures alone.
+    truth = manifest.path.map(true_cell)
+    assert (manifest.groupby(truth).group.nunique() == 1).all(), "a cell's pictures in several groups"
+    assert (truth.groupby(manifest.group).nunique() == 1).all(), "two cells in one group"
+    assert (manifest.groupby(truth).name_group.nunique() > 1).any()  # the names alone would get it wrong
     assert set(manifest[manifest.split == "val"].label) == {"eosinophil", "lymphocyte", "monocyte", "neutrophil"}
     assert set(manifest.split) == {"train", "val", "test"}
 

@@ -112,11 +112,12 @@ def data_import():
 
 @app.command()
 def prepare(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
-    """Validate every image, derive each image's original cell, make the grouped train/val split."""
+    """Validate every image, find which images show the same cell, make the grouped train/val split."""
     from hematovision.pipeline import prepare_step
+    from hematovision.progress import cli_logger, console_progress, logging_progress
 
-    with console.status("validating images and splitting by cell"):
-        summary = prepare_step(get_settings(), _params(params_file, profile))
+    with console_progress(logging_progress(cli_logger())) as report:
+        summary = prepare_step(get_settings(), _params(params_file, profile), report)
     print(json.dumps(summary, indent=2))
 
 

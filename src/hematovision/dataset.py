@@ -1,9 +1,11 @@
 """Scan, validate and split image datasets into a manifest.
 
 Two layouts are understood: the Kaggle "Blood Cell Images" download (``dataset2-master/images/
-{TRAIN,TEST,TEST_SIMPLE}/{CLASS}/_<k>_<n>.jpeg``, where ``k`` identifies the original cell) and any
-folder of class-named subfolders (a new site's export). Validation and splitting are by *cell*
-(group), never by file: the augmented copies of one cell must stay on one side of a split.
+{TRAIN,TEST,TEST_SIMPLE}/{CLASS}/_<k>_<n>.jpeg``, where ``k`` is said to identify the original
+cell) and any folder of class-named subfolders (a new site's export). Validation and splitting are
+by *cell* (group), never by file: the augmented copies of one cell must stay on one side of a split.
+The file names' ``k`` is kept as ``name_group``; ``group`` is the cell found by content when the
+caller passes an embedding function (see cells.py for why the names cannot be trusted).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from hematovision import CLASSES
 from hematovision.imaging import ImageError, load_rgb
+
+# Embeddings (one row each) of the images at these paths: how prepare() finds cells by content.
+Embedder = Callable[[list[Path]], np.ndarray]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +34,7 @@ KAGGLE_SPLITS = {"TRAIN": "train", "TEST": "test", "TEST_SIMPLE": "test_simple"}
 # Augmented Kaggle files are "_<cell index>_<random>.<ext>".
 _KAGGLE_NAME = re.compile(r"^_(\d+)_(\d+)$")
 
-MANIFEST_COLUMNS = ["path", "split", "label", "group", "width", "height"]
+MANIFEST_COLUMNS = ["path", "split", "label", "group", "name_group", "width", "height"]
 BAD_COLUMNS = ["path", "split", "label", "group", "error_code", "error_message"]
 
 
@@ -159,9 +165,12 @@ def grouped_split(
     """Assign each training row to "train" or "val", whole groups at a time, per class.
 
     Uses the rows whose ``split`` is "train" (all rows if there is no split column). Within each
-    class the sorted groups are shuffled with a seeded generator and the first
-    ``max(min_val_groups, round(val_fraction * n_groups))`` go to val (at least one stays in
-    train), so every class is validated even when it has only a handful of cells (16 monocytes).
+    class the sorted groups are shuffled with a seeded generator and taken in that order until val
+    holds ``val_fraction`` of the class's images; a group that would overshoot that by half is
+    passed over (groups found by content vary in size, and one large group must not make val a
+    third of the class). At least ``min_val_groups`` go to val (the smallest left, if every group
+    is too large) and at least one stays in train,
+    so every class is validated even when it has only a handful of cells (16 monocytes).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -171,16 +180,28 @@ def grouped_split(
         return out
     # A group's class is its majority label (groups from scan_kaggle never mix labels).
     group_label = rows.groupby("group")["label"].agg(lambda s: s.mode().iloc[0])
+    group_size = rows.groupby("group").size()
     val_groups: set[str] = set()
     for i, label in enumerate(sorted(group_label.unique())):
         groups = np.array(sorted(group_label.index[group_label == label]))
         if len(groups) < 2:
             raise ValueError(f"class {label!r} has {len(groups)} group(s); need 2 to validate on it")
-        n_val = int(round(val_fraction * len(groups)))
-        n_val = min(max(n_val, min_val_groups), len(groups) - 1)
+        target = val_fraction * group_size[groups].sum()
+        most = len(groups) - 1
+        chosen, images = [], 0
         # One generator per class, so adding a class does not reshuffle the others.
-        rng = np.random.default_rng([seed, i])
-        val_groups.update(rng.permutation(groups)[:n_val].tolist())
+        for group in np.random.default_rng([seed, i]).permutation(groups):
+            if len(chosen) == most or (len(chosen) >= min_val_groups and images >= target):
+                break
+            if images + group_size[group] <= 1.5 * target:
+                chosen.append(group)
+                images += group_size[group]
+        # A class of a few large cells: validate on its smallest ones rather than not at all.
+        for group in sorted(set(groups) - set(chosen), key=lambda g: (group_size[g], g)):
+            if len(chosen) >= min(min_val_groups, most):
+                break
+            chosen.append(group)
+        val_groups.update(chosen)
     out[rows["group"].isin(val_groups)] = "val"
     return out
 
@@ -198,12 +219,15 @@ def _counts(df: pd.DataFrame) -> dict:
     return {"images": _nested(by.size()), "groups": _nested(by["group"].nunique())}
 
 
-def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int) -> dict:
+def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int, embed: Embedder | None = None,
+            cell_max_distance: float = 0.25) -> dict:
     """Scan ``source``, validate every image, split train/val by group and write the outputs.
 
-    Writes ``manifest.csv`` (path relative to source, split, label, group, width, height),
-    ``bad_images.csv`` (always, header even when empty) and ``summary.json``; returns the summary.
-    A class-folder source (no Kaggle layout) is treated as all-training data.
+    With ``embed``, each image's group is the cell found by clustering the embeddings of its crop
+    (cells.py); without it, the file name's group. Writes ``manifest.csv`` (path relative to
+    source, split, label, group, name_group, width, height), ``bad_images.csv`` (always, header
+    even when empty) and ``summary.json``; returns the summary. A class-folder source (no Kaggle
+    layout) is treated as all-training data.
     """
     source, out_dir = Path(source), Path(out_dir)
     unknown: list[str] = []
@@ -218,6 +242,12 @@ def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int) -> dict
         raise FileNotFoundError(f"no images found under {source}")
 
     ok, bad = validate_images(scanned, source)
+    ok = ok.sort_values(["split", "label", "path"])
+    ok["name_group"] = ok["group"]
+    if embed is not None and not ok.empty:
+        from hematovision.cells import group_by_content
+
+        ok["group"] = group_by_content(ok, embed([source / p for p in ok["path"]]), cell_max_distance)
     split = grouped_split(ok, val_fraction, seed)
     ok.loc[split.index, "split"] = split
     manifest = ok[MANIFEST_COLUMNS].sort_values(["split", "label", "path"]).reset_index(drop=True)
@@ -231,6 +261,7 @@ def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int) -> dict
         "layout": layout,
         "val_fraction": val_fraction,
         "seed": seed,
+        "cell_groups": "content" if embed is not None else "file names",
         "n_scanned": int(len(scanned)),
         "n_images": int(len(manifest)),
         "n_bad": int(len(bad)),

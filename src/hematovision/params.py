@@ -15,7 +15,12 @@ import yaml
 
 @dataclass
 class PrepareParams:
-    val_fraction: float = 0.2  # share of TRAIN's original cells (groups) held out for validation
+    val_fraction: float = 0.2  # share of TRAIN's images held out for validation, whole cells at a time
+    # How copies of one cell are recognised: "content" clusters the frozen backbone's embeddings of
+    # the cell crops (cells.py); "filename" trusts the `_<k>_` in the name, which this dataset's
+    # copy gets wrong (validation then leaks).
+    cell_grouping: str = "content"
+    cell_max_distance: float = 0.25  # cosine distance at which clusters stop merging into one cell
 
 
 @dataclass

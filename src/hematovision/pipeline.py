@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
 from hematovision.params import Params
@@ -91,11 +92,42 @@ def run_dvc(*args: str, cwd: Path) -> str:
 
 
 # --- prepare --------------------------------------------------------------------------------------
-def prepare_step(settings: Settings, params: Params) -> dict[str, Any]:
+def prepare_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
     from hematovision.dataset import prepare
 
+    grouping = params.prepare.cell_grouping
+    if grouping not in ("content", "filename"):
+        raise ValueError(f"prepare.cell_grouping must be 'content' or 'filename', not {grouping!r}")
+    embed = _frozen_embedder(settings, params, progress) if grouping == "content" else None
     return prepare(settings.path(settings.data_dir), settings.path(settings.prepared_dir),
-                   params.prepare.val_fraction, params.seed)
+                   params.prepare.val_fraction, params.seed, embed, params.prepare.cell_max_distance)
+
+
+def _frozen_embedder(settings: Settings, params: Params, progress: Progress | None):
+    """Embeddings of the ImageNet backbone (not fine-tuned) at the training crop size, through the
+    embedding cache: the training's first phase needs exactly these, so it reads them back."""
+    from hematovision import CLASSES
+    from hematovision.embeddings import EmbeddingCache, cached_embeddings
+    from hematovision.model import Classifier, ClassifierConfig
+
+    def embed(paths: list[Path]) -> np.ndarray:
+        classifier = Classifier.new(ClassifierConfig(classes=list(CLASSES), image_size=params.model.image_size))
+        cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+        report = _reporting(progress, "finding cells (embedding crops)")
+        done = 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if report:
+                report(done, len(paths))
+
+        try:
+            return cached_embeddings(classifier, paths, cache, progress=step)
+        finally:
+            cache.close()
+
+    return embed
 
 
 def load_manifest(settings: Settings) -> pd.DataFrame:
