@@ -1,10 +1,11 @@
-"""Where the champion's TEST errors are: does `_<k>_` name one cell, and is the cell in view?
+"""Where the champion's TEST errors are: do the groups name cells, which cells are misread, and is
+the cell in view?
 
     uv run python benchmarks/error_analysis.py [--model models:/hematovision@champion]
 
 The datasets README says every file `_<k>_<n>.jpeg` of one split and class is a rotation/shift/flip
-of one real cell; the grouped split, the cell-level metrics and their bootstrap all rest on that.
-Two measurements that would come out very differently if it were true:
+of one real cell. prepare no longer trusts that (src/hematovision/cells.py): it groups pictures by
+content. Both groupings are put to two tests that would come out very differently for real cells:
 
 1. Errors per group. A classifier's mistakes follow real cells (one hard cell is misread in most of
    its copies), so if groups were cells, group accuracies would sit near 0 or 1. If each group mixes
@@ -13,11 +14,16 @@ Two measurements that would come out very differently if it were true:
    embeddings, an image's most similar other image should usually share its group. The chance
    level (a random image of the same class) is printed beside it.
 
-3. Cell in view. Some TEST pictures show the labelled cell cut by the frame or by a black rotation
+3. Errors by cell. TEST's pictures clustered with the champion's own embeddings, which separate
+   copies of one cell sharply: how many cells each class has and how many of TEST's errors come
+   from cells the model misreads in most of their copies (each such cell moves TEST accuracy by
+   its share of the images).
+
+4. Cell in view. Some TEST pictures show the labelled cell cut by the frame or by a black rotation
    wedge, or no stained nucleus at all (the localiser then falls back to the centre). Accuracy is
    broken down by what the localiser saw: a whole nucleus, one at the edge, none.
 
-4. What the misread pictures resemble. For each TEST image the model gets wrong, the labels of its
+5. What the misread pictures resemble. For each TEST image the model gets wrong, the labels of its
    10 nearest TRAIN images (plain view, the same embeddings): if they carry the label the model
    gave, the model did what TRAIN taught it, and the picture looks like cells TRAIN files under
    that other class.
@@ -43,12 +49,15 @@ quiet_environment()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from training import machine, record  # noqa: E402
 
+_ERROR_CELL_DISTANCE = 0.15
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models:/hematovision@champion")
     args = parser.parse_args()
 
+    from hematovision.cells import cluster_cells
     from hematovision.dataset import label_indices
     from hematovision.embeddings import EmbeddingCache, cached_embeddings
     from hematovision.imaging import load_rgb
@@ -83,33 +92,55 @@ def main() -> None:
         f"- machine: {machine()}",
         f"- commit: {commit}; model {args.model} (v{_version(args.model)}); {views} test-time views; {len(rows)} images",
         "",
-        "Is `_<k>_` one cell?",
+        "Do the groups name cells?",
         "",
-        "| class | groups | images a group | class accuracy | group accuracy min-max | images in groups with accuracy <0.2 or >0.8 | nearest neighbour in the same group | chance |",
-        "|---|---|---|---|---|---|---|---|",
+        "| grouping | class | groups | images a group | class accuracy | group accuracy min-max | images in groups with accuracy <0.2 or >0.8 | nearest neighbour in the same group | chance |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    groupings = {"name_group": "`_<k>_` in the file name", "group": "cells found by content (prepare)"}
+    for column, title in groupings.items():
+        if column not in rows:
+            continue
+        for label in classifier.classes:
+            index = np.flatnonzero(rows.label.to_numpy() == label)
+            if len(index) < 2:
+                continue
+            groups = rows[column].to_numpy()[index]
+            by_group = {g: correct[index][groups == g] for g in np.unique(groups)}
+            accuracies = np.array([v.mean() for v in by_group.values()])
+            sizes = np.array([len(v) for v in by_group.values()])
+            decided = sizes[(accuracies < 0.2) | (accuracies > 0.8)].sum() / sizes.sum()
+            similarity = mean[index] @ mean[index].T
+            np.fill_diagonal(similarity, -np.inf)
+            neighbour_same = (groups[similarity.argmax(axis=1)] == groups).mean()
+            chance = ((sizes * (sizes - 1)).sum() / (len(index) * (len(index) - 1)))
+            lines.append(
+                f"| {title} | {label} | {len(sizes)} | {np.median(sizes):.0f} | {correct[index].mean():.3f} | "
+                f"{accuracies.min():.2f}-{accuracies.max():.2f} | {decided:.2f} | {neighbour_same:.2f} | {chance:.2f} |"
+            )
+    lines.append(
+        "\nIf groups were cells, group accuracies would spread from ~0 to ~1 (a model misreads a hard "
+        "cell in most of its copies) and nearly every nearest neighbour would share its group."
+    )
+
+    # The champion's own view-averaged embeddings separate copies of one cell far more tightly than
+    # the frozen backbone prepare uses (it has learned these cells): the sharpest look at which
+    # cells TEST's errors come from.
+    lines += ["", f"Errors by cell (clusters of the champion's view-averaged embeddings, cosine distance {_ERROR_CELL_DISTANCE})",
+              "", "| class | cells | images a cell (median) | cells misread in most copies | images in those cells | their misread images | other misread images |",
+              "|---|---|---|---|---|---|---|"]
+    worst = []
     for label in classifier.classes:
         index = np.flatnonzero(rows.label.to_numpy() == label)
-        if len(index) < 2:
-            continue
-        groups = rows.group.to_numpy()[index]
-        by_group = {g: correct[index][groups == g] for g in np.unique(groups)}
-        accuracies = np.array([v.mean() for v in by_group.values()])
-        sizes = np.array([len(v) for v in by_group.values()])
-        decided = sizes[(accuracies < 0.2) | (accuracies > 0.8)].sum() / sizes.sum()
-        similarity = mean[index] @ mean[index].T
-        np.fill_diagonal(similarity, -np.inf)
-        neighbour_same = (groups[similarity.argmax(axis=1)] == groups).mean()
-        chance = ((sizes * (sizes - 1)).sum() / (len(index) * (len(index) - 1)))
-        lines.append(
-            f"| {label} | {len(sizes)} | {np.median(sizes):.0f} | {correct[index].mean():.3f} | "
-            f"{accuracies.min():.2f}-{accuracies.max():.2f} | {decided:.2f} | {neighbour_same:.2f} | {chance:.2f} |"
-        )
-    lines.append(
-        "\nIf groups were cells, group accuracies would spread from ~0 to ~1 and nearly every nearest "
-        "neighbour would share its group; far from both, `_<k>_` mixes many real cells, so the grouped "
-        "split leaks cells into validation and cell-level figures over these groups are optimistic."
-    )
+        ids = cluster_cells(mean[index], _ERROR_CELL_DISTANCE)
+        sizes, wrong = np.bincount(ids), np.bincount(ids, weights=~correct[index]).astype(int)
+        mostly = wrong > sizes / 2
+        lines.append(f"| {label} | {len(sizes)} | {np.median(sizes):.0f} | {mostly.sum()} | {sizes[mostly].sum()} | "
+                     f"{wrong[mostly].sum()} | {wrong[~mostly].sum()} |")
+        worst += [(int(wrong[i]), int(sizes[i]), label) for i in np.flatnonzero(mostly)]
+    if worst:
+        lines.append("\nMost misread cells (misread copies / copies): " + ", ".join(
+            f"{label} {w}/{n} (= {w / len(rows):.3f} of TEST accuracy)" for w, n, label in sorted(worst, reverse=True)[:5]))
 
     boxes = [locate_wbc(load_rgb(path)) for path in paths]
     seen = np.array(["none" if not b.found else "at the edge" if b.at_edge else "whole" for b in boxes])

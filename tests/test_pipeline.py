@@ -140,6 +140,24 @@ def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, tra
     assert scored_on_validation(settings, load_params(project / "params.yaml"), "models:/no-such-model/1") is None
 
 
+def test_the_gate_will_not_compare_a_champion_on_cells_it_trained_on(project, trained):
+    """After the split changes (cells found differently, another seed), the old champion may have
+    trained on the new validation cells and would score them from memory: no fair comparison."""
+    from hematovision.pipeline import champion_saw_validation, load_manifest
+
+    settings = get_settings()
+    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    manifest = load_manifest(settings)
+    champion = trained["version"]
+    assert registry.trained_on(champion) == set(manifest.path[manifest.split == "train"])
+    assert champion_saw_validation(registry, champion, manifest, "99") is None  # this run's own split
+
+    one_train_cell = manifest.group[manifest.split == "train"].iloc[0]
+    moved = manifest.assign(split=manifest.split.mask(manifest.group == one_train_cell, "val"))
+    why = champion_saw_validation(registry, champion, moved, "99")
+    assert why is not None and "pictures of 1 of this run's" in why and "promote 99 --force" in why
+
+
 def test_dvc_repro_runs_the_stages_then_does_nothing(project, trained):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     first = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, env=env)

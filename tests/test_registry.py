@@ -89,3 +89,21 @@ def test_promote_refuse_and_rollback_in_a_real_registry(project):
 
     with pytest.raises(RegistryError, match="no version 99"):
         registry.promote("99", POLICY)
+
+
+def test_a_champion_that_cannot_be_compared_is_replaced_only_by_hand(project):
+    settings = get_settings()
+    registry = Registry("registry-not-comparable", configure_mlflow(settings))
+    first = _register_run(registry, 0.85)
+    assert registry.promote(first, POLICY).passed
+    assert registry.trained_on(first) is None  # no training-image list logged: unknown, not "none"
+
+    better = _register_run(registry, 0.99)
+    why = "champion was trained on pictures of 3 of this run's 9 validation cells"
+    refused = registry.promote(better, POLICY, not_comparable=why)
+    assert not refused.passed and why in refused.reasons
+    assert alias(registry, CHAMPION) == first
+    assert why in registry.get_version(better).tags["gate"]
+    forced = registry.promote(better, POLICY, force=True, not_comparable=why)
+    assert forced.passed and "forced past the gate" in forced.reasons
+    assert alias(registry, CHAMPION) == better

@@ -154,6 +154,7 @@ def train_step(settings: Settings, params: Params, progress: Progress | None = N
 
     from hematovision.embeddings import EmbeddingCache
     from hematovision.packaging import log_classifier
+    from hematovision.registry import TRAINED_ON_ARTIFACT
     from hematovision.tracking import configure_mlflow, dvc_data_hash, git_commit
     from hematovision.metrics import flatten_for_mlflow
     from hematovision.train import train
@@ -168,6 +169,7 @@ def train_step(settings: Settings, params: Params, progress: Progress | None = N
     with mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         mlflow.set_tags({"data_hash": data_hash, "git_commit": commit, "step": "train"})
         mlflow.log_params(params.flat())
+        mlflow.log_text("\n".join(sorted(manifest.loc[manifest.split == "train", "path"])), TRAINED_ON_ARTIFACT)
         result = train(manifest, settings.path(settings.data_dir), params, cache, progress)
         classifier_dir = models_dir / CLASSIFIER_DIR
         if classifier_dir.exists():
@@ -286,10 +288,31 @@ def promote_step(settings: Settings, params: Params, version: str, force: bool =
 
     registry = Registry(settings.registered_model, configure_mlflow(settings))
     champion = registry.version_by_alias(CHAMPION)
-    champion_metrics = None
+    champion_metrics, not_comparable = None, None
     if champion is not None and str(champion.version) != str(version):
-        champion_metrics = scored_on_validation(settings, params, f"models:/{settings.registered_model}@{CHAMPION}")
-    return registry.promote(version, params.promote, force, champion_metrics=champion_metrics)
+        not_comparable = champion_saw_validation(registry, str(champion.version), load_manifest(settings), str(version))
+        if not_comparable is None:
+            champion_metrics = scored_on_validation(settings, params, f"models:/{settings.registered_model}@{CHAMPION}")
+    return registry.promote(version, params.promote, force, champion_metrics=champion_metrics,
+                            not_comparable=not_comparable)
+
+
+def champion_saw_validation(registry, champion: str, manifest: pd.DataFrame, challenger: str) -> str | None:
+    """Why the champion cannot be compared on this run's validation split, or None if it can.
+
+    A champion trained on pictures of a validation cell scores that cell from memory (after the
+    switch to cells found by content, an old champion scored 1.000 on the new validation split).
+    A champion whose training images nobody recorded is compared as before."""
+    trained = registry.trained_on(champion)
+    if trained is None:
+        return None
+    val = manifest[manifest.split == "val"]
+    seen = val.group[val.path.isin(trained)].nunique()
+    if seen == 0:
+        return None
+    return (f"champion v{champion} was trained on pictures of {seen} of this run's {val.group.nunique()} validation "
+            f"cells, so validation cannot compare the two; compare them on TEST and promote by hand if the "
+            f"challenger is better: hematovision promote {challenger} --force")
 
 
 def scored_on_validation(settings: Settings, params: Params, model_uri: str) -> dict[str, float] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Mapping
 
 from hematovision import CLASSES
@@ -18,6 +19,9 @@ from hematovision.params import PromoteParams
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
+# The data paths a training run trained on (one a line), logged with the run: the gate must know
+# whether a champion has seen the cells it would be compared on.
+TRAINED_ON_ARTIFACT = "training/train_images.txt"
 
 
 class RegistryError(RuntimeError):
@@ -125,6 +129,34 @@ class Registry:
         run_id = self.get_version(version).run_id
         return dict(self.client.get_run(run_id).data.metrics) if run_id else {}
 
+    def trained_on(self, version: str | int) -> set[str] | None:
+        """The data paths the version's model was trained on: its training run's list, or for a
+        version made by retraining its parent's (the backbone it kept was trained on those; the
+        raw pictures a retrained head sees are a subset of them). None when nobody recorded it
+        (versions from before the list was logged)."""
+        import tempfile
+
+        from mlflow.exceptions import MlflowException
+
+        visited: set[str] = set()
+        version = str(version)
+        while version not in visited:
+            visited.add(version)
+            model_version = self.get_version(version)
+            if model_version.run_id:
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        path = self.client.download_artifacts(model_version.run_id, TRAINED_ON_ARTIFACT, tmp)
+                    except (MlflowException, OSError):
+                        path = None
+                    if path is not None:
+                        return set(Path(path).read_text(encoding="utf-8").splitlines())
+            parent = model_version.tags.get("parent_version")
+            if not parent:
+                return None
+            version = str(parent)
+        return None
+
     def history(self) -> list[str]:
         from mlflow.exceptions import MlflowException
 
@@ -152,23 +184,30 @@ class Registry:
         guards: Mapping[str, float] | None = None,
         challenger_metrics: Mapping[str, float] | None = None,
         champion_metrics: Mapping[str, float] | None = None,
+        not_comparable: str | None = None,
     ) -> GateDecision:
         """Move ``champion`` to ``version`` if the gate passes (or ``force``); returns the decision.
 
         The metrics compared are those logged in each version's run, unless given: a retraining run
         scores the champion and the challenger on the same fresh data (the corrections' holdout) and
-        passes both, with ``guards`` for what may not get worse (see :func:`gate`)."""
+        passes both, with ``guards`` for what may not get worse (see :func:`gate`).
+        ``not_comparable`` says why no fair comparison exists (the champion trained on the
+        challenger's validation cells): the gate then refuses with that reason, and only a person
+        can promote (``force``)."""
         version = str(self.get_version(version).version)
         champion = self.version_by_alias(CHAMPION)
         if champion is not None and str(champion.version) == version:
             return GateDecision(True, [f"version {version} is already the champion"])
-        decision = gate(
-            dict(challenger_metrics) if challenger_metrics is not None else self.metrics_of(version),
-            (dict(champion_metrics) if champion_metrics is not None else self.metrics_of(champion.version))
-            if champion is not None else None,
-            policy,
-            guards=guards,
-        )
+        if champion is not None and not_comparable:
+            decision = GateDecision(False, [not_comparable])
+        else:
+            decision = gate(
+                dict(challenger_metrics) if challenger_metrics is not None else self.metrics_of(version),
+                (dict(champion_metrics) if champion_metrics is not None else self.metrics_of(champion.version))
+                if champion is not None else None,
+                policy,
+                guards=guards,
+            )
         if champion is not None:
             decision.reasons.insert(0, f"challenger v{version} vs champion v{champion.version}")
         if force and not decision.passed:
