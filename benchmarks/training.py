@@ -107,7 +107,7 @@ def main() -> None:
         )
     if p.prepare.cell_grouping == "content":
         lines.append("\nCells are found by clustering the frozen backbone's crop embeddings (src/hematovision/cells.py; "
-                     "pbc-sample: one image each); a cluster may hold more than one real cell, so cell counts are low.")
+                     "pbc-sample: one image each); clusters can merge real cells or split one, so cell counts are approximate.")
     else:
         lines.append("\nCells are the dataset's `_<k>_` index (pbc-sample: one image each). It is not one real cell "
                      "(benchmarks/error_analysis.py): cell-level accuracy and intervals that resample cells are optimistic.")

@@ -169,8 +169,8 @@ def grouped_split(
     holds ``val_fraction`` of the class's images; a group that would overshoot that by half is
     passed over (groups found by content vary in size, and one large group must not make val a
     third of the class). At least ``min_val_groups`` go to val (the smallest left, if every group
-    is too large) and at least one stays in train,
-    so every class is validated even when it has only a handful of cells (16 monocytes).
+    is too large) and at least one stays in train, so every class is validated even when it has
+    only a handful of cells (16 monocytes).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")

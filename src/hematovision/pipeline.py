@@ -14,13 +14,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from hematovision.params import Params
 from hematovision.settings import Settings
+
+if TYPE_CHECKING:
+    from hematovision.registry import Registry
 
 Progress = Callable[[str, int, int], None]
 
@@ -297,7 +300,7 @@ def promote_step(settings: Settings, params: Params, version: str, force: bool =
                             not_comparable=not_comparable)
 
 
-def champion_saw_validation(registry, champion: str, manifest: pd.DataFrame, challenger: str) -> str | None:
+def champion_saw_validation(registry: "Registry", champion: str, manifest: pd.DataFrame, challenger: str) -> str | None:
     """Why the champion cannot be compared on this run's validation split, or None if it can.
 
     A champion trained on pictures of a validation cell scores that cell from memory (after the
