@@ -83,16 +83,14 @@ def _downscale(arr: np.ndarray) -> tuple[np.ndarray, int]:
     return np.asarray(small, dtype=np.int16), f
 
 
-def nucleus_mask(arr: np.ndarray) -> tuple[np.ndarray, int]:
-    """Boolean nucleus-stain mask at working resolution, and the downscale factor."""
-    small, f = _downscale(_as_array(arr))
+def _stain_mask(small: np.ndarray) -> np.ndarray:
+    """Boolean nucleus-stain mask of an image at working resolution (see :func:`_downscale`)."""
     r, g, b = small[..., 0], small[..., 1], small[..., 2]
     mask = ((b - g) > _NUCLEUS_BG_DIFF) & (b > r) & (small.max(axis=2) < _NUCLEUS_MAX_VALUE)
     # Opening removes JPEG chroma fringes along wedge edges and specks; closing joins a lobed
     # nucleus whose lobes are a pixel or two apart.
     mask = ndi.binary_opening(mask, iterations=1)
-    mask = ndi.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=2)
-    return mask, f
+    return ndi.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=2)
 
 
 def locate_wbc(rgb: np.ndarray | Image.Image) -> WbcBox:
@@ -107,7 +105,8 @@ def locate_wbc(rgb: np.ndarray | Image.Image) -> WbcBox:
     short = min(h, w)
     fallback = WbcBox(cx=w / 2, cy=h / 2, side=float(short), found=False, nucleus_fraction=0.0)
 
-    mask, f = nucleus_mask(arr)
+    small, f = _downscale(arr)  # once: the stain mask and the wedge test both work on it
+    mask = _stain_mask(small)
     labels, n = ndi.label(mask)
     if n == 0:
         return fallback
@@ -136,7 +135,6 @@ def locate_wbc(rgb: np.ndarray | Image.Image) -> WbcBox:
                 keep = keep | comp
     ys, xs = np.nonzero(keep)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    small, _ = _downscale(arr)
     wedge = small.max(axis=2) < _WEDGE_MAX_VALUE
     at_edge = bool(min(y0, x0, sh - y1, sw - x1) <= _EDGE_MARGIN
                    or (wedge & (ndi.distance_transform_edt(~keep) <= _EDGE_MARGIN)).any())
