@@ -12,6 +12,7 @@ from hematovision.dataset import label_indices, scan_class_folders, validate_ima
 from hematovision.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.metrics import classification_metrics, plot_confusion_matrix
 from hematovision.model import Classifier
+from hematovision.progress import counting
 
 
 def evaluate_rows(
@@ -30,7 +31,7 @@ def evaluate_rows(
     paths = [image_root / p for p in known.path]
     if cache is not None:  # the model as it answers: its test-time views, from the cache where possible
         views = classifier.config.tta_views
-        embeddings = cached_embeddings(classifier, paths, cache, progress=_images_done(progress, views, len(paths)),
+        embeddings = cached_embeddings(classifier, paths, cache, progress=counting(progress, len(paths), views),
                                        views=views)
         probabilities = classifier.classify_embeddings(embeddings).reshape(views, len(paths), -1).mean(axis=0)
     else:
@@ -44,19 +45,6 @@ def evaluate_rows(
     )
     metrics["n_skipped_unknown_label"] = int(len(rows) - len(known))
     return metrics
-
-
-def _images_done(progress: Callable[[int, int], None] | None, views: int, total: int) -> Callable[[int], None] | None:
-    """Turn the cache's increments of embedded rows (``views`` per image) into images done of ``total``."""
-    if progress is None:
-        return None
-    rows = 0
-
-    def step(n: int) -> None:
-        nonlocal rows
-        rows += n
-        progress(rows // views, total)
-    return step
 
 
 def evaluate_folder(

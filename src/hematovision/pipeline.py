@@ -112,19 +112,12 @@ def _frozen_embedder(settings: Settings, params: Params, progress: Progress | No
     from hematovision import CLASSES
     from hematovision.embeddings import EmbeddingCache, cached_embeddings
     from hematovision.model import Classifier, ClassifierConfig
+    from hematovision.progress import counting
 
     def embed(paths: list[Path]) -> np.ndarray:
         classifier = Classifier.new(ClassifierConfig(classes=list(CLASSES), image_size=params.model.image_size))
         cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
-        report = _reporting(progress, "finding cells (embedding crops)")
-        done = 0
-
-        def step(n: int) -> None:
-            nonlocal done
-            done += n
-            if report:
-                report(done, len(paths))
-
+        step = counting(_reporting(progress, "finding cells (embedding crops)"), len(paths))
         try:
             return cached_embeddings(classifier, paths, cache, progress=step)
         finally:

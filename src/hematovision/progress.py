@@ -53,6 +53,21 @@ def console_progress(fallback: Progress | None = None) -> Iterator[Progress | No
         yield report
 
 
+def counting(report: Callable[[int, int], None] | None, total: int, per_item: int = 1) -> Callable[[int], None] | None:
+    """Turn increments (the embedding cache reports rows embedded, ``per_item`` rows an image)
+    into ``report(items done, total)`` calls; None stays None."""
+    if report is None:
+        return None
+    rows = 0
+
+    def step(n: int) -> None:
+        nonlocal rows
+        rows += n
+        report(rows // per_item, total)
+
+    return step
+
+
 # The reporter flows use when the CLI started them (a Prefect task runs in a worker thread,
 # so a context variable would not reach it).
 current: Progress | None = None

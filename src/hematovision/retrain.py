@@ -34,6 +34,7 @@ import pandas as pd
 
 from hematovision import CLASSES
 from hematovision.params import Params, PromoteParams
+from hematovision.progress import counting
 from hematovision.settings import Settings
 
 Progress = Callable[[str, int, int], None]
@@ -236,19 +237,14 @@ def _train_head(classifier, manifest: pd.DataFrame, params: Params, cache, repor
     fixes = manifest[(manifest.source == "corrections") & (manifest.split == "train")]
 
     started = time.perf_counter()
-    done = {"n": 0}
 
     def step(what: str, total: int):
-        def inner(n: int) -> None:
-            done["n"] += n
-            report(what, min(done["n"], total), total)
-        return inner
+        return counting(lambda done, of: report(what, done, of), total)
 
     emb_raw = cached_embeddings(classifier, [Path(p) for p in raw.path], cache, progress=step("embedding raw data (cached)", len(raw)))
     timings["embed_raw_s"] = time.perf_counter() - started
     started = time.perf_counter()
     views = rp.correction_views
-    done["n"] = 0
     emb_fix = cached_embeddings(classifier, [Path(p) for p in fixes.path], cache,
                                 progress=step("embedding corrections", views * len(fixes)), views=views)
     n = len(fixes)

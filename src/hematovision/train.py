@@ -24,6 +24,7 @@ from hematovision.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.metrics import classification_metrics
 from hematovision.model import Classifier, ClassifierConfig, read_crops
 from hematovision.params import Params
+from hematovision.progress import counting
 
 Progress = Callable[[str, int, int], None]  # (step description, done, total)
 
@@ -167,13 +168,7 @@ def _crops_with_progress(paths: list[Path], size: int, what: str, report: Progre
 
 
 def _embed_with_progress(classifier, paths, crops, cache, what: str, report: Progress) -> np.ndarray:
-    done = 0
-
-    def step(n: int) -> None:
-        nonlocal done
-        done += n
-        report(what, done, len(paths))
-
+    step = counting(lambda done, total: report(what, done, total), len(paths))
     return cached_embeddings(classifier, paths, cache, crops=crops, progress=step)
 
 
