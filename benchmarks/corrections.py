@@ -34,8 +34,8 @@ from training import machine, record  # noqa: E402
 import requests  # noqa: E402
 
 from hematovision import CLASSES  # noqa: E402
-from hematovision.accounts import Accounts  # noqa: E402
-from hematovision.corrections import Corrections  # noqa: E402
+from hematovision.lab.accounts import Accounts  # noqa: E402
+from hematovision.lab.corrections import Corrections  # noqa: E402
 from hematovision.settings import TELEMETRY_OFF  # noqa: E402
 
 

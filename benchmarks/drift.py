@@ -91,8 +91,8 @@ def quick_project(shared: Path, cells_per_class: int = 16, per_cell: int = 3) ->
 
 def profile_images(classifier, paths: list[Path]):
     """The rows the service would log for these images (same layout as the reference)."""
-    from hematovision.drift import profile_frame
-    from hematovision.serving import prepare_image, run_model
+    from hematovision.monitoring.drift import profile_frame
+    from hematovision.serving.holder import prepare_image, run_model
 
     stats, labels, confidences, embeddings = [], [], [], []
     for start in range(0, len(paths), 32):
@@ -131,10 +131,10 @@ def main() -> None:
     import pandas as pd
     from evidently.metrics.embeddings import ModelDriftMethod
 
-    from hematovision.drift import DriftPolicy, check_window, fetch_reference, project_embeddings
-    from hematovision.monitoring import champion
-    from hematovision.packaging import load_classifier
-    from hematovision.tracking import configure_mlflow
+    from hematovision.monitoring.drift import DriftPolicy, check_window, fetch_reference, project_embeddings
+    from hematovision.monitoring.monitor import champion
+    from hematovision.registry.packaging import load_classifier
+    from hematovision.registry.tracking import configure_mlflow
 
     configure_mlflow(settings)
     version, _ = champion(settings)

@@ -57,16 +57,16 @@ def main() -> None:
     parser.add_argument("--model", default="models:/hematovision@champion")
     args = parser.parse_args()
 
-    from hematovision.cells import cluster_cells
-    from hematovision.dataset import label_indices
-    from hematovision.embeddings import EmbeddingCache, cached_embeddings
-    from hematovision.imaging import load_rgb
-    from hematovision.localize import locate_wbc
-    from hematovision.packaging import load_classifier
+    from hematovision.data.cells import cluster_cells
+    from hematovision.data.dataset import label_indices
+    from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
+    from hematovision.data.imaging import load_rgb
+    from hematovision.data.localize import locate_wbc
+    from hematovision.registry.packaging import load_classifier
     from hematovision.params import load_params
-    from hematovision.pipeline import load_manifest, official_test_rows
+    from hematovision.training.steps import load_manifest, official_test_rows
     from hematovision.settings import get_settings
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.tracking import configure_mlflow
 
     settings = get_settings()
     configure_mlflow(settings)

@@ -43,16 +43,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from hematovision import CLASSES
-    from hematovision.corrections import Corrections
-    from hematovision.dataset import scan_class_folders
-    from hematovision.embeddings import EmbeddingCache
-    from hematovision.evaluate import evaluate_rows
-    from hematovision.model import Classifier
+    from hematovision.lab.corrections import Corrections
+    from hematovision.data.dataset import scan_class_folders
+    from hematovision.model.embeddings import EmbeddingCache
+    from hematovision.training.evaluate import evaluate_rows
+    from hematovision.model.classifier import Classifier
     from hematovision.params import load_params
-    from hematovision.registry import CHAMPION, Registry
-    from hematovision.retrain import CHALLENGER_DIR, PARENT_DIR
+    from hematovision.registry.registry import CHAMPION, Registry
+    from hematovision.training.retrain import CHALLENGER_DIR, PARENT_DIR
     from hematovision.settings import get_settings
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.tracking import configure_mlflow
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip():

@@ -7,7 +7,7 @@ read into memory and sent round-robin, one image per request):
 
 1. the ceiling: the champion loaded in this process, ``prepare_image`` + ``run_model`` on batches
    of 32 images (the path the service's batcher runs, test-time views included), images/s;
-2. our service (``bentoml serve hematovision.service:HematoVision``, POST /predict multipart) and
+2. our service (``bentoml serve hematovision.api.service:HematoVision``, POST /predict multipart) and
 3. ``mlflow models serve -m models:/hematovision@champion`` (POST /invocations, base64 in a
    ``dataframe_split`` JSON), one server after the other, never both at once, each at 1, 8 and 32
    concurrent clients (threads, one HTTP session each, closed loop): successful requests/s,
@@ -60,7 +60,7 @@ BIN = Path(sys.executable).parent  # bentoml and mlflow CLIs of this environment
 LEVELS = (1, 8, 32)
 CEILING_BATCH = 32
 PROMOTE_CLIENTS = 8
-SERVICE = "hematovision.service:HematoVision"
+SERVICE = "hematovision.api.service:HematoVision"
 
 
 # --- the client --------------------------------------------------------------------------------
@@ -306,8 +306,8 @@ def ceiling(images: list[tuple[str, bytes]], duration: float, max_images: int) -
     and the labels of the first images (the reference both servers are checked against)."""
     import mlflow
 
-    from hematovision.packaging import load_classifier
-    from hematovision.serving import prepare_image, run_model
+    from hematovision.registry.packaging import load_classifier
+    from hematovision.serving.holder import prepare_image, run_model
 
     # Without this mlflow would open (and create) ./mlflow.db, not the project's registry.
     mlflow.set_tracking_uri(get_settings().tracking_uri)
@@ -372,7 +372,7 @@ def promote_under_load(target: Target, switch_timeout: float) -> PromoteResult:
     import mlflow
 
     from hematovision.params import PromoteParams
-    from hematovision.registry import CHAMPION, HISTORY_TAG, Registry
+    from hematovision.registry.registry import CHAMPION, HISTORY_TAG, Registry
 
     settings = get_settings()
     mlflow.set_tracking_uri(settings.tracking_uri)

@@ -1,4 +1,4 @@
-"""Prefect flows: thin orchestration over the steps in ``hematovision.pipeline``."""
+"""Prefect flows: thin orchestration over the steps in ``hematovision.training.steps``."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ start retraining when the trigger allows it.
 
 Runs with no Prefect server (an ephemeral local API) unless PREFECT_API_URL points at one; schedule
 it (a Prefect deployment, cron, a systemd timer) as often as windows fill. Every step is a call into
-``hematovision.monitoring``; ``hematovision monitor run`` runs this flow once.
+``hematovision.monitoring.monitor``; ``hematovision monitor run`` runs this flow once.
 
     uv run python -m flows.monitoring
 """
@@ -16,7 +16,7 @@ quiet_environment()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from hematovision import monitoring  # noqa: E402
+from hematovision.monitoring import monitor as monitoring  # noqa: E402
 from hematovision.settings import get_settings  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """The retraining flow: export corrections -> manifest -> train challenger -> evaluate -> register -> gate.
 
 Runs with no Prefect server (an ephemeral local API) unless PREFECT_API_URL points at one. Each
-task is a call into ``hematovision.retrain``; the drift monitor calls ``retraining_flow()`` with no
+task is a call into ``hematovision.training.retrain``; the drift monitor calls ``retraining_flow()`` with no
 arguments. The service follows the ``champion`` alias, so a promotion needs nothing more.
 
     uv run python -m flows.retraining [--profile quick] [--no-promote]
@@ -19,7 +19,7 @@ quiet_environment()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import StepTimer  # noqa: E402
-from hematovision import retrain  # noqa: E402
+from hematovision.training import retrain  # noqa: E402
 from hematovision.params import load_params  # noqa: E402
 from hematovision.progress import reporter  # noqa: E402
 from hematovision.settings import get_settings  # noqa: E402

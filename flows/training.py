@@ -1,7 +1,7 @@
 """The training flow: import -> prepare -> train -> evaluate -> register -> promote.
 
 Runs with no Prefect server (an ephemeral local API) unless PREFECT_API_URL points at one. Each
-task is a call into ``hematovision.pipeline``; retries only where a retry can help (the data
+task is a call into ``hematovision.training.steps``; retries only where a retry can help (the data
 import touches the upstream folder, registering touches the MLflow store).
 
     uv run python -m flows.training --profile quick
@@ -19,7 +19,7 @@ quiet_environment()
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import StepTimer  # noqa: E402
-from hematovision import pipeline  # noqa: E402
+from hematovision.training import steps  # noqa: E402
 from hematovision.params import load_params  # noqa: E402
 from hematovision.progress import reporter  # noqa: E402
 from hematovision.settings import get_settings  # noqa: E402
@@ -27,7 +27,7 @@ from hematovision.settings import get_settings  # noqa: E402
 
 @task(name="import data", retries=2, retry_delay_seconds=5)
 def import_data() -> dict:
-    result = pipeline.import_data(get_settings())
+    result = steps.import_data(get_settings())
     logger = get_run_logger()
     logger.info("dataset %s at version %s", result["data_dir"], result["data_hash"])
     if result["changed"]:
@@ -37,7 +37,7 @@ def import_data() -> dict:
 
 @task(name="prepare")
 def prepare(params_file: str, profile: str | None) -> dict:
-    summary = pipeline.prepare_step(get_settings(), load_params(Path(params_file), profile), reporter(get_run_logger()))
+    summary = steps.prepare_step(get_settings(), load_params(Path(params_file), profile), reporter(get_run_logger()))
     get_run_logger().info("prepared: %s", {k: v for k, v in summary.items() if k in ("counts", "n_bad")} or summary)
     return summary
 
@@ -45,7 +45,7 @@ def prepare(params_file: str, profile: str | None) -> dict:
 @task(name="train")
 def train(params_file: str, profile: str | None) -> dict:
     logger = get_run_logger()
-    report = pipeline.train_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
+    report = steps.train_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
     logger.info("trained run %s: val accuracy %.4f, macro-F1 %.4f", report["run_id"],
                 report["val"]["accuracy"], report["val"]["macro_f1"])
     return report
@@ -54,7 +54,7 @@ def train(params_file: str, profile: str | None) -> dict:
 @task(name="evaluate")
 def evaluate(params_file: str, profile: str | None) -> dict:
     logger = get_run_logger()
-    results = pipeline.evaluate_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
+    results = steps.evaluate_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
     for name in ("test", "new_site"):
         if name in results:
             logger.info("%s: accuracy %.4f, macro-F1 %.4f", name, results[name]["accuracy"], results[name]["macro_f1"])
@@ -63,14 +63,14 @@ def evaluate(params_file: str, profile: str | None) -> dict:
 
 @task(name="register", retries=2, retry_delay_seconds=2)
 def register() -> dict:
-    result = pipeline.register_step(get_settings())
+    result = steps.register_step(get_settings())
     get_run_logger().info("registered version %s as challenger", result["version"])
     return result
 
 
 @task(name="promote")
 def promote_version(version: str, params_file: str, profile: str | None) -> dict:
-    decision = pipeline.promote_step(get_settings(), load_params(Path(params_file), profile), version)
+    decision = steps.promote_step(get_settings(), load_params(Path(params_file), profile), version)
     logger = get_run_logger()
     (logger.info if decision.passed else logger.warning)(decision.summary())
     return {"passed": decision.passed, "reasons": decision.reasons}

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from hematovision import service_process
-from hematovision.service_process import free_port, stop_service  # noqa: F401 - tests import them from here
+from hematovision.api import process as service_process
+from hematovision.api.process import free_port, stop_service  # noqa: F401 - tests import them from here
 from hematovision.settings import TELEMETRY_OFF, get_settings
 
 REPO = Path(__file__).resolve().parents[1]

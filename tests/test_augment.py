@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hematovision.augment import augment_crop
-from hematovision.model import dihedral_views
+from hematovision.data.augment import augment_crop
+from hematovision.model.classifier import dihedral_views
 
 
 def _crop() -> np.ndarray:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from hematovision.backbone import (
+from hematovision.model.backbone import (
     BLOCK_NAMES,
     EMBEDDING_DIM,
     FEATURE_LAYER,
@@ -28,7 +28,7 @@ from hematovision.backbone import (
     trainable_top,
     verify_sha256,
 )
-from hematovision.torch_weights import TorchCheckpointError, UnsafeCheckpointError, load_torch_state_dict
+from hematovision.model.torch_weights import TorchCheckpointError, UnsafeCheckpointError, load_torch_state_dict
 
 
 def _center_crop(image: np.ndarray, size: int = 224) -> np.ndarray:

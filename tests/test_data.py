@@ -15,9 +15,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from hematovision import CLASSES
-from hematovision.dataset import grouped_split, prepare, scan_class_folders, scan_kaggle, validate_images
-from hematovision.imaging import ImageError, image_stats, load_rgb
-from hematovision.localize import WbcBox, crop_box, crop_wbc, locate_wbc
+from hematovision.data.dataset import grouped_split, prepare, scan_class_folders, scan_kaggle, validate_images
+from hematovision.data.imaging import ImageError, image_stats, load_rgb
+from hematovision.data.localize import WbcBox, crop_box, crop_wbc, locate_wbc
 
 DATASETS = (Path(__file__).parents[1] / "../shared/datasets").resolve()
 KAGGLE = DATASETS / "blood-cells"

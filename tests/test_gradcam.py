@@ -14,11 +14,11 @@ from hematovision.settings import quiet_environment
 
 quiet_environment()
 
-from hematovision import gradcam as gradcam_module  # noqa: E402
-from hematovision.gradcam import box_bounds, explain_image, gradcam, overlay_crop  # noqa: E402
-from hematovision.imaging import ImageError, load_rgb  # noqa: E402
-from hematovision.localize import WbcBox, locate_wbc  # noqa: E402
-from hematovision.model import Classifier, ClassifierConfig  # noqa: E402
+from hematovision.model import gradcam as gradcam_module  # noqa: E402
+from hematovision.model.gradcam import box_bounds, explain_image, gradcam, overlay_crop  # noqa: E402
+from hematovision.data.imaging import ImageError, load_rgb  # noqa: E402
+from hematovision.data.localize import WbcBox, locate_wbc  # noqa: E402
+from hematovision.model.classifier import Classifier, ClassifierConfig  # noqa: E402
 
 NEUTROPHILS = (Path(__file__).resolve().parents[1].parent
                / "shared/datasets/blood-cells/dataset2-master/images/TEST/NEUTROPHIL")

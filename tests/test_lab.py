@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from conftest import BLOOD_CELLS, service_env, start_service, stop_service
 from hematovision import CLASSES
 from hematovision.cli import app
-from hematovision.corrections import Corrections
-from hematovision.registry import CHAMPION, Registry
+from hematovision.lab.corrections import Corrections
+from hematovision.registry.registry import CHAMPION, Registry
 from hematovision.settings import get_settings
-from hematovision.tracking import configure_mlflow
+from hematovision.registry.tracking import configure_mlflow
 
 PASSWORD = "correct horse battery"
 IMAGES = [p for c in CLASSES for p in sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[3:6]]
@@ -219,8 +219,8 @@ def test_predicting_can_be_restricted_to_signed_in_users_and_tokens(project, peo
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from hematovision.http_guard import RequestGuard, Upload
-    from hematovision.lab_api import may_predict
+    from hematovision.api.guard import RequestGuard, Upload
+    from hematovision.api.lab_routes import may_predict
 
     async def answered(_request):
         return PlainTextResponse("predicted")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from hematovision.metrics import classification_metrics, flatten_for_mlflow
+from hematovision.training.metrics import classification_metrics, flatten_for_mlflow
 
 CLASSES = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")
 

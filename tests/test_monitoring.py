@@ -23,13 +23,13 @@ from typer.testing import CliRunner
 from conftest import BLOOD_CELLS, PBC, free_port
 from hematovision import CLASSES
 from hematovision.cli import app
-from hematovision.corrections import Corrections
-from hematovision.drift import REFERENCE_FILE, build_reference, fetch_reference, save_reference
-from hematovision.monitoring import MonitorState, decide, run_monitoring, should_retrain, start_retraining
-from hematovision.predictions import PredictionRecord, PredictionStore
-from hematovision.registry import CHAMPION, Registry
+from hematovision.lab.corrections import Corrections
+from hematovision.monitoring.drift import REFERENCE_FILE, build_reference, fetch_reference, save_reference
+from hematovision.monitoring.monitor import MonitorState, decide, run_monitoring, should_retrain, start_retraining
+from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
+from hematovision.registry.registry import CHAMPION, Registry
 from hematovision.settings import get_settings
-from hematovision.tracking import configure_mlflow
+from hematovision.registry.tracking import configure_mlflow
 
 WINDOW = 25
 PASSWORD = "correct horse battery"
@@ -56,7 +56,7 @@ def new_site(n: int, seed: int = 0) -> list[Path]:
 
 def log_images(store: PredictionStore, classifier, version: str, paths: list[Path], at=None) -> None:
     """What the service does per request: prepare (decode, statistics), crop -> backbone -> head, log."""
-    from hematovision.serving import prepare_image, run_model
+    from hematovision.serving.holder import prepare_image, run_model
 
     prepared = [prepare_image(p.read_bytes()) for p in paths]
     probabilities, embeddings = run_model(classifier, prepared)
@@ -95,7 +95,7 @@ class Webhook:
 
 @pytest.fixture(scope="module")
 def champion(trained):
-    from hematovision.packaging import load_classifier
+    from hematovision.registry.packaging import load_classifier
 
     settings = get_settings()
     version = str(Registry(settings.registered_model, configure_mlflow(settings)).version_by_alias(CHAMPION).version)

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from conftest import true_cell
 from hematovision.cli import app
-from hematovision.registry import CHAMPION, Registry
+from hematovision.registry.registry import CHAMPION, Registry
 from hematovision.settings import get_settings
-from hematovision.tracking import configure_mlflow
+from hematovision.registry.tracking import configure_mlflow
 
 runner = CliRunner()
 
@@ -99,9 +99,9 @@ def test_evaluate_command_prints_json_for_any_class_folder(project, trained, tmp
 def test_evaluation_through_the_cache_scores_the_model_as_it_answers(project, trained, tmp_path):
     """The flow evaluates through the embedding cache; it must score every test-time view the
     service averages, not only the plain crop (it once did: recorded figures were one view's)."""
-    from hematovision.embeddings import EmbeddingCache
-    from hematovision.evaluate import evaluate_folder
-    from hematovision.packaging import load_classifier
+    from hematovision.model.embeddings import EmbeddingCache
+    from hematovision.training.evaluate import evaluate_folder
+    from hematovision.registry.packaging import load_classifier
 
     configure_mlflow()
     classifier = load_classifier("models:/hematovision@champion")
@@ -127,7 +127,7 @@ def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, tra
     by retraining logged no validation metrics, and "beat -inf" once let any model through).
     Scored this way, the session's model gets what its training run logged."""
     from hematovision.params import load_params
-    from hematovision.pipeline import scored_on_validation
+    from hematovision.training.steps import scored_on_validation
 
     settings = get_settings()
     registry = Registry(settings.registered_model, configure_mlflow(settings))
@@ -143,7 +143,7 @@ def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, tra
 def test_the_gate_will_not_compare_a_champion_on_cells_it_trained_on(project, trained):
     """After the split changes (cells found differently, another seed), the old champion may have
     trained on the new validation cells and would score them from memory: no fair comparison."""
-    from hematovision.pipeline import champion_saw_validation, load_manifest
+    from hematovision.training.steps import champion_saw_validation, load_manifest
 
     settings = get_settings()
     registry = Registry(settings.registered_model, configure_mlflow(settings))

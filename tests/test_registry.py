@@ -6,9 +6,9 @@ import mlflow
 import pytest
 
 from hematovision.params import PromoteParams
-from hematovision.registry import CHALLENGER, CHAMPION, Registry, RegistryError, gate
+from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry, RegistryError, gate
 from hematovision.settings import get_settings
-from hematovision.tracking import configure_mlflow
+from hematovision.registry.tracking import configure_mlflow
 
 POLICY = PromoteParams(metric="val_macro_f1", min_improvement=0.0, per_class_tolerance=0.02, floor=0.8)
 

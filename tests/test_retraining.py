@@ -11,14 +11,14 @@ from mlflow import MlflowClient
 
 from conftest import PBC
 from hematovision import CLASSES
-from hematovision.corrections import Corrections
-from hematovision.drift import fetch_reference
-from hematovision.monitoring import MonitorState
+from hematovision.lab.corrections import Corrections
+from hematovision.monitoring.drift import fetch_reference
+from hematovision.monitoring.monitor import MonitorState
 from hematovision.params import PromoteParams
-from hematovision.registry import CHALLENGER, CHAMPION, Registry, gate
-from hematovision.retrain import export_step, is_holdout, load_retrain_manifest
+from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry, gate
+from hematovision.training.retrain import export_step, is_holdout, load_retrain_manifest
 from hematovision.settings import get_settings
-from hematovision.tracking import configure_mlflow, dvc_data_hash
+from hematovision.registry.tracking import configure_mlflow, dvc_data_hash
 
 PER_CLASS = 14  # new-site images corrected per class
 
@@ -96,7 +96,7 @@ def test_retraining_promotes_a_winner_with_its_lineage_and_never_trains_on_the_h
         assert version.tags["corrections_hash"] == dvc_data_hash(project / "corrections.dvc") != "unknown"
         assert version.tags["parent_version"] == parent
         assert len(version.tags["git_commit"].removesuffix("-dirty")) == 40
-        from hematovision.packaging import load_classifier
+        from hematovision.registry.packaging import load_classifier
 
         assert load_classifier(f"models:/{registry().name}/{summary['version']}").classes == list(CLASSES)
         assert version.tags["gate"].startswith("gate PASSED") and "holdout_accuracy" in version.tags["gate"]

@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES, SERVICE_REVIEW_THRESHOLD
 from hematovision import CLASSES
 from hematovision.params import PromoteParams
-from hematovision.predictions import PredictionRecord, PredictionStore
-from hematovision.registry import CHAMPION, Registry
+from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
+from hematovision.registry.registry import CHAMPION, Registry
 from hematovision.settings import get_settings
-from hematovision.tracking import configure_mlflow
+from hematovision.registry.tracking import configure_mlflow
 
 CELL_IMAGES = {c: sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[:3] for c in CLASSES}
 A_CELL = CELL_IMAGES["neutrophil"][0]
@@ -258,7 +258,7 @@ def register_copy_of_champion(reg: Registry) -> str:
 
 
 def register_broken_version(reg: Registry, tmp_path: Path) -> str:
-    from hematovision.packaging import log_classifier
+    from hematovision.registry.packaging import log_classifier
 
     champion_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.name}@{CHAMPION}", dst_path=str(tmp_path))) / "artifacts"
     broken = tmp_path / "broken"
@@ -317,7 +317,7 @@ def test_hot_swap_under_load_promote_refuse_and_rollback(service_url, tmp_path):
 
 
 def test_unreachable_registry_keeps_the_loaded_model_serving(project, trained):
-    from hematovision.serving import ModelHolder, RegistrySource
+    from hematovision.serving.holder import ModelHolder, RegistrySource
 
     class FlakyRegistry(RegistrySource):
         down = False
@@ -402,4 +402,4 @@ def test_bento_builds_with_the_locked_requirements(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     bento = next((tmp_path / "bentoml" / "bentos" / "hematovision").glob("*/bento.yaml"))
     included = {p.relative_to(bento.parent / "src").as_posix() for p in (bento.parent / "src").rglob("*") if p.is_file()}
-    assert "src/hematovision/service.py" in included and "src/hematovision/web/docs.html" in included
+    assert "src/hematovision/api/service.py" in included and "src/hematovision/web/docs.html" in included

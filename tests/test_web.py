@@ -18,7 +18,7 @@ import requests
 from conftest import BLOOD_CELLS, service_env, start_service, stop_service
 from test_lab import add_user
 from hematovision import CLASSES
-from hematovision.predictions import PredictionStore
+from hematovision.serving.prediction_log import PredictionStore
 
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager: no statistics, and it is never run (paths given)
 
@@ -281,7 +281,7 @@ def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web
 
 
 def test_ops_page_shows_the_drift_status_and_an_engineer_approves_an_alert(project, service_url, browser, web_people):
-    from hematovision.monitoring import MonitorState
+    from hematovision.monitoring.monitor import MonitorState
 
     state = MonitorState(project / "monitoring" / "monitor.sqlite")  # the service's monitoring state
     alert = state.add_alert("drift", "1", "images drift from model v1's reference (browser test)",

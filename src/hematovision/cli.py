@@ -97,7 +97,7 @@ def _print_summary(summary: dict) -> None:
 @data_app.command("import")
 def data_import():
     """Import (or re-check) the upstream dataset into data/ under DVC; prints the pinned version."""
-    from hematovision.pipeline import DataImportError, import_data
+    from hematovision.training.steps import DataImportError, import_data
 
     try:
         with console.status("importing the dataset with DVC"):
@@ -113,7 +113,7 @@ def data_import():
 @app.command()
 def prepare(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
     """Validate every image, find which images show the same cell, make the grouped train/val split."""
-    from hematovision.pipeline import prepare_step
+    from hematovision.training.steps import prepare_step
     from hematovision.progress import cli_logger, console_progress, logging_progress
 
     with console_progress(logging_progress(cli_logger())) as report:
@@ -124,7 +124,7 @@ def prepare(profile: ProfileOption = None, params_file: ParamsOption = Path("par
 @app.command()
 def train(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
     """Train (frozen-backbone head, then fine-tune) and log the run to MLflow."""
-    from hematovision.pipeline import train_step
+    from hematovision.training.steps import train_step
     from hematovision.progress import cli_logger, console_progress, logging_progress
 
     with console_progress(logging_progress(cli_logger())) as report:
@@ -145,7 +145,7 @@ def evaluate(
 
     params = _params(params_file, profile)
     if model is None and data is None:
-        from hematovision.pipeline import evaluate_step
+        from hematovision.training.steps import evaluate_step
 
         with console_progress(logging_progress(cli_logger())) as report:
             results = evaluate_step(get_settings(), params, report)
@@ -155,10 +155,10 @@ def evaluate(
         _fail("give both --model and --data (or neither, for the pipeline's evaluate stage)")
     if not data.is_dir():
         _fail(f"{data} is not a folder")
-    from hematovision.evaluate import evaluate_folder
-    from hematovision.embeddings import EmbeddingCache
-    from hematovision.packaging import load_classifier
-    from hematovision.tracking import configure_mlflow
+    from hematovision.training.evaluate import evaluate_folder
+    from hematovision.model.embeddings import EmbeddingCache
+    from hematovision.registry.packaging import load_classifier
+    from hematovision.registry.tracking import configure_mlflow
 
     configure_mlflow()
     settings = get_settings()
@@ -185,7 +185,7 @@ def evaluate(
 @app.command()
 def register():
     """Register the last trained model as a new version with the 'challenger' alias."""
-    from hematovision.pipeline import register_step
+    from hematovision.training.steps import register_step
 
     result = register_step(get_settings())
     console.print(f"registered {get_settings().registered_model} v{result['version']} (alias challenger)")
@@ -199,8 +199,8 @@ def promote(
     params_file: ParamsOption = Path("params.yaml"),
 ):
     """Make VERSION the champion if it passes the gate; prints the gate's reasons either way."""
-    from hematovision.pipeline import promote_step
-    from hematovision.registry import RegistryError
+    from hematovision.training.steps import promote_step
+    from hematovision.registry.registry import RegistryError
 
     try:
         decision = promote_step(get_settings(), _params(params_file, profile), version, force)
@@ -216,8 +216,8 @@ def promote(
 @app.command()
 def rollback():
     """Move 'champion' back to the version that held it before."""
-    from hematovision.registry import Registry, RegistryError
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.registry import Registry, RegistryError
+    from hematovision.registry.tracking import configure_mlflow
 
     settings = get_settings()
     try:
@@ -230,8 +230,8 @@ def rollback():
 @app.command()
 def models():
     """List the registered versions with their aliases and headline metrics."""
-    from hematovision.registry import Registry
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.registry import Registry
+    from hematovision.registry.tracking import configure_mlflow
 
     settings = get_settings()
     registry = Registry(settings.registered_model, configure_mlflow(settings))
@@ -259,7 +259,7 @@ def serve(
         _fail("bentoml is not installed in this environment")
     console.print(f"serving models:/{get_settings().registered_model}@{get_settings().serve_alias} "
                   f"on http://{host}:{port}/ (web page /ui/, API docs /docs)")
-    os.execv(bentoml, [bentoml, "serve", "hematovision.service:HematoVision", "--host", host, "--port", str(port)])
+    os.execv(bentoml, [bentoml, "serve", "hematovision.api.service:HematoVision", "--host", host, "--port", str(port)])
 
 
 @app.command()
@@ -269,10 +269,10 @@ def predict(
     model: Annotated[Optional[str], typer.Option(help="Model URI or saved classifier folder (default: the champion).")] = None,
 ):
     """Predict the cell type of images locally (no server), with a progress bar; writes CSV or JSON."""
-    from hematovision.batch_predict import collect_images, predict_files, write_results
-    from hematovision.packaging import load_classifier
+    from hematovision.serving.batch_predict import collect_images, predict_files, write_results
+    from hematovision.registry.packaging import load_classifier
     from hematovision.progress import cli_logger, console_progress, logging_progress
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.tracking import configure_mlflow
 
     settings = get_settings()
     if out.suffix.lower() not in (".csv", ".json"):
@@ -303,14 +303,14 @@ def predictions_purge(
     older_than_days: Annotated[Optional[float], typer.Option(help="Default: the retain_images_days setting.")] = None,
 ):
     """Delete retained request images older than the retention period (patient privacy)."""
-    from hematovision.predictions import purge_images
+    from hematovision.serving.prediction_log import purge_images
 
     removed = purge_images(get_settings(), older_than_days)
     console.print(f"removed {removed} retained image(s)")
 
 
 def _accounts():
-    from hematovision.accounts import Accounts
+    from hematovision.lab.accounts import Accounts
 
     settings = get_settings()
     return Accounts(settings.path(settings.lab_db), settings.session_hours)
@@ -325,7 +325,7 @@ def users_add(
     """Create an account; the password is asked for (never given on the command line)."""
     import sys
 
-    from hematovision.accounts import AccountError
+    from hematovision.lab.accounts import AccountError
 
     password = sys.stdin.readline().rstrip("\n") if password_stdin else typer.prompt("password", hide_input=True, confirmation_prompt=True)
     try:
@@ -347,7 +347,7 @@ def users_list():
 @users_app.command("disable")
 def users_disable(username: Annotated[str, typer.Argument()]):
     """Disable an account: its sessions and API tokens stop working at once."""
-    from hematovision.accounts import AccountError
+    from hematovision.lab.accounts import AccountError
 
     try:
         _accounts().disable_user(username)
@@ -362,7 +362,7 @@ def users_token(
     name: Annotated[str, typer.Option(help="What the token is for (e.g. the LIS bridge).")] = "api",
 ):
     """Create an API token for a system acting as USERNAME; printed once, only its hash is kept."""
-    from hematovision.accounts import AccountError
+    from hematovision.lab.accounts import AccountError
 
     try:
         token = _accounts().create_token(username, name)
@@ -374,7 +374,7 @@ def users_token(
 @feedback_app.command("export")
 def feedback_export():
     """Write the corrected images as a new DVC-tracked dataset version (class folders); nothing new, no change."""
-    from hematovision.feedback_export import export_corrections
+    from hematovision.lab.export import export_corrections
 
     result = export_corrections(get_settings())
     console.print(f"{result['images']} corrected images ({result['added']} new, {result['removed']} removed, "
@@ -392,7 +392,7 @@ def retrain(
     """Retrain on raw data + the pathologists' corrections; promote only if it wins on the new site's
     held-out corrections without losing on TEST. Exit 1 when the gate refuses."""
     from hematovision import progress
-    from hematovision.retrain import RetrainError
+    from hematovision.training.retrain import RetrainError
 
     from flows.retraining import retraining_flow
 
@@ -462,7 +462,7 @@ def monitor_run(
     act: Annotated[bool, typer.Option(help="Start retraining that an alert calls for (per retrain_trigger).")] = True,
 ):
     """Check new windows of the prediction log for drift now, raise alerts; prints the status."""
-    from hematovision.monitoring import MonitoringError
+    from hematovision.monitoring.monitor import MonitoringError
 
     from flows.monitoring import monitoring_flow
 
@@ -492,7 +492,7 @@ def monitor_ui(
     import shutil
     import sys
 
-    from hematovision.monitoring import workspace_project
+    from hematovision.monitoring.monitor import workspace_project
 
     settings = get_settings()
     workspace_project(settings)  # the project and its dashboard exist before the first window

@@ -53,9 +53,9 @@ class DemoConfig:
 
 
 def monitor(settings: Settings, say: Say, act: bool = False, **retrain_options: Any) -> dict[str, Any]:
-    """One run of the drift monitor (``hematovision.monitoring``) over what the service logged so far;
+    """One run of the drift monitor (``hematovision.monitoring.monitor``) over what the service logged so far;
     prints the windows it judged and the alerts it raised."""
-    from hematovision.monitoring import run_monitoring
+    from hematovision.monitoring.monitor import run_monitoring
 
     run = run_monitoring(settings, act=act, retrain_options=retrain_options)
     windows = run["windows"]
@@ -73,7 +73,7 @@ def retrain_through_alerts(settings: Settings, say: Say, profile: str | None, pa
     """The engineer approves the champion's open alerts and the monitor starts the retraining flow
     (as the ops page's approve button and the next monitoring run do); without an alert, the
     engineer starts the flow by hand. Returns the retraining flow's summary."""
-    from hematovision.monitoring import state_from_settings
+    from hematovision.monitoring.monitor import state_from_settings
 
     monitor(settings, say)  # the monitor counts the new corrections and raises its alert
     state = state_from_settings(settings)
@@ -96,7 +96,7 @@ def retrain_through_alerts(settings: Settings, say: Say, profile: str | None, pa
 def _new_site_images(folder: Path, config: DemoConfig) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """(streamed, scored-before-and-after) images of the 4 known classes: disjoint, balanced per
     class, the same on every run (seeded)."""
-    from hematovision.dataset import scan_class_folders
+    from hematovision.data.dataset import scan_class_folders
 
     rows, _unknown = scan_class_folders(folder)
     rng = random.Random(config.seed)
@@ -121,7 +121,7 @@ def _scored_only(path: Path) -> bool:
 
 
 def _test_images(settings: Settings, config: DemoConfig) -> list[tuple[Path, str]]:
-    from hematovision.dataset import scan_kaggle
+    from hematovision.data.dataset import scan_kaggle
 
     source = settings.path(settings.data_source)
     rows = scan_kaggle(source)
@@ -160,11 +160,11 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
     """Run the story end to end; returns the figures printed in the summary."""
     import requests
 
-    from hematovision.accounts import Accounts
+    from hematovision.lab.accounts import Accounts
     from hematovision.params import load_params
-    from hematovision.registry import CHAMPION, Registry
-    from hematovision.service_process import start_service, stop_service
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.registry import CHAMPION, Registry
+    from hematovision.api.process import start_service, stop_service
+    from hematovision.registry.tracking import configure_mlflow
 
     config = config or DemoConfig()
     started = time.perf_counter()

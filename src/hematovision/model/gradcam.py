@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from hematovision.imaging import load_rgb
-from hematovision.localize import WbcBox, crop_wbc, locate_wbc
-from hematovision.model import Classifier
+from hematovision.data.imaging import load_rgb
+from hematovision.data.localize import WbcBox, crop_wbc, locate_wbc
+from hematovision.model.classifier import Classifier
 
 # Blend weight of the colour map: cold areas keep most of the cell visible, hot areas turn red.
 _MIN_ALPHA, _MAX_ALPHA = 0.25, 0.6
@@ -45,7 +45,7 @@ def _gradient_function(classifier: Classifier):
     import keras
     import tensorflow as tf
 
-    from hematovision.backbone import FEATURE_LAYER  # imports keras: only once a model exists
+    from hematovision.model.backbone import FEATURE_LAYER  # imports keras: only once a model exists
 
     backbone, head = classifier.backbone, classifier.head
     # The backbone is a nested model: re-wire it to also expose its feature map.
@@ -143,7 +143,7 @@ def overlay_image(rgb: np.ndarray, box: WbcBox, heatmap: np.ndarray) -> np.ndarr
 def explain_image(classifier: Classifier, data: bytes | str | Path, class_index: int | None = None) -> Explanation:
     """Decode, locate and classify the white cell as prediction does, and render its Grad-CAM.
 
-    Raises `hematovision.imaging.ImageError` for an input that is not a usable image.
+    Raises `hematovision.data.imaging.ImageError` for an input that is not a usable image.
     """
     rgb = np.asarray(load_rgb(data))
     box = locate_wbc(rgb)

@@ -36,10 +36,10 @@ from typing import Any, Collection, Sequence
 import numpy as np
 import pandas as pd
 
-from hematovision.labdb import connect, rows_as_dicts, transaction, utc_now
+from hematovision.database import connect, rows_as_dicts, transaction, utc_now
 from hematovision.settings import Settings, get_settings
 
-logger = logging.getLogger("hematovision.monitoring")
+logger = logging.getLogger("hematovision.monitoring.monitor")
 
 PROJECT_NAME = "HematoVision drift"
 SCHEMA = """
@@ -175,8 +175,8 @@ def state_from_settings(settings: Settings | None = None) -> MonitorState:
 # --- windows of the prediction log ----------------------------------------------------------------
 def read_log(db_path: Path, model_version: str, after_rowid: int) -> pd.DataFrame:
     """The champion's predictions after a checkpoint, in log order, in the reference's layout."""
-    from hematovision.drift import profile_frame
-    from hematovision.predictions import decode_embedding
+    from hematovision.monitoring.drift import profile_frame
+    from hematovision.serving.prediction_log import decode_embedding
 
     if not Path(db_path).exists():
         return pd.DataFrame()
@@ -282,7 +282,7 @@ def start_retraining(state: MonitorState, alert: dict[str, Any], **flow_options:
 
 def corrections_since(settings: Settings, since: str | None) -> tuple[int, int]:
     """(all corrections, corrections recorded after ``since``) in the laboratory database."""
-    from hematovision.corrections import Corrections
+    from hematovision.lab.corrections import Corrections
 
     corrections = Corrections(settings.path(settings.lab_db), settings.path(settings.corrections_images_dir))
     total = corrections.count()
@@ -324,8 +324,8 @@ def workspace_project(settings: Settings):
 # --- one run ---------------------------------------------------------------------------------------
 def champion(settings: Settings) -> tuple[str, str]:
     """(version, registered-at ISO time) of the champion."""
-    from hematovision.registry import CHAMPION, Registry
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.registry import CHAMPION, Registry
+    from hematovision.registry.tracking import configure_mlflow
 
     version = Registry(settings.registered_model, configure_mlflow(settings)).version_by_alias(CHAMPION)
     if version is None:
@@ -336,7 +336,7 @@ def champion(settings: Settings) -> tuple[str, str]:
 
 def check_windows(settings: Settings, state: MonitorState, version: str, now: datetime | None = None) -> list[dict[str, Any]]:
     """Judge every new complete window of the champion's predictions; returns the recorded windows."""
-    from hematovision.drift import DriftPolicy, check_window, fetch_reference
+    from hematovision.monitoring.drift import DriftPolicy, check_window, fetch_reference
 
     checkpoint_key = f"checkpoint:v{version}"
     rows = read_log(settings.path(settings.predictions_db), version, state.get(checkpoint_key, 0))

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hematovision import CLASSES
-from hematovision.imaging import ImageError, load_rgb
+from hematovision.data.imaging import ImageError, load_rgb
 
 # Embeddings (one row each) of the images at these paths: how prepare() finds cells by content.
 Embedder = Callable[[list[Path]], np.ndarray]
@@ -245,7 +245,7 @@ def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int, embed: 
     ok = ok.sort_values(["split", "label", "path"])
     ok["name_group"] = ok["group"]
     if embed is not None and not ok.empty:
-        from hematovision.cells import group_by_content
+        from hematovision.data.cells import group_by_content
 
         ok["group"] = group_by_content(ok, embed([source / p for p in ok["path"]]), cell_max_distance)
     split = grouped_split(ok, val_fraction, seed)

@@ -3,7 +3,7 @@
 **Reference.** When a model is evaluated, :func:`log_reference` profiles up to
 ``reference_max_images`` images of the validation split (held-out cells: what the model has not
 trained on, as production images will be) exactly as the service profiles a request: the
-training decoder, :func:`hematovision.imaging.image_stats`, the crop -> backbone -> head with its
+training decoder, :func:`hematovision.data.imaging.image_stats`, the crop -> backbone -> head with its
 test-time views, the embedding of the crop as it is. The rows (image statistics, predicted class,
 confidence, embedding) and a summary go to the training run in MLflow under
 ``monitoring/reference``, so the registered version that points at the run carries its reference
@@ -80,8 +80,8 @@ def profile_frame(stats: Sequence[dict[str, float]], labels: Sequence[str], conf
 # --- the reference profile ---------------------------------------------------------------------
 def build_reference(classifier, image_paths: Sequence[Path], batch_size: int = 32) -> pd.DataFrame:
     """Profile images exactly as the service profiles a request (see ``serving.prepare_image``)."""
-    from hematovision.imaging import image_stats, load_rgb
-    from hematovision.localize import crop_wbc
+    from hematovision.data.imaging import image_stats, load_rgb
+    from hematovision.data.localize import crop_wbc
 
     size = classifier.config.image_size
     stats, labels, confidences, embeddings = [], [], [], []
@@ -154,8 +154,8 @@ def fetch_reference(settings: Settings, version: str) -> pd.DataFrame:
     if not (local / REFERENCE_FILE).exists():
         import mlflow
 
-        from hematovision.registry import Registry
-        from hematovision.tracking import configure_mlflow
+        from hematovision.registry.registry import Registry
+        from hematovision.registry.tracking import configure_mlflow
 
         registry = Registry(settings.registered_model, configure_mlflow(settings))
         run_id = registry.get_version(version).run_id

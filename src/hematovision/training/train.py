@@ -19,10 +19,10 @@ import pandas as pd
 import keras
 
 from hematovision import CLASSES
-from hematovision.dataset import label_indices
-from hematovision.embeddings import EmbeddingCache, cached_embeddings
-from hematovision.metrics import classification_metrics
-from hematovision.model import Classifier, ClassifierConfig, read_crops
+from hematovision.data.dataset import label_indices
+from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
+from hematovision.training.metrics import classification_metrics
+from hematovision.model.classifier import Classifier, ClassifierConfig, read_crops
 from hematovision.params import Params
 from hematovision.progress import counting
 
@@ -58,8 +58,8 @@ def train(
     """Train on the manifest rows split ``train``, validate on ``val``; returns the best model."""
     import tensorflow as tf
 
-    from hematovision.augment import augment_crop
-    from hematovision.backbone import trainable_top
+    from hematovision.data.augment import augment_crop
+    from hematovision.model.backbone import trainable_top
 
     report = progress or (lambda *_: None)
     keras.utils.set_random_seed(params.seed)

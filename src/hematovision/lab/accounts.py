@@ -23,7 +23,7 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from hematovision.labdb import connect, transaction, utc_now
+from hematovision.database import connect, transaction, utc_now
 
 ROLES = ("pathologist", "engineer", "ops", "admin")
 MIN_PASSWORD_LENGTH = 10

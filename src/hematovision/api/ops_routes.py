@@ -18,9 +18,9 @@ import re
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import FileResponse, RedirectResponse
 
-from hematovision import lab_api
-from hematovision.lab_api import Refused, require
-from hematovision.monitoring import ops_status, state_from_settings
+from hematovision.api import lab_routes as lab_api
+from hematovision.api.lab_routes import Refused, require
+from hematovision.monitoring.monitor import ops_status, state_from_settings
 from hematovision.settings import get_settings
 
 READERS = ("ops", "engineer", "admin")

@@ -8,10 +8,10 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from hematovision.dataset import label_indices, scan_class_folders, validate_images
-from hematovision.embeddings import EmbeddingCache, cached_embeddings
-from hematovision.metrics import classification_metrics, plot_confusion_matrix
-from hematovision.model import Classifier
+from hematovision.data.dataset import label_indices, scan_class_folders, validate_images
+from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
+from hematovision.training.metrics import classification_metrics, plot_confusion_matrix
+from hematovision.model.classifier import Classifier
 from hematovision.progress import counting
 
 

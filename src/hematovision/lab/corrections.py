@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hematovision import CLASSES
-from hematovision.labdb import connect, rows_as_dicts, transaction, utc_now
+from hematovision.database import connect, rows_as_dicts, transaction, utc_now
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS corrections (

@@ -22,9 +22,9 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from hematovision.accounts import Accounts, Session, User
-from hematovision.corrections import CorrectionError, Corrections
-from hematovision.predictions import PredictionStore, default_store
+from hematovision.lab.accounts import Accounts, Session, User
+from hematovision.lab.corrections import CorrectionError, Corrections
+from hematovision.serving.prediction_log import PredictionStore, default_store
 from hematovision.settings import get_settings
 
 COOKIE = "hv_session"
@@ -256,7 +256,7 @@ def feedback_csv(request: Request) -> Response:
 def feedback_pdf(request: Request) -> Response:
     """The reviewed results as a PDF report (agreement, confusion, disputed images)."""
     require(request, "pathologist", "engineer", "ops", "admin")
-    from hematovision.lab_report import report_pdf
+    from hematovision.lab.report import report_pdf
 
     return Response(report_pdf(corrections().stats()), media_type="application/pdf",
                     headers={"content-disposition": 'attachment; filename="hematovision-reviews.pdf"'})
@@ -276,8 +276,8 @@ async def promote(request: Request, version: str) -> dict:
     form = await _form(request)
     user = require(request, "engineer", form=form)
     from hematovision.params import load_params
-    from hematovision.pipeline import promote_step
-    from hematovision.registry import RegistryError
+    from hematovision.training.steps import promote_step
+    from hematovision.registry.registry import RegistryError
 
     settings = get_settings()
     force = str(form.get("force", "")).lower() in ("1", "true", "yes")
@@ -295,8 +295,8 @@ async def promote(request: Request, version: str) -> dict:
 @router.post("/models/rollback")
 async def rollback(request: Request) -> dict:
     user = require(request, "engineer", form=await _form(request))
-    from hematovision.registry import Registry, RegistryError
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.registry import Registry, RegistryError
+    from hematovision.registry.tracking import configure_mlflow
 
     settings = get_settings()
     try:

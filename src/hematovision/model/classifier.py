@@ -18,8 +18,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from hematovision import CLASSES
-from hematovision.imaging import load_rgb
-from hematovision.localize import CROP_SIGNATURE, crop_wbc
+from hematovision.data.imaging import load_rgb
+from hematovision.data.localize import CROP_SIGNATURE, crop_wbc
 
 MODEL_FILE = "classifier.keras"
 CONFIG_FILE = "classifier.json"
@@ -41,7 +41,7 @@ def build_keras_model(config: ClassifierConfig, pretrained: bool = True):
     """Backbone (ImageNet Lite0, frozen) + a new softmax head, both named sub-models."""
     import keras
 
-    from hematovision.backbone import EMBEDDING_DIM, build_lite0
+    from hematovision.model.backbone import EMBEDDING_DIM, build_lite0
 
     backbone = build_lite0(input_size=config.image_size, include_top=False, weights=pretrained)
     backbone.name = "backbone"

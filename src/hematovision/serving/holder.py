@@ -7,7 +7,7 @@ swaps it in with one reference assignment. A request grabs the reference once, s
 flight finish on the model they started with. A version that fails to load or fails the check is
 refused and remembered, and the old model keeps serving; so does an unreachable registry.
 
-Every image goes through :func:`hematovision.imaging.load_rgb` (the training decode path) and the
+Every image goes through :func:`hematovision.data.imaging.load_rgb` (the training decode path) and the
 same crop -> backbone -> head as :meth:`Classifier.predict_images`, keeping the embedding so that
 it can be logged.
 """
@@ -28,12 +28,12 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from hematovision.imaging import ImageError, image_stats, load_rgb
-from hematovision.localize import cell_in_view, crop_wbc, locate_and_crop
-from hematovision.predictions import PredictionRecord, PredictionStore, default_store, utc_now
+from hematovision.data.imaging import ImageError, image_stats, load_rgb
+from hematovision.data.localize import cell_in_view, crop_wbc, locate_and_crop
+from hematovision.serving.prediction_log import PredictionRecord, PredictionStore, default_store, utc_now
 from hematovision.settings import Settings, get_settings
 
-logger = logging.getLogger("hematovision.serving")
+logger = logging.getLogger("hematovision.serving.holder")
 
 # The formats a microscope camera or LIS export produces; anything else is refused before any
 # decoder runs, which also keeps PIL's rarer (and less hardened) parsers away from request bytes.
@@ -222,7 +222,7 @@ class RegistrySource:
         if self._registry is None:
             import mlflow
 
-            from hematovision.registry import Registry
+            from hematovision.registry.registry import Registry
 
             uri = self.settings.tracking_uri
             mlflow.set_tracking_uri(uri)
@@ -254,7 +254,7 @@ class RegistrySource:
         """Fetch the version's artifacts into ``into``; returns the saved classifier's folder."""
         import mlflow
 
-        from hematovision.packaging import ARTIFACT_KEY
+        from hematovision.registry.packaging import ARTIFACT_KEY
 
         self._client()
         uri = f"models:/{self.settings.registered_model}/{version}"
@@ -416,7 +416,7 @@ class ModelHolder:
                 class_name: str | None = None) -> dict[str, Any]:
         """Grad-CAM overlay (PNG bytes) for an image, or for a logged prediction whose image was
         retained; ``class_name`` explains that class instead of the predicted one."""
-        from hematovision.gradcam import explain_image
+        from hematovision.model.gradcam import explain_image
 
         model = self._current
         if model is None:
@@ -479,6 +479,6 @@ def _record(model: LoadedModel, prepared: PreparedImage, probs: np.ndarray, embe
 
 
 def _load_classifier(local_dir: str):
-    from hematovision.packaging import load_classifier
+    from hematovision.registry.packaging import load_classifier
 
     return load_classifier(local_dir)

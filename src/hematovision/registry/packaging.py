@@ -1,6 +1,6 @@
 """The trained classifier as an MLflow model (pyfunc), so any MLflow tool can load and serve it.
 
-The pyfunc delegates to :class:`hematovision.model.Classifier`, whose code travels with the model
+The pyfunc delegates to :class:`hematovision.model.classifier.Classifier`, whose code travels with the model
 (``code_paths``), so ``mlflow models serve`` of a registered version runs the same preprocessing
 (decode, white-cell localisation) as training and the BentoML service.
 """
@@ -23,7 +23,7 @@ class PyfuncClassifier(mlflow.pyfunc.PythonModel):
     Output: one row per image with ``label``, ``confidence`` and ``p_<class>`` columns."""
 
     def load_context(self, context) -> None:
-        from hematovision.model import Classifier
+        from hematovision.model.classifier import Classifier
 
         self.classifier = Classifier.load(Path(context.artifacts[ARTIFACT_KEY]))
 
@@ -74,7 +74,7 @@ def _pinned_requirements() -> list[str]:
 def load_classifier(model_uri: str):
     """A :class:`Classifier` from an MLflow model URI (``models:/hematovision@champion``,
     ``runs:/...``) or a local directory holding a saved classifier."""
-    from hematovision.model import CONFIG_FILE, Classifier
+    from hematovision.model.classifier import CONFIG_FILE, Classifier
 
     local = Path(model_uri)
     if local.is_dir() and (local / CONFIG_FILE).exists():

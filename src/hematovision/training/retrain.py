@@ -15,7 +15,7 @@ Steps (``flows/retraining.py`` runs each as a Prefect task; :func:`retrain` runs
 4. :func:`evaluate_step` — parent and challenger scored alike on the official TEST and the holdout.
 5. :func:`register_step` — an MLflow run (metrics of both, manifest, model) and a registered version
    with the lineage as tags: raw data hash, corrections hash, parent version, git commit.
-6. :func:`gate_step` — the registry's gate (:func:`hematovision.registry.gate`): the challenger must
+6. :func:`gate_step` — the registry's gate (:func:`hematovision.registry.registry.gate`): the challenger must
    win on the holdout and may not lose more than ``retrain.guard_tolerance`` on TEST; promoted only
    then. The decision and its reasons go on the run, on the version (tag ``gate``) and in the logs.
 """
@@ -79,7 +79,7 @@ def _write(settings: Settings, name: str, value: dict[str, Any]) -> None:
 # --- 1. export -------------------------------------------------------------------------------------
 def export_step(settings: Settings) -> dict[str, Any]:
     """The agreed corrections as a DVC-pinned dataset version; returns counts and its md5."""
-    from hematovision.feedback_export import export_corrections
+    from hematovision.lab.export import export_corrections
 
     return export_corrections(settings)
 
@@ -88,8 +88,8 @@ def export_step(settings: Settings) -> dict[str, Any]:
 def corrections_rows(folder: Path, holdout_fraction: float) -> pd.DataFrame:
     """Manifest rows of an exported corrections folder: absolute path, split (``train`` or
     ``holdout``), label, group (each image its own cell), source, sha256."""
-    from hematovision.dataset import scan_class_folders
-    from hematovision.embeddings import file_sha256
+    from hematovision.data.dataset import scan_class_folders
+    from hematovision.model.embeddings import file_sha256
 
     columns = ["path", "split", "label", "group", "source", "sha256"]
     if not folder.is_dir():
@@ -108,11 +108,11 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
     """Write ``retrain/manifest.csv`` (raw + corrections, with the holdout) and pin the parent."""
     import mlflow
 
-    from hematovision.packaging import ARTIFACT_KEY
-    from hematovision.pipeline import load_manifest, official_test_rows
-    from hematovision.registry import CHAMPION, Registry
-    from hematovision.tracking import configure_mlflow, dvc_data_hash
-    from hematovision.train import limit_per_cell
+    from hematovision.registry.packaging import ARTIFACT_KEY
+    from hematovision.training.steps import load_manifest, official_test_rows
+    from hematovision.registry.registry import CHAMPION, Registry
+    from hematovision.registry.tracking import configure_mlflow, dvc_data_hash
+    from hematovision.training.train import limit_per_cell
 
     rp = params.retrain
     uri = configure_mlflow(settings)
@@ -186,8 +186,8 @@ def load_retrain_manifest(settings: Settings) -> pd.DataFrame:
 # --- 3. train --------------------------------------------------------------------------------------
 def train_challenger_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Train the challenger on the manifest's training rows; saved under ``retrain/challenger``."""
-    from hematovision.embeddings import EmbeddingCache
-    from hematovision.model import Classifier
+    from hematovision.model.embeddings import EmbeddingCache
+    from hematovision.model.classifier import Classifier
 
     report = progress or (lambda *_: None)
     out = _out(settings)
@@ -201,7 +201,7 @@ def train_challenger_step(settings: Settings, params: Params, progress: Progress
             classifier = Classifier.load(out / PARENT_DIR)
             result = _train_head(classifier, manifest, params, cache, report)
         else:
-            from hematovision.train import train
+            from hematovision.training.train import train
 
             rows = manifest[manifest.split.isin(["train", "val"])].copy()
             result_full = train(rows, Path("/"), params, cache, progress)
@@ -225,8 +225,8 @@ def _train_head(classifier, manifest: pd.DataFrame, params: Params, cache, repor
     images embedded in ``correction_views`` dihedral views (each view cached under its own key)."""
     import keras
 
-    from hematovision.dataset import label_indices
-    from hematovision.embeddings import cached_embeddings
+    from hematovision.data.dataset import label_indices
+    from hematovision.model.embeddings import cached_embeddings
 
     rp = params.retrain
     keras.utils.set_random_seed(params.seed)
@@ -288,9 +288,9 @@ def _balanced_weights(y: np.ndarray, source: np.ndarray, shares: dict[str, float
 def evaluate_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Parent and challenger on the official TEST and on the corrections' holdout, the same rows
     for both (with the head fast path they share the cached embeddings)."""
-    from hematovision.embeddings import EmbeddingCache
-    from hematovision.evaluate import evaluate_rows
-    from hematovision.model import Classifier
+    from hematovision.model.embeddings import EmbeddingCache
+    from hematovision.training.evaluate import evaluate_rows
+    from hematovision.model.classifier import Classifier
 
     out = _out(settings)
     manifest = load_retrain_manifest(settings)
@@ -317,7 +317,7 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
 
 
 def flat_metrics(evaluation: dict[str, Any], who: str) -> dict[str, float]:
-    from hematovision.metrics import flatten_for_mlflow
+    from hematovision.training.metrics import flatten_for_mlflow
 
     out: dict[str, float] = {}
     for name, metrics in evaluation.get(who, {}).items():
@@ -330,9 +330,9 @@ def register_step(settings: Settings, params: Params) -> dict[str, Any]:
     """Log the retraining run to MLflow and register the challenger with its lineage as tags."""
     import mlflow
 
-    from hematovision.packaging import log_classifier
-    from hematovision.registry import Registry
-    from hematovision.tracking import configure_mlflow, git_commit
+    from hematovision.registry.packaging import log_classifier
+    from hematovision.registry.registry import Registry
+    from hematovision.registry.tracking import configure_mlflow, git_commit
 
     uri = configure_mlflow(settings)
     out = _out(settings)
@@ -365,8 +365,8 @@ def _log_drift_reference(settings: Settings, params: Params, out: Path) -> None:
     """The drift monitor's reference for this version (``drift.log_reference``, as the training
     flow logs one): the raw validation cells (in-distribution, never trained on) and the corrections
     it trained on, so the new site it was retrained for no longer counts as drift once it serves."""
-    from hematovision.drift import log_reference
-    from hematovision.model import Classifier
+    from hematovision.monitoring.drift import log_reference
+    from hematovision.model.classifier import Classifier
 
     manifest = load_retrain_manifest(settings)
     learned = manifest[((manifest.source == "raw") & (manifest.split == "val"))
@@ -380,8 +380,8 @@ def gate_step(settings: Settings, params: Params, version: str, run_id: str, pro
     tolerance); promotes only if it passes. The decision goes on the run and on the version."""
     from mlflow import MlflowClient
 
-    from hematovision.registry import GateDecision, Registry
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.registry import GateDecision, Registry
+    from hematovision.registry.tracking import configure_mlflow
 
     rp = params.retrain
     uri = configure_mlflow(settings)

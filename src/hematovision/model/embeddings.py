@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from hematovision.model import Classifier
+    from hematovision.model.classifier import Classifier
 
 
 def file_sha256(path: Path) -> str:
@@ -93,7 +93,7 @@ def cached_embeddings(
     With ``views`` > 1, the embeddings of the crop's first ``views`` dihedral views (the model's
     test-time views), view-major: rows ``v * len(paths) + i``. View 0 is the crop itself, cached
     under the image's sha256; view v under ``sha256#view<v>``. ``progress`` counts rows."""
-    from hematovision.model import dihedral_view
+    from hematovision.model.classifier import dihedral_view
 
     n = len(paths)
     shas = [file_sha256(p) for p in paths]

@@ -23,7 +23,7 @@ from hematovision.params import Params
 from hematovision.settings import Settings
 
 if TYPE_CHECKING:
-    from hematovision.registry import Registry
+    from hematovision.registry.registry import Registry
 
 Progress = Callable[[str, int, int], None]
 
@@ -52,7 +52,7 @@ def import_data(settings: Settings) -> dict[str, Any]:
             f"the dataset folder {source} does not exist: set HEMATOVISION_DATA_SOURCE to your download "
             "of the Kaggle 'Blood Cell Images' dataset"
         )
-    from hematovision.tracking import dvc_data_hash
+    from hematovision.registry.tracking import dvc_data_hash
 
     pinned = dvc_data_hash(dvc_file) if dvc_file.exists() else None
     recorded_source = _dvc_import_source(dvc_file)
@@ -96,7 +96,7 @@ def run_dvc(*args: str, cwd: Path) -> str:
 
 # --- prepare --------------------------------------------------------------------------------------
 def prepare_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
-    from hematovision.dataset import prepare
+    from hematovision.data.dataset import prepare
 
     grouping = params.prepare.cell_grouping
     if grouping not in ("content", "filename"):
@@ -110,8 +110,8 @@ def _frozen_embedder(settings: Settings, params: Params, progress: Progress | No
     """Embeddings of the ImageNet backbone (not fine-tuned) at the training crop size, through the
     embedding cache: the training's first phase needs exactly these, so it reads them back."""
     from hematovision import CLASSES
-    from hematovision.embeddings import EmbeddingCache, cached_embeddings
-    from hematovision.model import Classifier, ClassifierConfig
+    from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
+    from hematovision.model.classifier import Classifier, ClassifierConfig
     from hematovision.progress import counting
 
     def embed(paths: list[Path]) -> np.ndarray:
@@ -148,12 +148,12 @@ def train_step(settings: Settings, params: Params, progress: Progress | None = N
     lineage, the model) to MLflow. Returns the training report, which carries the run id."""
     import mlflow
 
-    from hematovision.embeddings import EmbeddingCache
-    from hematovision.packaging import log_classifier
-    from hematovision.registry import TRAINED_ON_ARTIFACT
-    from hematovision.tracking import configure_mlflow, dvc_data_hash, git_commit
-    from hematovision.metrics import flatten_for_mlflow
-    from hematovision.train import train
+    from hematovision.model.embeddings import EmbeddingCache
+    from hematovision.registry.packaging import log_classifier
+    from hematovision.registry.registry import TRAINED_ON_ARTIFACT
+    from hematovision.registry.tracking import configure_mlflow, dvc_data_hash, git_commit
+    from hematovision.training.metrics import flatten_for_mlflow
+    from hematovision.training.train import train
 
     configure_mlflow(settings)
     manifest = load_manifest(settings)
@@ -204,11 +204,11 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
     training run in MLflow."""
     import mlflow
 
-    from hematovision.embeddings import EmbeddingCache
-    from hematovision.evaluate import evaluate_folder, evaluate_rows, save_confusion_plot
-    from hematovision.metrics import flatten_for_mlflow
-    from hematovision.model import Classifier
-    from hematovision.tracking import configure_mlflow
+    from hematovision.model.embeddings import EmbeddingCache
+    from hematovision.training.evaluate import evaluate_folder, evaluate_rows, save_confusion_plot
+    from hematovision.training.metrics import flatten_for_mlflow
+    from hematovision.model.classifier import Classifier
+    from hematovision.registry.tracking import configure_mlflow
 
     configure_mlflow(settings)
     report = load_train_report(settings)
@@ -241,7 +241,7 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
             mlflow.log_artifact(str(plot), "evaluation")
         mlflow.log_artifact(str(reports_dir / METRICS_FILE), "evaluation")
         # The drift monitor's reference profile travels with the model version (drift.py).
-        from hematovision.drift import log_reference
+        from hematovision.monitoring.drift import log_reference
 
         log_reference(classifier, manifest, settings.path(settings.data_dir), reports_dir,
                       settings.reference_max_images, params.seed)
@@ -257,8 +257,8 @@ def _reporting(progress: Progress | None, what: str) -> Callable[[int, int], Non
 def register_step(settings: Settings) -> dict[str, Any]:
     """Register the trained run's model as a new version (alias ``challenger``), tagged with its
     lineage and headline metrics."""
-    from hematovision.registry import Registry
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.registry import Registry
+    from hematovision.registry.tracking import configure_mlflow
 
     uri = configure_mlflow(settings)
     report = load_train_report(settings)
@@ -279,8 +279,8 @@ def promote_step(settings: Settings, params: Params, version: str, force: bool =
     """The gate between the new version and the champion, both scored on this run's validation
     split: the champion's own logged figures may come from another split (an older data version)
     or lack the metric altogether (a champion made by retraining is scored on its holdout)."""
-    from hematovision.registry import CHAMPION, Registry
-    from hematovision.tracking import configure_mlflow
+    from hematovision.registry.registry import CHAMPION, Registry
+    from hematovision.registry.tracking import configure_mlflow
 
     registry = Registry(settings.registered_model, configure_mlflow(settings))
     champion = registry.version_by_alias(CHAMPION)
@@ -316,16 +316,16 @@ def scored_on_validation(settings: Settings, params: Params, model_uri: str) -> 
     them (None, with a warning, if it cannot be loaded: the gate then uses its logged figures)."""
     import logging
 
-    from hematovision.embeddings import EmbeddingCache
-    from hematovision.evaluate import evaluate_rows
-    from hematovision.metrics import flatten_for_mlflow
-    from hematovision.packaging import load_classifier
-    from hematovision.train import limit_per_cell
+    from hematovision.model.embeddings import EmbeddingCache
+    from hematovision.training.evaluate import evaluate_rows
+    from hematovision.training.metrics import flatten_for_mlflow
+    from hematovision.registry.packaging import load_classifier
+    from hematovision.training.train import limit_per_cell
 
     try:
         classifier = load_classifier(model_uri)
     except Exception as error:  # noqa: BLE001 - a broken champion must not block a good challenger
-        logging.getLogger("hematovision.pipeline").warning("could not load %s to score it: %s", model_uri, error)
+        logging.getLogger("hematovision.training.steps").warning("could not load %s to score it: %s", model_uri, error)
         return None
     manifest = load_manifest(settings)
     val_rows = limit_per_cell(manifest[manifest.split == "val"], params.train.max_images_per_cell, params.seed)

@@ -1,6 +1,6 @@
 """The BentoML service: the champion over HTTP, hot-swapped when the registry alias moves.
 
-    hematovision serve --port 3000     # = bentoml serve hematovision.service:HematoVision
+    hematovision serve --port 3000     # = bentoml serve hematovision.api.service:HematoVision
 
 POST /predict (file field ``image``), POST /predict_batch (file fields ``images``), POST /explain
 (file field ``image`` or text field ``prediction_id``; optional ``class_name``) -> PNG,
@@ -27,16 +27,16 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 from starlette.responses import RedirectResponse, Response  # noqa: E402
 from starlette.staticfiles import StaticFiles  # noqa: E402
 
-from hematovision import lab_api  # noqa: E402
-from hematovision.http_guard import RequestGuard, Upload, error_response  # noqa: E402
-from hematovision.serving import ImageRejected, ModelHolder, NotReady, share_cores_between_model_calls  # noqa: E402
+from hematovision.api import lab_routes as lab_api  # noqa: E402
+from hematovision.api.guard import RequestGuard, Upload, error_response  # noqa: E402
+from hematovision.serving.holder import ImageRejected, ModelHolder, NotReady, share_cores_between_model_calls  # noqa: E402
 
 MAX_BATCH_FILES = 64
-WEB_DIR = Path(__file__).with_name("web")
+WEB_DIR = Path(__file__).parents[1] / "web"
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # routes BentoML does not make itself
 app.mount("/ui", StaticFiles(directory=WEB_DIR, html=True), name="ui")
 lab_api.install(app)  # sign-in, review queue, corrections, lab statistics, promote/rollback
-from hematovision import ops_api  # noqa: E402
+from hematovision.api import ops_routes as ops_api  # noqa: E402
 ops_api.install(app)  # drift status, alerts, approval of retraining, Evidently reports
 _holder: ModelHolder | None = None  # this worker's (one service instance per worker process)
 

@@ -1,4 +1,4 @@
-"""The real service as a child process: ``bentoml serve hematovision.service:HematoVision`` on a free
+"""The real service as a child process: ``bentoml serve hematovision.api.service:HematoVision`` on a free
 local port, ready once it answers ``/readyz``. Used by the demo and by the tests."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def start_service(project_dir: Path, log: Path, env: dict | None = None, timeout
     bentoml = str(Path(sys.executable).parent / "bentoml")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        server = subprocess.Popen([bentoml, "serve", "hematovision.service:HematoVision", "--host", host,
+        server = subprocess.Popen([bentoml, "serve", "hematovision.api.service:HematoVision", "--host", host,
                                    "--port", str(port)], cwd=project_dir, env=env if env is not None else dict(os.environ),
                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{host}:{port}"

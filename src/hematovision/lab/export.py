@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from hematovision.corrections import Corrections
-from hematovision.pipeline import run_dvc
+from hematovision.lab.corrections import Corrections
+from hematovision.training.steps import run_dvc
 from hematovision.settings import Settings
-from hematovision.tracking import dvc_data_hash
+from hematovision.registry.tracking import dvc_data_hash
 
 
 def export_corrections(settings: Settings) -> dict[str, Any]:

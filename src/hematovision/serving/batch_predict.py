@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from hematovision.progress import Progress
-from hematovision.serving import ImageRejected, needs_review, prepare_image, run_model
+from hematovision.serving.holder import ImageRejected, needs_review, prepare_image, run_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
