@@ -20,7 +20,7 @@ from hematovision.data.imaging import ImageError, load_rgb  # noqa: E402
 from hematovision.data.localize import WbcBox, locate_wbc  # noqa: E402
 from hematovision.model.classifier import Classifier, ClassifierConfig  # noqa: E402
 
-NEUTROPHILS = (Path(__file__).resolve().parents[1].parent
+NEUTROPHILS = (Path(__file__).resolve().parents[2].parent
                / "shared/datasets/blood-cells/dataset2-master/images/TEST/NEUTROPHIL")
 SIZE = 96
 

@@ -24,7 +24,7 @@ PER_CLASS = 14  # new-site images corrected per class
 
 
 def registry() -> Registry:
-    return Registry(get_settings().registered_model, configure_mlflow())
+    return Registry(get_settings().registry.registered_model, configure_mlflow())
 
 
 def champion_version() -> str:
@@ -154,10 +154,10 @@ def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefec
     # raise its corrections alert: the demo approves it and the monitor starts the retraining.
     monitored = tmp_path_factory.mktemp("demo-monitor")
     log = monitored / "predictions.sqlite"  # the demo's traffic alone, not the other tests'
-    settings = get_settings().model_copy(update={"predictions_db": log,
-        "monitor_window_size": 10, "retrain_min_corrections": 20, "retrain_trigger": "approval",
-        "monitor_state_db": monitored / "monitor.sqlite", "monitor_reports_dir": monitored / "reports",
-        "monitor_workspace": monitored / "workspace", "monitor_references_dir": monitored / "references"})
+    settings = get_settings().with_changes(serving={"predictions_db": log}, monitoring={
+        "window_size": 10, "retrain_min_corrections": 20, "retrain_trigger": "approval",
+        "state_db": monitored / "monitor.sqlite", "reports_dir": monitored / "reports",
+        "workspace": monitored / "workspace", "references_dir": monitored / "references"})
     config = DemoConfig(params_file=params_file(project, "demo", guard_tolerance=1.0, per_class_tolerance=1.0),
                         test_images=16, new_site_images=40, corrections=40, eval_images=16, new_site_dir=PBC, swap_timeout_s=90,
                         service_env={"HEMATOVISION_ALIAS_POLL_SECONDS": "1", "HEMATOVISION_PREDICTIONS_DB": str(log),

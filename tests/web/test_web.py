@@ -307,18 +307,18 @@ def test_ops_page_shows_the_drift_status_and_an_engineer_approves_an_alert(proje
 def test_sign_in_page_explains_the_sign_in_limit(service_url, browser, web_people):
     from hematovision.settings import get_settings
 
-    for attempt in range(get_settings().login_attempts):
+    for attempt in range(get_settings().lab.login_attempts):
         sign_in_browser(browser, service_url, "wanda", f"wrong password {attempt}")
         wait(browser, lambda d: "Wrong user name or password" in d.find_element(By.ID, "message").text)
     sign_in_browser(browser, service_url, "wanda")  # the right password, too late
     wait(browser, lambda d: "Too many failed sign-ins" in d.find_element(By.ID, "message").text, message="the limit")
     seconds = int(browser.find_element(By.ID, "message").text.split("Try again in ")[1].split()[0])
-    assert 0 < seconds <= get_settings().login_window_seconds + 1
+    assert 0 < seconds <= get_settings().lab.login_window_seconds + 1
     wait(browser, lambda d: "not signed in" in d.find_element(By.ID, "whoami").text)
 
 
 def test_every_page_links_the_shared_style_and_nothing_external():
-    web = Path(__file__).resolve().parents[1] / "src" / "hematovision" / "web"
+    web = Path(__file__).resolve().parents[2] / "src" / "hematovision" / "web"
     for name in ("index.html", "login.html", "review.html", "lab.html", "ops.html"):
         html = (web / name).read_text()
         assert 'href="style.css"' in html and 'src="common.js"' in html, name

@@ -80,7 +80,7 @@ def test_roles_csrf_and_sign_in_limits(service_url, people):
     no_csrf = requests.post(f"{service_url}/feedback", cookies=paula.cookies, timeout=30,
                             files={"image": ("c.jpeg", IMAGES[0].read_bytes())}, data={"true_class": "eosinophil"})
     assert no_csrf.status_code == 403 and no_csrf.json()["error"] == "csrf"
-    champion = str(Registry(get_settings().registered_model, configure_mlflow()).version_by_alias(CHAMPION).version)
+    champion = str(Registry(get_settings().registry.registered_model, configure_mlflow()).version_by_alias(CHAMPION).version)
     assert paula.post(f"{service_url}/models/{champion}/promote", timeout=30).status_code == 403  # not an engineer
     assert paula.get(f"{service_url}/audit", timeout=10).status_code == 403
 
@@ -90,7 +90,7 @@ def test_roles_csrf_and_sign_in_limits(service_url, people):
     assert requests.post(f"{service_url}/models/{champion}/promote", headers={"Authorization": "Bearer hv_forged"},
                          timeout=30).status_code == 401
 
-    for _ in range(get_settings().login_attempts):
+    for _ in range(get_settings().lab.login_attempts):
         assert requests.post(f"{service_url}/login", data={"username": "olga", "password": "wrong password!"},
                              timeout=30).status_code == 401
     limited = requests.post(f"{service_url}/login", data={"username": "olga", "password": PASSWORD}, timeout=30)

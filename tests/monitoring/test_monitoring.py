@@ -98,8 +98,8 @@ def champion(trained):
     from hematovision.registry.packaging import load_classifier
 
     settings = get_settings()
-    version = str(Registry(settings.registered_model, configure_mlflow(settings)).version_by_alias(CHAMPION).version)
-    return version, load_classifier(f"models:/{settings.registered_model}@{CHAMPION}")
+    version = str(Registry(settings.registry.registered_model, configure_mlflow(settings)).version_by_alias(CHAMPION).version)
+    return version, load_classifier(f"models:/{settings.registry.registered_model}@{CHAMPION}")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def references(champion, tmp_path_factory):
 
 def test_training_logs_a_reference_with_the_model_version(project, champion, tmp_path):
     version, _ = champion
-    settings = get_settings().model_copy(update={"monitor_references_dir": tmp_path})
+    settings = get_settings().with_changes(monitoring={"references_dir": tmp_path})
     reference = fetch_reference(settings, version)  # from the run the registered version points to
     assert (tmp_path / f"v{version}" / REFERENCE_FILE).exists()
     assert len(reference) > 0 and set(reference.label) <= set(CLASSES)
@@ -173,7 +173,7 @@ def test_monitoring_flow_flags_the_new_site_once_and_tells_ops(project, champion
         assert {"image_stats", "embeddings"} <= set(status["signals"])
         reports = [w["report_url"] for w in status["windows"]]
         assert all(reports) and len(set(reports)) == len(reports)
-        workspace = Path(get_settings().path(get_settings().monitor_workspace))
+        workspace = Path(get_settings().path(get_settings().monitoring.workspace))
         assert workspace.is_dir() and any(workspace.rglob("*.json"))
     finally:
         hook.close()
@@ -223,12 +223,12 @@ def check_ops_page(url: str, alert_id: int, report_url: str) -> None:
 
 def test_corrections_raise_one_alert_and_auto_trigger_calls_retraining(project, champion, tmp_path, monkeypatch):
     version, _ = champion
-    settings = get_settings().model_copy(update={
-        "monitor_state_db": tmp_path / "monitor.sqlite", "lab_db": tmp_path / "lab.sqlite",
-        "corrections_images_dir": tmp_path / "corrections", "retrain_min_corrections": 2, "retrain_trigger": "auto",
-        "alert_webhook_url": None})
-    corrections = Corrections(settings.lab_db, settings.corrections_images_dir)
-    state = MonitorState(settings.monitor_state_db)
+    settings = get_settings().with_changes(
+        lab={"lab_db": tmp_path / "lab.sqlite", "corrections_images_dir": tmp_path / "corrections"},
+        monitoring={"state_db": tmp_path / "monitor.sqlite", "retrain_min_corrections": 2, "retrain_trigger": "auto",
+                    "alert_webhook_url": None})
+    corrections = Corrections(settings.lab.lab_db, settings.lab.corrections_images_dir)
+    state = MonitorState(settings.monitoring.state_db)
     corrections.submit("pia", "monocyte", b"first image")
     assert decide(settings, state, version, "2000-01-01T00:00:00+00:00") == []
     corrections.submit("pia", "eosinophil", b"second image")
@@ -252,12 +252,12 @@ def test_time_windows_judge_only_elapsed_windows_with_enough_predictions(project
     from datetime import datetime, timedelta, timezone
 
     version, classifier = champion
-    settings = get_settings().model_copy(update={
-        "predictions_db": tmp_path / "predictions.sqlite", "monitor_state_db": tmp_path / "monitor.sqlite",
-        "monitor_references_dir": references, "monitor_reports_dir": tmp_path / "reports",
-        "monitor_workspace": tmp_path / "workspace", "monitor_window": "time", "monitor_window_minutes": 60.0,
-        "monitor_min_window_size": 10, "retrain_trigger": "off", "lab_db": tmp_path / "lab.sqlite"})
-    store = PredictionStore(settings.predictions_db)
+    settings = get_settings().with_changes(
+        serving={"predictions_db": tmp_path / "predictions.sqlite"}, lab={"lab_db": tmp_path / "lab.sqlite"},
+        monitoring={"state_db": tmp_path / "monitor.sqlite", "references_dir": references,
+                    "reports_dir": tmp_path / "reports", "workspace": tmp_path / "workspace", "window": "time",
+                    "window_minutes": 60.0, "min_window_size": 10, "retrain_trigger": "off"})
+    store = PredictionStore(settings.serving.predictions_db)
     now = datetime.now(timezone.utc)
     hour = now.replace(minute=0, second=0, microsecond=0)
     images = one_per_cell("TEST", 10)  # 30 cells
@@ -265,15 +265,15 @@ def test_time_windows_judge_only_elapsed_windows_with_enough_predictions(project
     log_images(store, classifier, version, images[12:17], hour - timedelta(minutes=30))  # too few: skipped
     log_images(store, classifier, version, images[17:24], now)  # this hour is still filling
     [window] = run_monitoring(settings, now=now)["windows"]
-    assert window["n"] == 12 and not window["drifting"] and (settings.monitor_reports_dir / window["report"]).exists()
+    assert window["n"] == 12 and not window["drifting"] and (settings.monitoring.reports_dir / window["report"]).exists()
     assert run_monitoring(settings, now=now)["windows"] == []
 
     log_images(store, classifier, version, images[24:29], now)
-    settings = settings.model_copy(update={"monitor_keep_reports": 1})
+    settings = settings.with_changes(monitoring={"keep_reports": 1})
     [next_hour] = run_monitoring(settings, now=now + timedelta(hours=1))["windows"]  # this hour, once elapsed
     assert next_hour["n"] == 12
-    assert sorted(p.name for p in settings.monitor_reports_dir.iterdir()) == [next_hour["report"]]  # older HTML pruned
-    assert [w["report"] for w in MonitorState(settings.monitor_state_db).windows()] == [next_hour["report"], None]
+    assert sorted(p.name for p in settings.monitoring.reports_dir.iterdir()) == [next_hour["report"]]  # older HTML pruned
+    assert [w["report"] for w in MonitorState(settings.monitoring.state_db).windows()] == [next_hour["report"], None]
 
 
 def test_monitor_ui_serves_the_workspace_on_localhost_without_telemetry(project, tmp_path):

@@ -28,7 +28,7 @@ runner = CliRunner()
 
 def test_main_job_registers_a_champion_with_its_lineage(project, trained):
     settings = get_settings()
-    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
     champion = registry.version_by_alias(CHAMPION)
     assert champion is not None
     assert trained["version"] == str(champion.version)
@@ -130,10 +130,10 @@ def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, tra
     from hematovision.training.steps import scored_on_validation
 
     settings = get_settings()
-    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
     logged = registry.metrics_of(trained["version"])
     rescored = scored_on_validation(settings, load_params(project / "params.yaml"),
-                                    f"models:/{settings.registered_model}/{trained['version']}")
+                                    f"models:/{settings.registry.registered_model}/{trained['version']}")
     assert rescored["val_macro_f1"] == pytest.approx(logged["val_macro_f1"], abs=0.02)
     for name in ("eosinophil", "lymphocyte", "monocyte", "neutrophil"):
         assert rescored[f"val_f1_{name}"] == pytest.approx(logged[f"val_f1_{name}"], abs=0.05)
@@ -146,7 +146,7 @@ def test_the_gate_will_not_compare_a_champion_on_cells_it_trained_on(project, tr
     from hematovision.training.steps import champion_saw_validation, load_manifest
 
     settings = get_settings()
-    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
     manifest = load_manifest(settings)
     champion = trained["version"]
     assert registry.trained_on(champion) == set(manifest.path[manifest.split == "train"])

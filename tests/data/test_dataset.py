@@ -19,7 +19,7 @@ from hematovision.data.dataset import grouped_split, prepare, scan_class_folders
 from hematovision.data.imaging import ImageError, image_stats, load_rgb
 from hematovision.data.localize import WbcBox, crop_box, crop_wbc, locate_wbc
 
-DATASETS = (Path(__file__).parents[1] / "../shared/datasets").resolve()
+DATASETS = (Path(__file__).parents[2] / "../shared/datasets").resolve()
 KAGGLE = DATASETS / "blood-cells"
 KAGGLE_IMAGES = KAGGLE / "dataset2-master" / "images"
 PBC = DATASETS / "pbc-sample"

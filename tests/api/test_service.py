@@ -41,7 +41,7 @@ def post_image(url: str, data: bytes, name: str = "cell.jpeg", route: str = "/pr
 
 def registry() -> Registry:
     settings = get_settings()
-    return Registry(settings.registered_model, configure_mlflow(settings))
+    return Registry(settings.registry.registered_model, configure_mlflow(settings))
 
 
 def champion_version() -> str:
