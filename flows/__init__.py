@@ -1,6 +1,12 @@
-"""Prefect flows: thin orchestration over the steps in ``hematovision.training.steps``."""
+"""Prefect flows: thin orchestration over the platform's steps (``hematovision.training.steps``,
+``hematovision.training.retrain``, ``hematovision.monitoring.monitor``).
+
+The flows sit above the library: they import it, it never imports them.
+"""
 
 from __future__ import annotations
+
+import hematovision  # noqa: F401 - its import switches every tool's telemetry off before Prefect loads
 
 import time
 from typing import Any, Callable

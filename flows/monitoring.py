@@ -3,21 +3,20 @@ start retraining when the trigger allows it.
 
 Runs with no Prefect server (an ephemeral local API) unless PREFECT_API_URL points at one; schedule
 it (a Prefect deployment, cron, a systemd timer) as often as windows fill. Every step is a call into
-``hematovision.monitoring.monitor``; ``hematovision monitor run`` runs this flow once.
+``hematovision.monitoring.monitor``; this flow hands the monitor its retraining trigger (the
+retraining flow), so the library never imports the flows. ``hematovision monitor run`` runs it once.
 
     uv run python -m flows.monitoring
 """
 
 from __future__ import annotations
 
-from hematovision.settings import quiet_environment
+from prefect import flow, get_run_logger, task
 
-quiet_environment()
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-
-from hematovision.monitoring import monitor as monitoring  # noqa: E402
-from hematovision.settings import get_settings  # noqa: E402
+from flows.retraining import retraining_flow
+from hematovision import stores
+from hematovision.monitoring import monitor as monitoring
+from hematovision.settings import get_settings
 
 
 @task(name="find the champion", retries=2, retry_delay_seconds=2)
@@ -30,7 +29,7 @@ def find_champion() -> tuple[str, str]:
 @task(name="check windows")
 def check_windows(version: str) -> list[dict]:
     settings = get_settings()
-    windows = monitoring.check_windows(settings, monitoring.state_from_settings(settings), version)
+    windows = monitoring.check_windows(settings, stores.monitor_state(settings), version)
     logger = get_run_logger()
     for w in windows:
         drifted = [name for name, s in w["signals"].items() if s["drift"]]
@@ -45,7 +44,7 @@ def check_windows(version: str) -> list[dict]:
 @task(name="decide")
 def decide(version: str, champion_since: str) -> list[dict]:
     settings = get_settings()
-    alerts = monitoring.decide(settings, monitoring.state_from_settings(settings), version, champion_since)
+    alerts = monitoring.decide(settings, stores.monitor_state(settings), version, champion_since)
     for alert in alerts:
         get_run_logger().warning("ALERT %s: %s (%s)", alert["kind"], alert["message"], alert["status"])
     return alerts
@@ -54,14 +53,14 @@ def decide(version: str, champion_since: str) -> list[dict]:
 @task(name="start approved retraining")
 def retrain_approved() -> list[dict]:
     settings = get_settings()
-    return monitoring.retrain_approved(settings, monitoring.state_from_settings(settings))
+    return monitoring.retrain_approved(settings, stores.monitor_state(settings), retraining_flow)
 
 
 @flow(name="hematovision-monitoring", log_prints=True)
 def monitoring_flow(act: bool = True) -> dict:
     """Check the prediction log for drift against the champion's reference; alert; maybe retrain."""
     settings = get_settings()
-    state = monitoring.state_from_settings(settings)
+    state = stores.monitor_state(settings)
     version, since = find_champion()
     state.put("champion", {"version": version, "registered_at": since})
     windows = check_windows(version)

@@ -12,17 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hematovision.settings import quiet_environment
+from prefect import flow, get_run_logger, task
 
-quiet_environment()
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-
-from flows import StepTimer  # noqa: E402
-from hematovision.training import steps  # noqa: E402
-from hematovision.params import load_params  # noqa: E402
-from hematovision.progress import reporter  # noqa: E402
-from hematovision.settings import get_settings  # noqa: E402
+from flows import StepTimer
+from hematovision.training import steps
+from hematovision.params import load_params
+from hematovision.progress import reporter
+from hematovision.settings import get_settings
 
 
 @task(name="import data", retries=2, retry_delay_seconds=5)

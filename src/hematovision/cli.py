@@ -6,6 +6,9 @@ Exit codes scripts can trust: 0 done, 1 refused or failed (the gate said no, bad
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,9 +16,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hematovision.settings import get_settings, quiet_environment
+from hematovision import progress, stores
+from hematovision.data.dvc import DataImportError, import_data
+from hematovision.demo import DemoConfig, run_demo
+from hematovision.lab.accounts import AccountError
+from hematovision.lab.export import export_corrections
+from hematovision.monitoring.monitor import MonitoringError, workspace_project
+from hematovision.params import load_params
+from hematovision.progress import cli_logger, console_progress, logging_progress
+from hematovision.registry.registry import RegistryError
+from hematovision.serving.batch_predict import collect_images, predict_files, write_results
+from hematovision.settings import get_settings
+from hematovision.training.evaluate import evaluate_folder
+from hematovision.training.retrain import RetrainError
+from hematovision.training.steps import evaluate_step, prepare_step, promote_step, register_step, train_step
 
-quiet_environment()
+# The flows (Prefect) and the model's loader (MLflow, TensorFlow) take seconds to import: the
+# commands that need them import them, so `hematovision --help` and the account commands stay quick.
 
 app = typer.Typer(help="HematoVision: train, evaluate, register and promote the white-blood-cell classifier.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
@@ -33,8 +50,6 @@ ParamsOption = Annotated[Path, typer.Option("--params", help="Parameter file (DV
 
 
 def _params(path: Path, profile: str | None):
-    from hematovision.params import load_params
-
     try:
         return load_params(path, profile)
     except ValueError as error:
@@ -54,8 +69,6 @@ def run(
     promote: Annotated[bool, typer.Option(help="Promote the new model if the gate passes.")] = True,
 ):
     """Run the whole training flow: import data, prepare, train, evaluate, register, promote."""
-    from hematovision import progress
-
     from flows.training import training_flow
 
     _params(params_file, profile)  # fail fast on a bad profile, before Prefect starts
@@ -75,7 +88,7 @@ def _print_summary(summary: dict) -> None:
     table = Table(title="HematoVision training run", show_header=False)
     table.add_row("data version (md5)", summary["data_hash"])
     table.add_row("MLflow run", summary["run_id"])
-    table.add_row("model version", f"{settings.registered_model} v{summary['version']}")
+    table.add_row("model version", f"{settings.registry.registered_model} v{summary['version']}")
     for split in ("val", "test", "new_site"):
         m = summary["metrics"].get(split)
         if m:
@@ -89,16 +102,14 @@ def _print_summary(summary: dict) -> None:
     Console().print(table)
     Console().print(
         f"MLflow UI:  uv run mlflow ui --backend-store-uri {settings.tracking_uri}  (then http://127.0.0.1:5000)\n"
-        f"Metrics:    {settings.path(settings.reports_dir) / 'metrics.json'}\n"
-        f"Champion:   models:/{settings.registered_model}@champion"
+        f"Metrics:    {settings.path(settings.paths.reports_dir) / 'metrics.json'}\n"
+        f"Champion:   models:/{settings.registry.registered_model}@champion"
     )
 
 
 @data_app.command("import")
 def data_import():
     """Import (or re-check) the upstream dataset into data/ under DVC; prints the pinned version."""
-    from hematovision.training.steps import DataImportError, import_data
-
     try:
         with console.status("importing the dataset with DVC"):
             result = import_data(get_settings())
@@ -113,8 +124,6 @@ def data_import():
 @app.command()
 def prepare(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
     """Validate every image, find which images show the same cell, make the grouped train/val split."""
-    from hematovision.training.steps import prepare_step
-    from hematovision.progress import cli_logger, console_progress, logging_progress
 
     with console_progress(logging_progress(cli_logger())) as report:
         summary = prepare_step(get_settings(), _params(params_file, profile), report)
@@ -124,8 +133,6 @@ def prepare(profile: ProfileOption = None, params_file: ParamsOption = Path("par
 @app.command()
 def train(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
     """Train (frozen-backbone head, then fine-tune) and log the run to MLflow."""
-    from hematovision.training.steps import train_step
-    from hematovision.progress import cli_logger, console_progress, logging_progress
 
     with console_progress(logging_progress(cli_logger())) as report:
         result = train_step(get_settings(), _params(params_file, profile), report)
@@ -141,12 +148,8 @@ def evaluate(
     params_file: ParamsOption = Path("params.yaml"),
 ):
     """Score a model: the pipeline's stage (TEST and the new site), or any model on any folder."""
-    from hematovision.progress import cli_logger, console_progress, logging_progress
-
     params = _params(params_file, profile)
     if model is None and data is None:
-        from hematovision.training.steps import evaluate_step
-
         with console_progress(logging_progress(cli_logger())) as report:
             results = evaluate_step(get_settings(), params, report)
         print(json.dumps({k: {m: v[m] for m in ("accuracy", "macro_f1") if m in v} for k, v in results.items() if k != "timings"}, indent=2))
@@ -155,19 +158,15 @@ def evaluate(
         _fail("give both --model and --data (or neither, for the pipeline's evaluate stage)")
     if not data.is_dir():
         _fail(f"{data} is not a folder")
-    from hematovision.training.evaluate import evaluate_folder
-    from hematovision.model.embeddings import EmbeddingCache
-    from hematovision.registry.packaging import load_classifier
-    from hematovision.registry.tracking import configure_mlflow
+    from hematovision.registry.packaging import load_classifier  # heavy: imports MLflow and Keras
 
-    configure_mlflow()
     settings = get_settings()
+    stores.registry(settings)  # MLflow pointed at the configured store, for models:/ URIs
     try:
         classifier = load_classifier(model)
         # Through the embedding cache: chunked (so a progress bar), and a second look at the same
         # folder with the same model reads the embeddings back instead of recomputing them.
-        cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
-        with console_progress(logging_progress(cli_logger())) as report:
+        with stores.embedding_cache(settings) as cache, console_progress(logging_progress(cli_logger())) as report:
             results = evaluate_folder(classifier, data, cache, params.evaluate.bootstrap_samples, seed=params.seed,
                                       progress=lambda done, total: report(f"evaluating {data}", done, total))
     except ValueError as error:
@@ -185,10 +184,8 @@ def evaluate(
 @app.command()
 def register():
     """Register the last trained model as a new version with the 'challenger' alias."""
-    from hematovision.training.steps import register_step
-
     result = register_step(get_settings())
-    console.print(f"registered {get_settings().registered_model} v{result['version']} (alias challenger)")
+    console.print(f"registered {get_settings().registry.registered_model} v{result['version']} (alias challenger)")
 
 
 @app.command()
@@ -199,8 +196,6 @@ def promote(
     params_file: ParamsOption = Path("params.yaml"),
 ):
     """Make VERSION the champion if it passes the gate; prints the gate's reasons either way."""
-    from hematovision.training.steps import promote_step
-    from hematovision.registry.registry import RegistryError
 
     try:
         decision = promote_step(get_settings(), _params(params_file, profile), version, force)
@@ -216,12 +211,10 @@ def promote(
 @app.command()
 def rollback():
     """Move 'champion' back to the version that held it before."""
-    from hematovision.registry.registry import Registry, RegistryError
-    from hematovision.registry.tracking import configure_mlflow
 
     settings = get_settings()
     try:
-        old, new = Registry(settings.registered_model, configure_mlflow(settings)).rollback()
+        old, new = stores.registry(settings).rollback()
     except RegistryError as error:
         _fail(str(error))
     console.print(f"[green]champion rolled back from v{old} to v{new}[/]")
@@ -230,13 +223,11 @@ def rollback():
 @app.command()
 def models():
     """List the registered versions with their aliases and headline metrics."""
-    from hematovision.registry.registry import Registry
-    from hematovision.registry.tracking import configure_mlflow
 
     settings = get_settings()
-    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    registry = stores.registry(settings)
     table = Table("version", "aliases", "val macro-F1", "test acc", "new-site acc", "data", "commit", "gate")
-    for v in sorted(registry.client.search_model_versions(f"name='{settings.registered_model}'"), key=lambda v: int(v.version)):
+    for v in sorted(registry.client.search_model_versions(f"name='{settings.registry.registered_model}'"), key=lambda v: int(v.version)):
         tags = v.tags
         table.add_row(str(v.version), ",".join(v.aliases), tags.get("val_macro_f1", ""), tags.get("test_accuracy", ""),
                       tags.get("new_site_accuracy", ""), tags.get("data_hash", "")[:8], tags.get("git_commit", "")[:8],
@@ -250,14 +241,12 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
 ):
     """Serve the champion over HTTP (BentoML): web page at /ui/, API docs at /docs, hot swap on promote."""
-    import os
     import shutil
-    import sys
 
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
     if bentoml is None:
         _fail("bentoml is not installed in this environment")
-    console.print(f"serving models:/{get_settings().registered_model}@{get_settings().serve_alias} "
+    console.print(f"serving models:/{get_settings().registry.registered_model}@{get_settings().serving.alias} "
                   f"on http://{host}:{port}/ (web page /ui/, API docs /docs)")
     os.execv(bentoml, [bentoml, "serve", "hematovision.api.service:HematoVision", "--host", host, "--port", str(port)])
 
@@ -269,10 +258,7 @@ def predict(
     model: Annotated[Optional[str], typer.Option(help="Model URI or saved classifier folder (default: the champion).")] = None,
 ):
     """Predict the cell type of images locally (no server), with a progress bar; writes CSV or JSON."""
-    from hematovision.serving.batch_predict import collect_images, predict_files, write_results
-    from hematovision.registry.packaging import load_classifier
-    from hematovision.progress import cli_logger, console_progress, logging_progress
-    from hematovision.registry.tracking import configure_mlflow
+    from hematovision.registry.packaging import load_classifier  # heavy: imports MLflow and Keras
 
     settings = get_settings()
     if out.suffix.lower() not in (".csv", ".json"):
@@ -284,14 +270,14 @@ def predict(
         _fail(str(error))
     if not files:
         _fail("no image files found")
-    configure_mlflow(settings)
-    uri = model or f"models:/{settings.registered_model}@{settings.serve_alias}"
+    stores.registry(settings)  # MLflow pointed at the configured store, for models:/ URIs
+    uri = model or f"models:/{settings.registry.registered_model}@{settings.serving.alias}"
     try:
         classifier = load_classifier(uri)
     except Exception as error:  # noqa: BLE001 - MLflow raises many types for a missing model
         _fail(f"cannot load {uri}: {error}")
     with console_progress(logging_progress(cli_logger())) as report:
-        rows = predict_files(classifier, files, settings.review_threshold, progress=report)
+        rows = predict_files(classifier, files, settings.serving.review_threshold, progress=report)
     write_results(rows, out, classifier.classes)
     failed = sum(1 for r in rows if r.get("error"))
     review = sum(1 for r in rows if r.get("needs_review"))
@@ -303,17 +289,17 @@ def predictions_purge(
     older_than_days: Annotated[Optional[float], typer.Option(help="Default: the retain_images_days setting.")] = None,
 ):
     """Delete retained request images older than the retention period (patient privacy)."""
-    from hematovision.serving.prediction_log import purge_images
-
-    removed = purge_images(get_settings(), older_than_days)
+    settings = get_settings()
+    log = stores.prediction_log(settings)
+    if older_than_days is not None:
+        removed = log.purge_images(older_than_days)
+    else:
+        removed = log.purge_images(settings.serving.retain_images_days, settings.serving.review_image_days)
     console.print(f"removed {removed} retained image(s)")
 
 
 def _accounts():
-    from hematovision.lab.accounts import Accounts
-
-    settings = get_settings()
-    return Accounts(settings.path(settings.lab_db), settings.session_hours)
+    return stores.accounts(get_settings())
 
 
 @users_app.command("add")
@@ -323,9 +309,6 @@ def users_add(
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from standard input (scripts).")] = False,
 ):
     """Create an account; the password is asked for (never given on the command line)."""
-    import sys
-
-    from hematovision.lab.accounts import AccountError
 
     password = sys.stdin.readline().rstrip("\n") if password_stdin else typer.prompt("password", hide_input=True, confirmation_prompt=True)
     try:
@@ -347,8 +330,6 @@ def users_list():
 @users_app.command("disable")
 def users_disable(username: Annotated[str, typer.Argument()]):
     """Disable an account: its sessions and API tokens stop working at once."""
-    from hematovision.lab.accounts import AccountError
-
     try:
         _accounts().disable_user(username)
     except AccountError as error:
@@ -362,8 +343,6 @@ def users_token(
     name: Annotated[str, typer.Option(help="What the token is for (e.g. the LIS bridge).")] = "api",
 ):
     """Create an API token for a system acting as USERNAME; printed once, only its hash is kept."""
-    from hematovision.lab.accounts import AccountError
-
     try:
         token = _accounts().create_token(username, name)
     except AccountError as error:
@@ -374,8 +353,6 @@ def users_token(
 @feedback_app.command("export")
 def feedback_export():
     """Write the corrected images as a new DVC-tracked dataset version (class folders); nothing new, no change."""
-    from hematovision.lab.export import export_corrections
-
     result = export_corrections(get_settings())
     console.print(f"{result['images']} corrected images ({result['added']} new, {result['removed']} removed, "
                   f"{result['disputed']} disputed left out) -> {result['path']} (DVC {result['dvc_file']}, md5 {result['md5']})")
@@ -391,8 +368,6 @@ def retrain(
 ):
     """Retrain on raw data + the pathologists' corrections; promote only if it wins on the new site's
     held-out corrections without losing on TEST. Exit 1 when the gate refuses."""
-    from hematovision import progress
-    from hematovision.training.retrain import RetrainError
 
     from flows.retraining import retraining_flow
 
@@ -443,8 +418,6 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the service to answer with the new version.")] = 180.0,
 ):
     """The whole story: champion, service, traffic, drift check, corrections, retraining, hot swap."""
-    from hematovision.demo import DemoConfig, run_demo
-
     _params(params_file, profile)
     config = DemoConfig(profile=profile, params_file=str(params_file), test_images=test_images,
                         new_site_images=new_site_images, corrections=corrections, eval_images=eval_images,
@@ -462,8 +435,6 @@ def monitor_run(
     act: Annotated[bool, typer.Option(help="Start retraining that an alert calls for (per retrain_trigger).")] = True,
 ):
     """Check new windows of the prediction log for drift now, raise alerts; prints the status."""
-    from hematovision.monitoring.monitor import MonitoringError
-
     from flows.monitoring import monitoring_flow
 
     try:
@@ -488,18 +459,14 @@ def monitor_ui(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
 ):
     """Open the Evidently UI on the monitoring workspace (127.0.0.1 only; telemetry off)."""
-    import os
     import shutil
-    import sys
-
-    from hematovision.monitoring.monitor import workspace_project
 
     settings = get_settings()
     workspace_project(settings)  # the project and its dashboard exist before the first window
     evidently = shutil.which("evidently", path=str(Path(sys.executable).parent)) or shutil.which("evidently")
     if evidently is None:
         _fail("evidently is not installed in this environment")
-    workspace = str(settings.path(settings.monitor_workspace))
+    workspace = str(settings.path(settings.monitoring.workspace))
     console.print(f"Evidently UI on http://127.0.0.1:{port}/ (workspace {workspace})")
     os.execv(evidently, [evidently, "ui", "--workspace", workspace, "--host", "127.0.0.1", "--port", str(port)])
 

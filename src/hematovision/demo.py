@@ -30,8 +30,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from hematovision import CLASSES
+from hematovision import CLASSES, stores
+from hematovision.api.process import start_service, stop_service
+from hematovision.data.dataset import scan_class_folders, scan_kaggle
+from hematovision.monitoring.monitor import RetrainingTrigger, run_monitoring
+from hematovision.params import load_params
+from hematovision.registry.registry import CHAMPION
 from hematovision.settings import Settings
+
+# The demo is an entry point like the CLI: it runs the Prefect flows (imported where they run, since
+# Prefect takes seconds to import) and the HTTP client `requests` (a development dependency).
 
 Say = Callable[[str], None]
 
@@ -52,16 +60,14 @@ class DemoConfig:
     service_env: dict[str, str] | None = None  # extra environment of the service
 
 
-def monitor(settings: Settings, say: Say, act: bool = False, **retrain_options: Any) -> dict[str, Any]:
+def monitor(settings: Settings, say: Say, trigger: RetrainingTrigger | None = None) -> dict[str, Any]:
     """One run of the drift monitor (``hematovision.monitoring.monitor``) over what the service logged so far;
-    prints the windows it judged and the alerts it raised."""
-    from hematovision.monitoring.monitor import run_monitoring
-
-    run = run_monitoring(settings, act=act, retrain_options=retrain_options)
+    prints the windows it judged and the alerts it raised; approved alerts start ``trigger``."""
+    run = run_monitoring(settings, trigger=trigger)
     windows = run["windows"]
     drifting = [w for w in windows if w["drifting"]]
     signals = sorted({name for w in drifting for name, s in w["signals"].items() if s["drift"]})
-    say(f"   {len(windows)} new windows of {settings.monitor_window_size} predictions judged, {len(drifting)} drifting"
+    say(f"   {len(windows)} new windows of {settings.monitoring.window_size} predictions judged, {len(drifting)} drifting"
         + (f" ({', '.join(signals)})" if signals else ""))
     for alert in run["alerts"]:
         say(f"   ALERT {alert['kind']}: {alert['message']} [{alert['status']}]")
@@ -73,19 +79,20 @@ def retrain_through_alerts(settings: Settings, say: Say, profile: str | None, pa
     """The engineer approves the champion's open alerts and the monitor starts the retraining flow
     (as the ops page's approve button and the next monitoring run do); without an alert, the
     engineer starts the flow by hand. Returns the retraining flow's summary."""
-    from hematovision.monitoring.monitor import state_from_settings
+    from flows.retraining import retraining_flow
+
+    def retrain() -> dict[str, Any]:
+        return retraining_flow(profile=profile, params_file=params_file)
 
     monitor(settings, say)  # the monitor counts the new corrections and raises its alert
-    state = state_from_settings(settings)
+    state = stores.monitor_state(settings)
     for alert in state.alerts(50, status=["awaiting_approval"]):
         state.approve(alert["id"], "demo-engineer")
         say(f"   demo-engineer approves alert {alert['id']} ({alert['kind']})")
-    run = monitor(settings, say, act=True, profile=profile, params_file=params_file)
+    run = monitor(settings, say, trigger=retrain)
     if not run["retraining"]:
         say("   no alert calls for retraining yet: the engineer starts the retraining flow by hand")
-        from flows.retraining import retraining_flow
-
-        return retraining_flow(profile=profile, params_file=params_file)
+        return retrain()
     outcome = run["retraining"][0]
     if outcome["status"] != "retrained":
         raise RuntimeError(f"retraining for alert {outcome['id']} ended {outcome['status']}: "
@@ -96,8 +103,6 @@ def retrain_through_alerts(settings: Settings, say: Say, profile: str | None, pa
 def _new_site_images(folder: Path, config: DemoConfig) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """(streamed, scored-before-and-after) images of the 4 known classes: disjoint, balanced per
     class, the same on every run (seeded)."""
-    from hematovision.data.dataset import scan_class_folders
-
     rows, _unknown = scan_class_folders(folder)
     rng = random.Random(config.seed)
     per_class_stream = max(1, config.new_site_images // len(CLASSES))
@@ -121,9 +126,7 @@ def _scored_only(path: Path) -> bool:
 
 
 def _test_images(settings: Settings, config: DemoConfig) -> list[tuple[Path, str]]:
-    from hematovision.data.dataset import scan_kaggle
-
-    source = settings.path(settings.data_source)
+    source = settings.path(settings.paths.data_source)
     rows = scan_kaggle(source)
     rows = rows[rows.split == "test"]
     picked = rows.sample(min(len(rows), config.test_images), random_state=config.seed) if len(rows) else rows
@@ -160,15 +163,9 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
     """Run the story end to end; returns the figures printed in the summary."""
     import requests
 
-    from hematovision.lab.accounts import Accounts
-    from hematovision.params import load_params
-    from hematovision.registry.registry import CHAMPION, Registry
-    from hematovision.api.process import start_service, stop_service
-    from hematovision.registry.tracking import configure_mlflow
-
     config = config or DemoConfig()
     started = time.perf_counter()
-    registry = Registry(settings.registered_model, configure_mlflow(settings))
+    registry = stores.registry(settings)
     champion = registry.version_by_alias(CHAMPION)
     if champion is None:
         say("1. no champion yet: training one with the training flow")
@@ -182,12 +179,12 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         say(f"1. reusing the champion v{champion.version}")
     before_version = str(champion.version)
 
-    streamed, held = _new_site_images(config.new_site_dir or settings.path(settings.new_site_source), config)
+    streamed, held = _new_site_images(config.new_site_dir or settings.path(settings.paths.new_site_source), config)
     test_images = _test_images(settings, config)
-    log = settings.path(settings.retrain_dir) / "demo-service.log"
+    log = settings.path(settings.paths.retrain_dir) / "demo-service.log"
     env = {**os.environ, **(config.service_env or {})}
     say(f"2. starting the service (log {log})")
-    server, url = start_service(settings.path(settings.project_dir), log, env, config.service_timeout_s)
+    server, url = start_service(settings.path(settings.paths.project_dir), log, env, config.service_timeout_s)
     try:
         say(f"   serving v{_served_version(url)} at {url}")
         say(f"3. streaming {len(test_images)} official TEST images, then {len(streamed) + len(held)} new-site images")
@@ -202,7 +199,7 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         to_correct = stream_results[: config.corrections]
         reviewer = f"demo-pathologist-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
         password = secrets.token_urlsafe(24)
-        Accounts(settings.path(settings.lab_db), settings.session_hours).add_user(reviewer, password, ["pathologist"])
+        stores.accounts(settings).add_user(reviewer, password, ["pathologist"])
         session = requests.Session()
         login = session.post(f"{url}/login", data={"username": reviewer, "password": password}, timeout=30)
         login.raise_for_status()

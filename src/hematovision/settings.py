@@ -1,20 +1,25 @@
-"""Every path, URI and operational setting of the platform, in one place.
+"""Every path, URI and operational setting of the platform, in one place, grouped by who reads it.
 
-Values come from the environment (prefix ``HEMATOVISION_``) or a ``.env`` file in the working
+Values come from the environment (``HEMATOVISION_<NAME>``) or a ``.env`` file in the working
 directory, falling back to the embedded defaults below, so one machine runs everything and pointing
-at the real thing (an MLflow server, another dataset download) is one variable away.
+at the real thing (an MLflow server, another dataset download) is one variable away. The groups are
+``paths``, ``registry``, ``serving``, ``lab``, ``monitoring`` and ``drift``; each field's
+environment variable is the one it had before the grouping (``settings.monitoring.window_size`` is
+``HEMATOVISION_MONITOR_WINDOW_SIZE``), and a ``HEMATOVISION_*`` variable that names no setting is an
+error that names the closest one, so a typo never falls back to a default silently.
 Machine-learning hyperparameters are not here: they live in ``params.yaml`` (see ``params.py``),
 where DVC tracks them.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Every tool in the stack phones home unless told not to (see ../shared/notes/stack.md).
@@ -26,10 +31,22 @@ TELEMETRY_OFF = {
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
+ENV_PREFIX = "HEMATOVISION_"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HEMATOVISION_", env_file=".env", extra="ignore")
+def _config(prefix: str = ENV_PREFIX) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore", populate_by_name=True)
+
+
+def _env(name: str) -> AliasChoices:
+    """A field whose variable does not follow its group's prefix (the name it always had)."""
+    return AliasChoices(ENV_PREFIX + name.upper(), name.lower())
+
+
+class PathSettings(BaseSettings):
+    """Folders and upstream sources; relative paths hang from ``project_dir``."""
+
+    model_config = _config()
 
     project_dir: Path = Field(Path("."), description="Root of the project checkout; relative paths below hang from it.")
     data_source: Path = Field(
@@ -45,6 +62,19 @@ class Settings(BaseSettings):
     models_dir: Path = Field(Path("models"), description="Output of the train stage: the trained model and its training report.")
     reports_dir: Path = Field(Path("reports"), description="Output of the evaluate stage: metrics and plots.")
     cache_dir: Path = Field(Path(".cache/embeddings"), description="Backbone embedding cache (keyed by image content and backbone).")
+    retrain_dir: Path = Field(
+        Path("retrain"), description="Output of the retraining flow: its manifest (raw data + corrections, with the holdout), report, challenger."
+    )
+    corrections_dataset_dir: Path = Field(
+        Path("corrections"), description="Where `hematovision feedback export` writes the corrected images (tracked by corrections.dvc)."
+    )
+
+
+class RegistrySettings(BaseSettings):
+    """The MLflow tracking store and the registered model the platform serves."""
+
+    model_config = _config()
+
     mlflow_tracking_uri: str = Field(
         "sqlite:///mlruns/mlflow.db",
         description="MLflow tracking/registry store; MLFLOW_TRACKING_URI in the environment wins.",
@@ -52,23 +82,25 @@ class Settings(BaseSettings):
     mlflow_artifact_location: Path = Field(Path("mlruns/artifacts"), description="Where a new experiment stores artifacts.")
     experiment_name: str = Field("hematovision", description="MLflow experiment of training runs.")
     registered_model: str = Field("hematovision", description="Name of the model in the MLflow registry.")
-    # --- serving and the prediction log -------------------------------------------------------
-    serve_alias: str = Field("champion", description="Registry alias the service follows (and hot-swaps to when it moves).")
-    alias_poll_seconds: float = Field(
-        5.0, gt=0, description="How often each serving worker asks the registry where the alias points."
-    )
-    review_threshold: float = Field(
-        0.7, ge=0, le=1, description="Predictions whose confidence is below this are flagged needs_review."
-    )
+
+
+class ServingSettings(BaseSettings):
+    """The service: which alias it follows, how it batches, and the prediction log it writes."""
+
+    model_config = _config()
+
+    alias: str = Field("champion", validation_alias=_env("serve_alias"),
+                       description="Registry alias the service follows (and hot-swaps to when it moves).")
+    alias_poll_seconds: float = Field(5.0, gt=0, description="How often each serving worker asks the registry where the alias points.")
+    review_threshold: float = Field(0.7, ge=0, le=1, description="Predictions whose confidence is below this are flagged needs_review.")
     max_request_bytes: int = Field(
         64 * 1024 * 1024, gt=0, description="Largest prediction request body accepted (413 above); bounds memory per request."
     )
-    serve_threads: int = Field(
-        32, gt=0, description="Requests one serving worker handles at once; they share model calls through the batcher (BentoML's default of 1 would serialise them)."
+    threads: int = Field(
+        32, gt=0, validation_alias=_env("serve_threads"),
+        description="Requests one serving worker handles at once; they share model calls through the batcher (BentoML's default of 1 would serialise them).",
     )
-    max_batch_images: int = Field(
-        32, gt=0, description="Most images one model call takes when concurrent requests are batched together."
-    )
+    max_batch_images: int = Field(32, gt=0, description="Most images one model call takes when concurrent requests are batched together.")
     model_calls: int = Field(
         2, gt=0, description="Model calls one serving worker runs at once, each on cores / model_calls TensorFlow "
         "threads. On few cores one call spread over all of them stalls whenever request threads (decode, "
@@ -81,25 +113,21 @@ class Settings(BaseSettings):
     predictions_db: Path = Field(
         Path("monitoring/predictions.sqlite"), description="The prediction log (sqlite, WAL; shared by all serving workers)."
     )
-    retain_images_days: int = Field(
-        0, ge=0, description="Keep request images this many days under images_dir (0: never store images)."
-    )
-    images_dir: Path = Field(
-        Path("monitoring/images"), description="Retained request images, content-addressed by sha256."
-    )
+    retain_images_days: int = Field(0, ge=0, description="Keep request images this many days under images_dir (0: never store images).")
+    images_dir: Path = Field(Path("monitoring/images"), description="Retained request images, content-addressed by sha256.")
     review_image_days: int = Field(
         30, ge=0, description="Keep the images of predictions flagged needs_review this many days: the review queue shows them (0: never)."
     )
-    # --- people: accounts, review, corrections --------------------------------------------------
+
+
+class LabSettings(BaseSettings):
+    """People: accounts, sign-in, and the corrections they make."""
+
+    model_config = _config()
+
     lab_db: Path = Field(Path("monitoring/lab.sqlite"), description="Accounts, sessions, corrections and the audit log (sqlite, WAL).")
     corrections_images_dir: Path = Field(
         Path("monitoring/corrections"), description="Images of corrected predictions, content-addressed (kept: a correction needs its image)."
-    )
-    corrections_dataset_dir: Path = Field(
-        Path("corrections"), description="Where `hematovision feedback export` writes the corrected images (tracked by corrections.dvc)."
-    )
-    retrain_dir: Path = Field(
-        Path("retrain"), description="Output of the retraining flow: its manifest (raw data + corrections, with the holdout), report, challenger."
     )
     session_hours: float = Field(12.0, gt=0, description="How long a browser sign-in lasts.")
     predict_requires_token: bool = Field(
@@ -107,43 +135,110 @@ class Settings(BaseSettings):
     )
     login_attempts: int = Field(5, gt=0, description="Failed sign-ins allowed per user and address within login_window_seconds.")
     login_window_seconds: float = Field(300.0, gt=0, description="Window of the sign-in rate limit.")
-    # --- drift monitoring (drift.py, monitoring.py, flows/monitoring.py) ----------------------
-    monitor_state_db: Path = Field(Path("monitoring/monitor.sqlite"), description="Monitoring state: windows checked, drift status, alerts (sqlite).")
-    monitor_workspace: Path = Field(Path("monitoring/workspace"), description="Evidently workspace holding every window's snapshot (`hematovision monitor ui`).")
-    monitor_reports_dir: Path = Field(Path("monitoring/reports"), description="Each window's Evidently report as HTML, linked from the ops page.")
-    monitor_keep_reports: int = Field(500, gt=0, description="Newest window reports kept as HTML (~4 MB each; every window's snapshot stays in the workspace).")
-    monitor_references_dir: Path = Field(Path("monitoring/references"), description="Local copies of each model version's reference profile (fetched from MLflow).")
-    monitor_window: Literal["count", "time"] = Field("count", description="Windows of the prediction log: consecutive blocks of monitor_window_size predictions, or of monitor_window_minutes.")
-    monitor_window_size: int = Field(50, ge=10, description="Predictions per window (count windows).")
-    monitor_window_minutes: float = Field(60.0, gt=0, description="Length of a window (time windows).")
-    monitor_min_window_size: int = Field(30, ge=10, description="A time window with fewer predictions is skipped (too few to judge).")
-    monitor_max_windows_per_run: int = Field(20, gt=0, description="Most windows one monitoring run checks (the newest; older backlog is skipped).")
-    reference_max_images: int = Field(400, gt=0, description="Images of the validation split profiled as a model version's reference.")
-    drift_persistence: int = Field(2, gt=0, description="Consecutive drifting windows that raise a drift alert.")
-    retrain_min_corrections: int = Field(200, gt=0, description="New corrections since the champion was registered that raise a retraining alert.")
+
+
+class MonitoringSettings(BaseSettings):
+    """The drift monitor's windows, state, reports, and what an alert does (``HEMATOVISION_MONITOR_*``)."""
+
+    model_config = _config(ENV_PREFIX + "MONITOR_")
+
+    state_db: Path = Field(Path("monitoring/monitor.sqlite"), description="Monitoring state: windows checked, drift status, alerts (sqlite).")
+    workspace: Path = Field(Path("monitoring/workspace"), description="Evidently workspace holding every window's snapshot (`hematovision monitor ui`).")
+    reports_dir: Path = Field(Path("monitoring/reports"), description="Each window's Evidently report as HTML, linked from the ops page.")
+    keep_reports: int = Field(500, gt=0, description="Newest window reports kept as HTML (each inlines Evidently's viewer; every window's snapshot stays in the workspace).")
+    references_dir: Path = Field(Path("monitoring/references"), description="Local copies of each model version's reference profile (fetched from MLflow).")
+    window: Literal["count", "time"] = Field("count", description="Windows of the prediction log: consecutive blocks of window_size predictions, or of window_minutes.")
+    window_size: int = Field(50, ge=10, description="Predictions per window (count windows).")
+    window_minutes: float = Field(60.0, gt=0, description="Length of a window (time windows).")
+    min_window_size: int = Field(30, ge=10, description="A time window with fewer predictions is skipped (too few to judge).")
+    max_windows_per_run: int = Field(20, gt=0, description="Most windows one monitoring run checks (the newest; older backlog is skipped).")
+    reference_max_images: int = Field(400, gt=0, validation_alias=_env("reference_max_images"),
+                                      description="Images of the validation split profiled as a model version's reference.")
+    retrain_min_corrections: int = Field(200, gt=0, validation_alias=_env("retrain_min_corrections"),
+                                         description="New corrections since the champion was registered that raise a retraining alert.")
     retrain_trigger: Literal["auto", "approval", "off"] = Field(
-        "approval", description="On an alert: auto = run the retraining flow, approval = wait for an engineer's approval, off = only alert.")
-    alert_webhook_url: str | None = Field(None, description="If set, every alert is POSTed there as JSON (never called when unset).")
-    drift_stats_threshold: float = Field(1.0, gt=0, description="Normed Wasserstein distance (in reference standard deviations) above which an image statistic drifted.")
-    drift_stats_share: float = Field(0.5, gt=0, le=1, description="Share of image statistics that must drift for the image-statistics signal.")
-    drift_embedding_threshold: float = Field(0.05, gt=0, description="MMD (PCA of the embeddings, fitted on the reference) above which the embeddings drifted.")
-    drift_embedding_components: int = Field(20, gt=0, description="PCA components of the embeddings the MMD compares.")
-    drift_prediction_threshold: float = Field(0.3, gt=0, le=1, description="Jensen-Shannon distance of the predicted-class mix above which predictions drifted.")
-    drift_confidence_threshold: float = Field(0.5, gt=0, description="Normed Wasserstein distance of the confidence above which confidence drifted.")
-    drift_signals: list[Literal["image_stats", "embeddings", "prediction", "confidence"]] = Field(
+        "approval", validation_alias=_env("retrain_trigger"),
+        description="On an alert: auto = run the retraining flow, approval = wait for an engineer's approval, off = only alert.")
+    alert_webhook_url: str | None = Field(None, validation_alias=_env("alert_webhook_url"),
+                                          description="If set, every alert is POSTed there as JSON (never called when unset).")
+
+
+class DriftSettings(BaseSettings):
+    """When a window of predictions counts as drifting (``HEMATOVISION_DRIFT_*``)."""
+
+    model_config = _config(ENV_PREFIX + "DRIFT_")
+
+    persistence: int = Field(2, gt=0, description="Consecutive drifting windows that raise a drift alert.")
+    stats_threshold: float = Field(1.0, gt=0, description="Normed Wasserstein distance (in reference standard deviations) above which an image statistic drifted.")
+    stats_share: float = Field(0.5, gt=0, le=1, description="Share of image statistics that must drift for the image-statistics signal.")
+    embedding_threshold: float = Field(0.05, gt=0, description="MMD (PCA of the embeddings, fitted on the reference) above which the embeddings drifted.")
+    embedding_components: int = Field(20, gt=0, description="PCA components of the embeddings the MMD compares.")
+    prediction_threshold: float = Field(0.3, gt=0, le=1, description="Jensen-Shannon distance of the predicted-class mix above which predictions drifted.")
+    confidence_threshold: float = Field(0.5, gt=0, description="Normed Wasserstein distance of the confidence above which confidence drifted.")
+    signals: list[Literal["image_stats", "embeddings", "prediction", "confidence"]] = Field(
         ["image_stats", "embeddings"], description="Signals that make a window drifting (the others are reported only).")
+
+
+GROUPS: dict[str, type[BaseSettings]] = {
+    "paths": PathSettings, "registry": RegistrySettings, "serving": ServingSettings, "lab": LabSettings,
+    "monitoring": MonitoringSettings, "drift": DriftSettings,
+}
+
+
+class Settings(BaseModel):
+    """The platform's settings, one group per part of the lifecycle (each read from the environment)."""
+
+    paths: PathSettings = Field(default_factory=PathSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    lab: LabSettings = Field(default_factory=LabSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
 
     def path(self, p: Path) -> Path:
         """Resolve a setting path against the project directory."""
-        return p if p.is_absolute() else (self.project_dir / p).resolve()
+        return p if p.is_absolute() else (self.paths.project_dir / p).resolve()
 
     @property
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow_tracking_uri
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.registry.mlflow_tracking_uri
+
+    def with_changes(self, **groups: dict[str, Any]) -> "Settings":
+        """A copy with some fields changed, e.g. ``with_changes(monitoring={"window_size": 20})``."""
+        update = {}
+        for group, values in groups.items():
+            if group not in GROUPS:
+                raise ValueError(f"no settings group {group!r} (groups: {', '.join(GROUPS)})")
+            update[group] = getattr(self, group).model_copy(update=values)
+        return self.model_copy(update=update)
+
+
+def environment_names() -> dict[str, str]:
+    """Every environment variable a setting reads -> ``group.field``."""
+    names = {}
+    for group, cls in GROUPS.items():
+        prefix = cls.model_config.get("env_prefix", "")
+        for name, field in cls.model_fields.items():
+            alias = field.validation_alias
+            env = alias.choices[0] if isinstance(alias, AliasChoices) else prefix + name
+            names[str(env).upper()] = f"{group}.{name}"
+    return names
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Refuse ``HEMATOVISION_*`` variables that no setting reads, naming the closest known one."""
+    known = environment_names()
+    for key in sorted(environ if environ is not None else os.environ):
+        name = key.upper()
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean {close[0]} ({known[close[0]]})?" if close else ""
+            raise ValueError(f"environment variable {key} is not a HematoVision setting{hint}")
 
 
 @lru_cache
 def get_settings() -> Settings:
+    check_environment()
     return Settings()
 
 

@@ -12,7 +12,6 @@ import random
 import re
 import sys
 import threading
-import types
 from collections import defaultdict
 from pathlib import Path
 
@@ -113,6 +112,7 @@ def references(champion, tmp_path_factory):
     return folder
 
 
+@pytest.mark.e2e
 def test_training_logs_a_reference_with_the_model_version(project, champion, tmp_path):
     version, _ = champion
     settings = get_settings().with_changes(monitoring={"references_dir": tmp_path})
@@ -133,6 +133,7 @@ def test_should_retrain_on_persistent_drift_or_enough_corrections():
     assert should_retrain(4, 150, **policy, already_alerted={"drift", "corrections"}) == []
 
 
+@pytest.mark.e2e
 def test_monitoring_flow_flags_the_new_site_once_and_tells_ops(project, champion, references, prefect_harness,
                                                                 service_url, tmp_path, monkeypatch):
     version, classifier = champion
@@ -221,7 +222,8 @@ def check_ops_page(url: str, alert_id: int, report_url: str) -> None:
     assert "/ops/status" in requests.get(f"{url}/ui/ops.js", timeout=30).text
 
 
-def test_corrections_raise_one_alert_and_auto_trigger_calls_retraining(project, champion, tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_corrections_raise_one_alert_and_auto_trigger_calls_retraining(project, champion, tmp_path):
     version, _ = champion
     settings = get_settings().with_changes(
         lab={"lab_db": tmp_path / "lab.sqlite", "corrections_images_dir": tmp_path / "corrections"},
@@ -236,18 +238,20 @@ def test_corrections_raise_one_alert_and_auto_trigger_calls_retraining(project, 
     assert alert["kind"] == "corrections" and alert["status"] == "approved" and alert["webhook"] is None
     assert decide(settings, state, version, "2000-01-01T00:00:00+00:00") == []  # one per champion
 
-    calls = []
-    fake = types.ModuleType("flows.retraining")
-    fake.retraining_flow = lambda: calls.append(1) or {"version": "99"}
-    monkeypatch.setitem(sys.modules, "flows.retraining", fake)  # the other flow is tested on its own
-    done = start_retraining(state, alert)
+    calls = []  # the monitor is handed its trigger (the retraining flow is tested on its own)
+    done = start_retraining(state, alert, lambda: calls.append(1) or {"version": "99"})
     assert calls == [1] and done["status"] == "retrained" and done["detail"]["retraining"] == {"version": "99"}
 
-    monkeypatch.setitem(sys.modules, "flows.retraining", None)  # the module is not there
+    def broken() -> dict:
+        raise RuntimeError("no worker")
+
+    failed = start_retraining(state, state.add_alert("drift", version, "test", {}, "approved"), broken)
+    assert failed["status"] == "retraining_failed" and failed["detail"]["error"] == "no worker"
     other = state.add_alert("drift", version, "test", {}, "approved")
-    assert start_retraining(state, other)["status"] == "retraining_unavailable"
+    assert start_retraining(state, other, None)["status"] == "retraining_unavailable"  # no way to start it
 
 
+@pytest.mark.e2e
 def test_time_windows_judge_only_elapsed_windows_with_enough_predictions(project, champion, references, tmp_path):
     from datetime import datetime, timedelta, timezone
 
@@ -276,6 +280,7 @@ def test_time_windows_judge_only_elapsed_windows_with_enough_predictions(project
     assert [w["report"] for w in MonitorState(settings.monitoring.state_db).windows()] == [next_hour["report"], None]
 
 
+@pytest.mark.e2e
 def test_monitor_ui_serves_the_workspace_on_localhost_without_telemetry(project, tmp_path):
     import os
     import signal

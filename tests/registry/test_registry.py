@@ -6,7 +6,8 @@ import mlflow
 import pytest
 
 from hematovision.params import PromoteParams
-from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry, RegistryError, gate
+from hematovision.registry.gate import gate, promote
+from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 from hematovision.settings import get_settings
 from hematovision.registry.tracking import configure_mlflow
 
@@ -67,19 +68,19 @@ def test_promote_refuse_and_rollback_in_a_real_registry(project):
 
     first = _register_run(registry, 0.85)
     assert alias(registry, CHALLENGER) == first
-    assert registry.promote(first, POLICY).passed
+    assert promote(registry, first, POLICY).passed
     assert alias(registry, CHAMPION) == first
     assert registry.version_by_alias(CHALLENGER) is None  # the challenger became the champion
 
     worse = _register_run(registry, 0.95, monocyte=0.50)
-    refused = registry.promote(worse, POLICY)
+    refused = promote(registry, worse, POLICY)
     assert not refused.passed
     assert any("monocyte" in r for r in refused.reasons)
     assert alias(registry, CHAMPION) == first  # the champion did not move
     assert "REFUSED" in registry.get_version(worse).tags["gate"]
 
     better = _register_run(registry, 0.90)
-    assert registry.promote(better, POLICY).passed
+    assert promote(registry, better, POLICY).passed
     assert alias(registry, CHAMPION) == better
 
     assert registry.rollback() == (better, first)
@@ -88,22 +89,22 @@ def test_promote_refuse_and_rollback_in_a_real_registry(project):
         registry.rollback()
 
     with pytest.raises(RegistryError, match="no version 99"):
-        registry.promote("99", POLICY)
+        promote(registry, "99", POLICY)
 
 
 def test_a_champion_that_cannot_be_compared_is_replaced_only_by_hand(project):
     settings = get_settings()
     registry = Registry("registry-not-comparable", configure_mlflow(settings))
     first = _register_run(registry, 0.85)
-    assert registry.promote(first, POLICY).passed
+    assert promote(registry, first, POLICY).passed
     assert registry.trained_on(first) is None  # no training-image list logged: unknown, not "none"
 
     better = _register_run(registry, 0.99)
     why = "champion was trained on pictures of 3 of this run's 9 validation cells"
-    refused = registry.promote(better, POLICY, not_comparable=why)
+    refused = promote(registry, better, POLICY, not_comparable=why)
     assert not refused.passed and why in refused.reasons
     assert alias(registry, CHAMPION) == first
     assert why in registry.get_version(better).tags["gate"]
-    forced = registry.promote(better, POLICY, force=True, not_comparable=why)
+    forced = promote(registry, better, POLICY, force=True, not_comparable=why)
     assert forced.passed and "forced past the gate" in forced.reasons
     assert alias(registry, CHAMPION) == better

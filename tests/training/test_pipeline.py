@@ -26,6 +26,7 @@ from hematovision.registry.tracking import configure_mlflow
 runner = CliRunner()
 
 
+@pytest.mark.e2e
 def test_main_job_registers_a_champion_with_its_lineage(project, trained):
     settings = get_settings()
     registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
@@ -53,6 +54,7 @@ def test_run_refuses_an_unknown_profile_before_starting_anything(project):
     assert "unknown profile 'nonexistent'" in result.output
 
 
+@pytest.mark.e2e
 def test_prepare_reports_the_bad_image_and_splits_by_cell(project, trained):
     bad = pd.read_csv(project / "prepared" / "bad_images.csv")
     assert any(p.endswith("_99_1.jpeg") for p in bad.path)
@@ -71,6 +73,7 @@ def test_prepare_reports_the_bad_image_and_splits_by_cell(project, trained):
     assert set(manifest.split) == {"train", "val", "test"}
 
 
+@pytest.mark.e2e
 def test_evaluation_reports_test_and_new_site(project, trained):
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["test"]["n_cells"] == 8  # 2 cells per class, not 16 images
@@ -78,6 +81,7 @@ def test_evaluation_reports_test_and_new_site(project, trained):
     assert metrics["new_site"]["n_images"] == 12
 
 
+@pytest.mark.e2e
 def test_evaluate_command_prints_json_for_any_class_folder(project, trained, tmp_path):
     source = Path(os.environ["HEMATOVISION_NEW_SITE_SOURCE"])
     shutil.copytree(source / "monocyte", tmp_path / "MONOCYTE")
@@ -96,6 +100,7 @@ def test_evaluate_command_prints_json_for_any_class_folder(project, trained, tmp
     assert missing.exit_code == 1 and "not a folder" in missing.output
 
 
+@pytest.mark.e2e
 def test_evaluation_through_the_cache_scores_the_model_as_it_answers(project, trained, tmp_path):
     """The flow evaluates through the embedding cache; it must score every test-time view the
     service averages, not only the plain crop (it once did: recorded figures were one view's)."""
@@ -122,6 +127,7 @@ def test_evaluation_through_the_cache_scores_the_model_as_it_answers(project, tr
         assert metrics["macro_f1"] == pytest.approx(direct["macro_f1"])
 
 
+@pytest.mark.e2e
 def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, trained):
     """The promote step re-scores the champion on the new run's validation split (a champion made
     by retraining logged no validation metrics, and "beat -inf" once let any model through).
@@ -140,24 +146,27 @@ def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, tra
     assert scored_on_validation(settings, load_params(project / "params.yaml"), "models:/no-such-model/1") is None
 
 
+@pytest.mark.e2e
 def test_the_gate_will_not_compare_a_champion_on_cells_it_trained_on(project, trained):
     """After the split changes (cells found differently, another seed), the old champion may have
     trained on the new validation cells and would score them from memory: no fair comparison."""
-    from hematovision.training.steps import champion_saw_validation, load_manifest
+    from hematovision.registry.gate import champion_saw_validation
+    from hematovision.training.steps import load_manifest
 
     settings = get_settings()
     registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
     manifest = load_manifest(settings)
     champion = trained["version"]
     assert registry.trained_on(champion) == set(manifest.path[manifest.split == "train"])
-    assert champion_saw_validation(registry, champion, manifest, "99") is None  # this run's own split
+    assert champion_saw_validation(registry.trained_on(champion), champion, manifest, "99") is None  # this run's own split
 
     one_train_cell = manifest.group[manifest.split == "train"].iloc[0]
     moved = manifest.assign(split=manifest.split.mask(manifest.group == one_train_cell, "val"))
-    why = champion_saw_validation(registry, champion, moved, "99")
+    why = champion_saw_validation(registry.trained_on(champion), champion, moved, "99")
     assert why is not None and "pictures of 1 of this run's" in why and "promote 99 --force" in why
 
 
+@pytest.mark.e2e
 def test_dvc_repro_runs_the_stages_then_does_nothing(project, trained):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     first = subprocess.run(["dvc", "repro"], cwd=project, capture_output=True, text=True, env=env)

@@ -15,10 +15,12 @@ from hematovision.lab.corrections import Corrections
 from hematovision.monitoring.drift import fetch_reference
 from hematovision.monitoring.monitor import MonitorState
 from hematovision.params import PromoteParams
-from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry, gate
+from hematovision.registry.gate import gate
+from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry
 from hematovision.training.retrain import export_step, is_holdout, load_retrain_manifest
 from hematovision.settings import get_settings
-from hematovision.registry.tracking import configure_mlflow, dvc_data_hash
+from hematovision.data.dvc import dvc_data_hash
+from hematovision.registry.tracking import configure_mlflow
 
 PER_CLASS = 14  # new-site images corrected per class
 
@@ -68,6 +70,7 @@ def test_holdout_split_is_a_fixed_function_of_the_image():
     assert not any(is_holdout(s, 0.0) for s in shas)
 
 
+@pytest.mark.e2e
 def test_exporting_twice_changes_nothing(project, corrected):
     first = export_step(get_settings())
     assert first["images"] >= 4 * PER_CLASS
@@ -77,6 +80,7 @@ def test_exporting_twice_changes_nothing(project, corrected):
     assert (project / "corrections.dvc").read_text() == pinned and second["md5"] == first["md5"]
 
 
+@pytest.mark.e2e
 def test_retraining_promotes_a_winner_with_its_lineage_and_never_trains_on_the_holdout(project, corrected, prefect_harness):
     from flows.retraining import retraining_flow
 
@@ -124,6 +128,7 @@ def test_retraining_promotes_a_winner_with_its_lineage_and_never_trains_on_the_h
     assert champion_version() == parent
 
 
+@pytest.mark.e2e
 def test_gate_refuses_a_challenger_that_does_not_win(project, corrected, prefect_harness):
     from flows.retraining import retraining_flow
 
@@ -143,6 +148,7 @@ def test_gate_refuses_a_challenger_that_does_not_win(project, corrected, prefect
     registry().client.delete_registered_model_alias(registry().name, CHALLENGER)
 
 
+@pytest.mark.e2e
 def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefect_harness, tmp_path_factory):
     from hematovision.demo import DemoConfig, run_demo
 

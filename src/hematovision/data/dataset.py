@@ -23,6 +23,7 @@ import pandas as pd
 
 from hematovision import CLASSES
 from hematovision.data.imaging import ImageError, load_rgb
+from hematovision.data.cells import group_by_content
 
 # Embeddings (one row each) of the images at these paths: how prepare() finds cells by content.
 Embedder = Callable[[list[Path]], np.ndarray]
@@ -245,8 +246,6 @@ def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int, embed: 
     ok = ok.sort_values(["split", "label", "path"])
     ok["name_group"] = ok["group"]
     if embed is not None and not ok.empty:
-        from hematovision.data.cells import group_by_content
-
         ok["group"] = group_by_content(ok, embed([source / p for p in ok["path"]]), cell_max_distance)
     split = grouped_split(ok, val_fraction, seed)
     ok.loc[split.index, "split"] = split
@@ -276,3 +275,12 @@ def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int, embed: 
 def label_indices(labels: pd.Series, classes: list[str] | tuple[str, ...] = CLASSES) -> np.ndarray:
     lookup = {name: i for i, name in enumerate(classes)}
     return labels.map(lookup).to_numpy(dtype=int)
+
+
+def limit_per_cell(rows: pd.DataFrame, max_per_cell: int, seed: int) -> pd.DataFrame:
+    """At most ``max_per_cell`` augmented copies of each original cell (0 keeps all)."""
+    if max_per_cell <= 0:
+        return rows
+    return rows.groupby("group", group_keys=False).apply(
+        lambda g: g.sample(min(len(g), max_per_cell), random_state=seed)
+    )

@@ -112,6 +112,10 @@ class Corrections:
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM corrections")[0][0])
 
+
+    def count_since(self, since: str) -> int:
+        """Corrections recorded after ``since`` (ISO time)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM corrections WHERE created_at > ?", (since,))[0][0])
     def all(self) -> list[dict[str, Any]]:
         return rows_as_dicts(self.db, "SELECT * FROM corrections ORDER BY created_at, id")
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from hematovision.lab.corrections import Corrections
-from hematovision.training.steps import run_dvc
+from hematovision import stores
+from hematovision.data.dvc import dvc_data_hash, run_dvc
 from hematovision.settings import Settings
-from hematovision.registry.tracking import dvc_data_hash
 
 
 def export_corrections(settings: Settings) -> dict[str, Any]:
-    store = Corrections(settings.path(settings.lab_db), settings.path(settings.corrections_images_dir))
-    dest = settings.path(settings.corrections_dataset_dir)
+    store = stores.corrections(settings)
+    dest = settings.path(settings.paths.corrections_dataset_dir)
     result = store.export(dest)
     dvc_file = dest.with_name(dest.name + ".dvc")
     run_dvc("add", dest.name, cwd=dest.parent)

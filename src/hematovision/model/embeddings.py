@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+from hematovision.model.classifier import dihedral_view
 
 if TYPE_CHECKING:
     from hematovision.model.classifier import Classifier
@@ -78,6 +79,12 @@ class EmbeddingCache:
     def close(self) -> None:
         self.db.close()
 
+    def __enter__(self) -> "EmbeddingCache":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
 
 def cached_embeddings(
     classifier: "Classifier",
@@ -93,8 +100,6 @@ def cached_embeddings(
     With ``views`` > 1, the embeddings of the crop's first ``views`` dihedral views (the model's
     test-time views), view-major: rows ``v * len(paths) + i``. View 0 is the crop itself, cached
     under the image's sha256; view v under ``sha256#view<v>``. ``progress`` counts rows."""
-    from hematovision.model.classifier import dihedral_view
-
     n = len(paths)
     shas = [file_sha256(p) for p in paths]
     keys = [sha if v == 0 else f"{sha}#view{v}" for v in range(views) for sha in shas]

@@ -50,6 +50,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from hematovision import stores
+from hematovision.data.imaging import image_stats, load_rgb
+from hematovision.data.localize import crop_wbc
 from hematovision.settings import Settings
 
 STAT_COLUMNS = ("brightness", "saturation", "hue", "sharpness", "dark_fraction", "width", "height")
@@ -80,9 +83,6 @@ def profile_frame(stats: Sequence[dict[str, float]], labels: Sequence[str], conf
 # --- the reference profile ---------------------------------------------------------------------
 def build_reference(classifier, image_paths: Sequence[Path], batch_size: int = 32) -> pd.DataFrame:
     """Profile images exactly as the service profiles a request (see ``serving.prepare_image``)."""
-    from hematovision.data.imaging import image_stats, load_rgb
-    from hematovision.data.localize import crop_wbc
-
     size = classifier.config.image_size
     stats, labels, confidences, embeddings = [], [], [], []
     for start in range(0, len(image_paths), batch_size):
@@ -150,15 +150,11 @@ def log_reference(classifier, manifest: pd.DataFrame, image_root: Path, work_dir
 
 def fetch_reference(settings: Settings, version: str) -> pd.DataFrame:
     """The reference of a registered version, from its run's artifacts (cached locally by version)."""
-    local = settings.path(settings.monitor_references_dir) / f"v{version}"
+    local = settings.path(settings.monitoring.references_dir) / f"v{version}"
     if not (local / REFERENCE_FILE).exists():
         import mlflow
 
-        from hematovision.registry.registry import Registry
-        from hematovision.registry.tracking import configure_mlflow
-
-        registry = Registry(settings.registered_model, configure_mlflow(settings))
-        run_id = registry.get_version(version).run_id
+        run_id = stores.registry(settings).get_version(version).run_id
         downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_ARTIFACT,
                                                               tracking_uri=settings.tracking_uri))
         if not (downloaded / REFERENCE_FILE).exists():
@@ -188,9 +184,9 @@ class DriftPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "DriftPolicy":
-        return cls(settings.drift_stats_threshold, settings.drift_stats_share, settings.drift_embedding_threshold,
-                   settings.drift_embedding_components, settings.drift_prediction_threshold,
-                   settings.drift_confidence_threshold, tuple(settings.drift_signals))
+        return cls(settings.drift.stats_threshold, settings.drift.stats_share, settings.drift.embedding_threshold,
+                   settings.drift.embedding_components, settings.drift.prediction_threshold,
+                   settings.drift.confidence_threshold, tuple(settings.drift.signals))
 
 
 @dataclass

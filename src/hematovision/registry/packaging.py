@@ -13,6 +13,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from hematovision.model.classifier import CONFIG_FILE, Classifier
+from hematovision.model.classifier import Classifier
 
 ARTIFACT_KEY = "classifier"
 MODEL_NAME = "model"  # the name of the logged model inside its run
@@ -23,8 +25,6 @@ class PyfuncClassifier(mlflow.pyfunc.PythonModel):
     Output: one row per image with ``label``, ``confidence`` and ``p_<class>`` columns."""
 
     def load_context(self, context) -> None:
-        from hematovision.model.classifier import Classifier
-
         self.classifier = Classifier.load(Path(context.artifacts[ARTIFACT_KEY]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -74,8 +74,6 @@ def _pinned_requirements() -> list[str]:
 def load_classifier(model_uri: str):
     """A :class:`Classifier` from an MLflow model URI (``models:/hematovision@champion``,
     ``runs:/...``) or a local directory holding a saved classifier."""
-    from hematovision.model.classifier import CONFIG_FILE, Classifier
-
     local = Path(model_uri)
     if local.is_dir() and (local / CONFIG_FILE).exists():
         return Classifier.load(local)

@@ -1,4 +1,4 @@
-"""The model registry: register a trained run, the promotion gate, promote and roll back.
+"""The model registry: register a trained run, move the ``champion`` alias, roll back.
 
 Aliases are the contract with serving: ``champion`` is what the service answers with, ``challenger``
 the newest candidate. Every move of ``champion`` is appended to a history tag on the registered
@@ -8,13 +8,13 @@ model so that ``rollback`` knows where to go back to, whoever moved it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING
 
-from hematovision import CLASSES
-from hematovision.params import PromoteParams
+if TYPE_CHECKING:
+    from hematovision.registry.gate import GateDecision
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -26,77 +26,6 @@ TRAINED_ON_ARTIFACT = "training/train_images.txt"
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked (unknown version, nothing to roll back to)."""
-
-
-@dataclass
-class GateDecision:
-    passed: bool
-    reasons: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        verdict = "PASSED" if self.passed else "REFUSED"
-        return f"gate {verdict}: " + "; ".join(self.reasons)
-
-
-def gate(
-    challenger: dict[str, float],
-    champion: dict[str, float] | None,
-    policy: PromoteParams,
-    classes: tuple[str, ...] = CLASSES,
-    guards: Mapping[str, float] | None = None,
-) -> GateDecision:
-    """Decide whether ``challenger`` may replace ``champion`` (metrics of each, measured alike).
-
-    The challenger must beat the champion on the headline metric by more than ``min_improvement``
-    and may not lose more than ``per_class_tolerance`` F1 on any class; the first model must reach
-    ``floor``. ``guards`` (metric -> largest drop accepted) are metrics the challenger need not win
-    on but may not lose more than that on (a retrained model must win on the new site without
-    losing on TEST). Every check contributes a reason, so a refusal explains itself.
-    """
-    metric = policy.metric
-    prefix = metric.split("_", 1)[0]
-    reasons: list[str] = []
-    if metric not in challenger:
-        return GateDecision(False, [f"challenger has no {metric} metric"])
-    value = challenger[metric]
-    if champion is None:
-        passed = value >= policy.floor
-        reasons.append(f"first model: {metric} {value:.4f} {'>=' if passed else '<'} floor {policy.floor:.4f}")
-        return GateDecision(passed, reasons)
-
-    passed = True
-    best = champion.get(metric, float("-inf"))
-    if value - best > policy.min_improvement:
-        reasons.append(f"{metric} {value:.4f} beats champion {best:.4f}")
-    else:
-        passed = False
-        reasons.append(
-            f"{metric} {value:.4f} does not beat champion {best:.4f} by more than {policy.min_improvement:.4f}"
-        )
-    for name in classes:
-        key = f"{prefix}_f1_{name}"
-        if key not in challenger or key not in champion:
-            continue
-        drop = champion[key] - challenger[key]
-        if drop > policy.per_class_tolerance:
-            passed = False
-            reasons.append(
-                f"{name} F1 drops {drop:.4f} ({champion[key]:.4f} -> {challenger[key]:.4f}),"
-                f" more than the tolerance {policy.per_class_tolerance:.4f}"
-            )
-    if passed:
-        reasons.append(f"no class loses more than {policy.per_class_tolerance:.4f} F1")
-    for key, tolerance in (guards or {}).items():
-        if key not in challenger or key not in champion:
-            passed = False
-            reasons.append(f"guard {key} cannot be checked: missing for the {'challenger' if key not in challenger else 'champion'}")
-            continue
-        drop = champion[key] - challenger[key]
-        within = drop <= tolerance
-        passed = passed and within
-        reasons.append(f"{key} {challenger[key]:.4f} vs champion {champion[key]:.4f}: drop {max(drop, 0.0):.4f} "
-                       f"{'within' if within else 'MORE than'} the tolerance {tolerance:.4f}")
-    return GateDecision(passed, reasons)
 
 
 class Registry:
@@ -134,8 +63,6 @@ class Registry:
         version made by retraining its parent's (the backbone it kept was trained on those; the
         raw pictures a retrained head sees are a subset of them). None when nobody recorded it
         (versions from before the list was logged)."""
-        import tempfile
-
         from mlflow.exceptions import MlflowException
 
         visited: set[str] = set()
@@ -175,47 +102,9 @@ class Registry:
         self.client.set_registered_model_alias(self.name, CHALLENGER, result.version)
         return str(result.version)
 
-    def promote(
-        self,
-        version: str | int,
-        policy: PromoteParams,
-        force: bool = False,
-        *,
-        guards: Mapping[str, float] | None = None,
-        challenger_metrics: Mapping[str, float] | None = None,
-        champion_metrics: Mapping[str, float] | None = None,
-        not_comparable: str | None = None,
-    ) -> GateDecision:
-        """Move ``champion`` to ``version`` if the gate passes (or ``force``); returns the decision.
-
-        The metrics compared are those logged in each version's run, unless given: a retraining run
-        scores the champion and the challenger on the same fresh data (the corrections' holdout) and
-        passes both, with ``guards`` for what may not get worse (see :func:`gate`).
-        ``not_comparable`` says why no fair comparison exists (the champion trained on the
-        challenger's validation cells): the gate then refuses with that reason, and only a person
-        can promote (``force``)."""
-        version = str(self.get_version(version).version)
-        champion = self.version_by_alias(CHAMPION)
-        if champion is not None and str(champion.version) == version:
-            return GateDecision(True, [f"version {version} is already the champion"])
-        if champion is not None and not_comparable:
-            decision = GateDecision(False, [not_comparable])
-        else:
-            decision = gate(
-                dict(challenger_metrics) if challenger_metrics is not None else self.metrics_of(version),
-                (dict(champion_metrics) if champion_metrics is not None else self.metrics_of(champion.version))
-                if champion is not None else None,
-                policy,
-                guards=guards,
-            )
-        if champion is not None:
-            decision.reasons.insert(0, f"challenger v{version} vs champion v{champion.version}")
-        if force and not decision.passed:
-            decision = GateDecision(True, decision.reasons + ["forced past the gate"])
-        self.client.set_model_version_tag(self.name, version, "gate", decision.summary()[:5000])
-        if decision.passed:
-            self._move_champion(version)
-        return decision
+    def record_gate(self, version: str | int, decision: "GateDecision") -> None:
+        """Write the gate's decision and its reasons on the version (tag ``gate``)."""
+        self.client.set_model_version_tag(self.name, str(version), "gate", decision.summary()[:5000])
 
     def rollback(self) -> tuple[str, str]:
         """Move ``champion`` back to the version that held it before; returns (from, to)."""
@@ -237,7 +126,8 @@ class Registry:
         self.client.set_model_version_tag(self.name, current, "rolled_back_at", _now())
         return current, target
 
-    def _move_champion(self, version: str) -> None:
+    def move_champion(self, version: str) -> None:
+        """Point ``champion`` at ``version`` (the gate has decided), remembering the move for rollback."""
         history = self.history() + [version]
         self._write_history(history)
         self.client.set_registered_model_alias(self.name, CHAMPION, version)

@@ -1,17 +1,19 @@
-"""MLflow store set-up and the lineage every run records (git commit, DVC data hash)."""
+"""Pointing MLflow at the configured store, and the code version every run records.
+
+MLflow is imported inside the functions: it takes seconds to import, and commands that never touch
+the registry (``hematovision predict`` on a local folder, the web pages' tests) should not pay it.
+"""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
-import yaml
-
 from hematovision.settings import Settings, get_settings
 
 
-def configure_mlflow(settings: Settings | None = None) -> str:
-    """Point MLflow at the configured store and make sure the experiment exists; returns the URI."""
+def point_mlflow(settings: Settings | None = None) -> str:
+    """Point MLflow's process-wide tracking and registry URIs at the configured store; returns it."""
     import mlflow
 
     settings = settings or get_settings()
@@ -21,11 +23,21 @@ def configure_mlflow(settings: Settings | None = None) -> str:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    if mlflow.get_experiment_by_name(settings.experiment_name) is None:
-        artifacts = settings.path(settings.mlflow_artifact_location)
+    return uri
+
+
+def configure_mlflow(settings: Settings | None = None) -> str:
+    """Point MLflow at the configured store and make sure the experiment runs are logged to exists;
+    returns the URI."""
+    import mlflow
+
+    settings = settings or get_settings()
+    uri = point_mlflow(settings)
+    if mlflow.get_experiment_by_name(settings.registry.experiment_name) is None:
+        artifacts = settings.path(settings.registry.mlflow_artifact_location)
         artifacts.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(settings.experiment_name, artifact_location=artifacts.as_uri())
-    mlflow.set_experiment(settings.experiment_name)
+        mlflow.create_experiment(settings.registry.experiment_name, artifact_location=artifacts.as_uri())
+    mlflow.set_experiment(settings.registry.experiment_name)
     return uri
 
 
@@ -39,12 +51,3 @@ def git_commit(project_dir: Path = Path(".")) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
-
-
-def dvc_data_hash(dvc_file: Path = Path("data.dvc")) -> str:
-    """The md5 of the dataset version pinned by a .dvc file ('unknown' when there is none)."""
-    try:
-        spec = yaml.safe_load(dvc_file.read_text())
-        return str(spec["outs"][0]["md5"]).removesuffix(".dir")
-    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
-        return "unknown"

@@ -19,7 +19,7 @@ What a row holds and why:
 Images themselves are not stored (they may be patient material) unless a retention setting says
 so: ``retain_images_days`` for every image, ``review_image_days`` for the images of predictions
 flagged ``needs_review`` (the review queue shows them to pathologists). Kept images are
-content-addressed under ``images_dir`` and :func:`purge_images` deletes each once it is older than
+content-addressed under ``images_dir`` and :meth:`PredictionStore.purge_images` deletes each once it is older than
 the retention that applies to it. Image bytes never go to any log.
 """
 
@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-
-from hematovision.settings import Settings, get_settings
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -119,13 +117,6 @@ class PredictionStore:
             _retry_locked(lambda: self._conn.executescript(_SCHEMA))
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> "PredictionStore":
-        settings = settings or get_settings()
-        return cls(settings.path(settings.predictions_db), settings.path(settings.images_dir),
-                   retain_images=settings.retain_images_days > 0,
-                   retain_review_images=settings.review_image_days > 0)
-
     def log(self, record: PredictionRecord, image: bytes | None = None) -> str:
         return self.log_many([record], None if image is None else [image])[0]
 
@@ -187,6 +178,16 @@ class PredictionStore:
         that needed review: ``review_older_than_days``, default the same); returns how many."""
         review = self.review_image_hashes() if review_older_than_days is not None else set()
         return _purge_dir(self.images_dir, older_than_days, review, review_older_than_days or 0)
+
+    def logged_after(self, model_version: str, after_rowid: int) -> list[dict[str, Any]]:
+        """A version's predictions with an embedding after a checkpoint (``rowid``), in log order:
+        what the drift monitor reads window by window."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT rowid, created_at, label, confidence, embedding, image_stats FROM predictions "
+                "WHERE model_version = ? AND rowid > ? AND embedding IS NOT NULL ORDER BY rowid",
+                (str(model_version), int(after_rowid))).fetchall()
+        return [dict(zip(("rowid", "created_at", "label", "confidence", "embedding", "image_stats"), row)) for row in rows]
 
     def review_image_hashes(self) -> set[str]:
         with self._lock:
@@ -251,41 +252,3 @@ def _retry_locked(action, attempts: int = 20) -> Any:
                 raise
             time.sleep(0.05 * (attempt + 1))
     return None
-
-
-_stores: dict[tuple, PredictionStore] = {}
-_stores_lock = threading.Lock()
-
-
-def default_store(settings: Settings | None = None) -> PredictionStore:
-    """The process' store for these settings (one sqlite connection per process and file)."""
-    settings = settings or get_settings()
-    key = (settings.path(settings.predictions_db), settings.path(settings.images_dir), settings.retain_images_days > 0,
-           settings.review_image_days > 0)
-    with _stores_lock:
-        if key not in _stores:
-            _stores[key] = PredictionStore.from_settings(settings)
-        return _stores[key]
-
-
-def log_prediction(record: PredictionRecord, image: bytes | None = None, settings: Settings | None = None) -> str:
-    """Append one prediction to the configured log (the image only if retention is on)."""
-    return default_store(settings).log(record, image)
-
-
-def get_prediction(prediction_id: str, settings: Settings | None = None) -> dict[str, Any] | None:
-    """A logged prediction with decoded probabilities, stats and embedding; None if unknown."""
-    return default_store(settings).get(prediction_id)
-
-
-def purge_images(settings: Settings | None = None, older_than_days: float | None = None) -> int:
-    """Delete kept images older than their retention (``retain_images_days``, or
-    ``review_image_days`` for images that needed review); ``older_than_days`` overrides both."""
-    settings = settings or get_settings()
-    if older_than_days is not None:
-        return _purge_dir(settings.path(settings.images_dir), older_than_days)
-    store = PredictionStore.from_settings(settings)
-    try:
-        return store.purge_images(settings.retain_images_days, settings.review_image_days)
-    finally:
-        store.close()

@@ -1,6 +1,6 @@
 """Retraining on the pathologists' corrections: the loop that turns reviews into the next model.
 
-Steps (``flows/retraining.py`` runs each as a Prefect task; :func:`retrain` runs them in a row):
+Steps (``flows/retraining.py`` runs each as a Prefect task; ``hematovision retrain`` runs that flow):
 
 1. :func:`export_step` — the corrections become a new DVC data version (``corrections/`` +
    ``corrections.dvc``); nothing new, nothing changes.
@@ -15,7 +15,7 @@ Steps (``flows/retraining.py`` runs each as a Prefect task; :func:`retrain` runs
 4. :func:`evaluate_step` — parent and challenger scored alike on the official TEST and the holdout.
 5. :func:`register_step` — an MLflow run (metrics of both, manifest, model) and a registered version
    with the lineage as tags: raw data hash, corrections hash, parent version, git commit.
-6. :func:`gate_step` — the registry's gate (:func:`hematovision.registry.registry.gate`): the challenger must
+6. :func:`gate_step` — the registry's gate (``registry/gate.py``): the challenger must
    win on the holdout and may not lose more than ``retrain.guard_tolerance`` on TEST; promoted only
    then. The decision and its reasons go on the run, on the version (tag ``gate``) and in the logs.
 """
@@ -32,10 +32,22 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from hematovision import CLASSES
-from hematovision.params import Params, PromoteParams
+from hematovision import stores
+from hematovision.data.dataset import label_indices, limit_per_cell, scan_class_folders
+from hematovision.data.dvc import dvc_data_hash
+from hematovision.lab.export import export_corrections
+from hematovision.model.classifier import Classifier
+from hematovision.model.embeddings import cached_embeddings, file_sha256
+from hematovision.monitoring.drift import log_reference
+from hematovision.params import Params
 from hematovision.progress import counting
+from hematovision.registry import gate
+from hematovision.registry.registry import CHAMPION
+from hematovision.registry.tracking import configure_mlflow, git_commit
 from hematovision.settings import Settings
+from hematovision.training.evaluate import evaluate_rows
+from hematovision.training.metrics import flatten_for_mlflow
+from hematovision.training.steps import load_manifest, official_test_rows
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -63,13 +75,13 @@ def is_holdout(sha256: str, fraction: float) -> bool:
 
 
 def _out(settings: Settings) -> Path:
-    out = settings.path(settings.retrain_dir)
+    out = settings.path(settings.paths.retrain_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def _read(settings: Settings, name: str) -> dict[str, Any]:
-    return json.loads((settings.path(settings.retrain_dir) / name).read_text())
+    return json.loads((settings.path(settings.paths.retrain_dir) / name).read_text())
 
 
 def _write(settings: Settings, name: str, value: dict[str, Any]) -> None:
@@ -79,8 +91,6 @@ def _write(settings: Settings, name: str, value: dict[str, Any]) -> None:
 # --- 1. export -------------------------------------------------------------------------------------
 def export_step(settings: Settings) -> dict[str, Any]:
     """The agreed corrections as a DVC-pinned dataset version; returns counts and its md5."""
-    from hematovision.lab.export import export_corrections
-
     return export_corrections(settings)
 
 
@@ -88,9 +98,6 @@ def export_step(settings: Settings) -> dict[str, Any]:
 def corrections_rows(folder: Path, holdout_fraction: float) -> pd.DataFrame:
     """Manifest rows of an exported corrections folder: absolute path, split (``train`` or
     ``holdout``), label, group (each image its own cell), source, sha256."""
-    from hematovision.data.dataset import scan_class_folders
-    from hematovision.model.embeddings import file_sha256
-
     columns = ["path", "split", "label", "group", "source", "sha256"]
     if not folder.is_dir():
         return pd.DataFrame(columns=columns)
@@ -108,31 +115,27 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
     """Write ``retrain/manifest.csv`` (raw + corrections, with the holdout) and pin the parent."""
     import mlflow
 
-    from hematovision.registry.packaging import ARTIFACT_KEY
-    from hematovision.training.steps import load_manifest, official_test_rows
-    from hematovision.registry.registry import CHAMPION, Registry
-    from hematovision.registry.tracking import configure_mlflow, dvc_data_hash
-    from hematovision.training.train import limit_per_cell
+    from hematovision.registry.packaging import ARTIFACT_KEY  # heavy: imports MLflow's pyfunc
 
     rp = params.retrain
-    uri = configure_mlflow(settings)
-    registry = Registry(settings.registered_model, uri)
+    registry = stores.registry(settings)
+    uri = settings.tracking_uri
     champion = registry.version_by_alias(CHAMPION)
     if champion is None:
         raise RetrainError("there is no champion to retrain from: run `hematovision run` first")
     out = _out(settings)
     parent_dir = out / PARENT_DIR
     marker = parent_dir / ".registry_version"
-    wanted = f"{settings.registered_model}/{champion.version}@{uri}"
+    wanted = f"{settings.registry.registered_model}/{champion.version}@{uri}"
     if not (marker.exists() and marker.read_text() == wanted):  # versions are immutable: reuse a copy
         if parent_dir.exists():
             shutil.rmtree(parent_dir)
         downloaded = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{settings.registered_model}/{champion.version}"))
+            artifact_uri=f"models:/{settings.registry.registered_model}/{champion.version}"))
         shutil.copytree(downloaded / "artifacts" / ARTIFACT_KEY, parent_dir)
         marker.write_text(wanted)
 
-    data_dir = settings.path(settings.data_dir)
+    data_dir = settings.path(settings.paths.data_dir)
     raw = load_manifest(settings)
     raw["path"] = [str(data_dir / p) for p in raw.path]
     raw["source"], raw["sha256"] = "raw", ""
@@ -142,7 +145,7 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
     elif rp.mode != "finetune":
         raise RetrainError(f"retrain.mode must be 'head' or 'finetune', not {rp.mode!r}")
     test = official_test_rows(raw, params)
-    corrections_dir = settings.path(settings.corrections_dataset_dir)
+    corrections_dir = settings.path(settings.paths.corrections_dataset_dir)
     corrections = corrections_rows(corrections_dir, rp.holdout_fraction)
     manifest = pd.concat([learn, test, corrections], ignore_index=True)[
         ["path", "split", "label", "group", "source", "sha256"]]
@@ -180,36 +183,30 @@ def skipped_summary(context: dict[str, Any], exported: dict[str, Any], reason: s
 
 
 def load_retrain_manifest(settings: Settings) -> pd.DataFrame:
-    return pd.read_csv(settings.path(settings.retrain_dir) / MANIFEST, dtype={"sha256": str}, keep_default_na=False)
+    return pd.read_csv(settings.path(settings.paths.retrain_dir) / MANIFEST, dtype={"sha256": str}, keep_default_na=False)
 
 
 # --- 3. train --------------------------------------------------------------------------------------
 def train_challenger_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Train the challenger on the manifest's training rows; saved under ``retrain/challenger``."""
-    from hematovision.model.embeddings import EmbeddingCache
-    from hematovision.model.classifier import Classifier
-
     report = progress or (lambda *_: None)
     out = _out(settings)
     manifest = load_retrain_manifest(settings)
     if not (manifest.source.eq("corrections") & manifest.split.eq("train")).any():
         raise RetrainError("no corrections to learn from (all of them are held out, or there are none)")
-    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
     started = time.perf_counter()
-    try:
+    with stores.embedding_cache(settings) as cache:
         if params.retrain.mode == "head":
             classifier = Classifier.load(out / PARENT_DIR)
             result = _train_head(classifier, manifest, params, cache, report)
         else:
-            from hematovision.training.train import train
+            from hematovision.training.train import train  # heavy: imports Keras
 
             rows = manifest[manifest.split.isin(["train", "val"])].copy()
             result_full = train(rows, Path("/"), params, cache, progress)
             classifier = result_full.classifier
             result = {"val": result_full.val_metrics, "timings": result_full.timings,
                       "n_train_images": result_full.n_train_images}
-    finally:
-        cache.close()
     target = out / CHALLENGER_DIR
     if target.exists():
         shutil.rmtree(target)
@@ -224,9 +221,6 @@ def _train_head(classifier, manifest: pd.DataFrame, params: Params, cache, repor
     """A new head on the parent's frozen backbone: raw rows from the embedding cache, correction
     images embedded in ``correction_views`` dihedral views (each view cached under its own key)."""
     import keras
-
-    from hematovision.data.dataset import label_indices
-    from hematovision.model.embeddings import cached_embeddings
 
     rp = params.retrain
     keras.utils.set_random_seed(params.seed)
@@ -288,17 +282,12 @@ def _balanced_weights(y: np.ndarray, source: np.ndarray, shares: dict[str, float
 def evaluate_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Parent and challenger on the official TEST and on the corrections' holdout, the same rows
     for both (with the head fast path they share the cached embeddings)."""
-    from hematovision.model.embeddings import EmbeddingCache
-    from hematovision.training.evaluate import evaluate_rows
-    from hematovision.model.classifier import Classifier
-
     out = _out(settings)
     manifest = load_retrain_manifest(settings)
     splits = {"test": manifest[manifest.split == "test"], HOLDOUT: manifest[manifest.split == HOLDOUT]}
-    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
     results: dict[str, Any] = {}
     started = time.perf_counter()
-    try:
+    with stores.embedding_cache(settings) as cache:
         for who, folder in (("champion", PARENT_DIR), ("challenger", CHALLENGER_DIR)):
             classifier = Classifier.load(out / folder)
             results[who] = {}
@@ -309,16 +298,12 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
                     progress(f"scoring the {who} on {name}", 0, len(rows))
                 results[who][name] = evaluate_rows(classifier, rows, Path("/"), cache,
                                                    params.evaluate.bootstrap_samples, params.seed)
-    finally:
-        cache.close()
     results["timings"] = {"evaluate_s": time.perf_counter() - started}
     _write(settings, EVALUATION, results)
     return results
 
 
 def flat_metrics(evaluation: dict[str, Any], who: str) -> dict[str, float]:
-    from hematovision.training.metrics import flatten_for_mlflow
-
     out: dict[str, float] = {}
     for name, metrics in evaluation.get(who, {}).items():
         out.update(flatten_for_mlflow(metrics, name))
@@ -330,14 +315,12 @@ def register_step(settings: Settings, params: Params) -> dict[str, Any]:
     """Log the retraining run to MLflow and register the challenger with its lineage as tags."""
     import mlflow
 
-    from hematovision.registry.packaging import log_classifier
-    from hematovision.registry.registry import Registry
-    from hematovision.registry.tracking import configure_mlflow, git_commit
+    from hematovision.registry.packaging import log_classifier  # heavy: imports MLflow's pyfunc
 
-    uri = configure_mlflow(settings)
+    configure_mlflow(settings)
     out = _out(settings)
     context, training, evaluation = _read(settings, CONTEXT), _read(settings, TRAINING), _read(settings, EVALUATION)
-    commit = git_commit(settings.project_dir)
+    commit = git_commit(settings.paths.project_dir)
     lineage = {"data_hash": context["data_hash"], "corrections_hash": context["corrections_hash"],
                "parent_version": context["parent_version"], "git_commit": commit}
     with mlflow.start_run(run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}") as run:
@@ -357,7 +340,7 @@ def register_step(settings: Settings, params: Params) -> dict[str, Any]:
         value = evaluation["challenger"].get(who_split, {}).get(key)
         if value is not None:
             tags[f"{who_split}_{key}"] = f"{value:.4f}"
-    version = Registry(settings.registered_model, uri).register(model_uri, tags)
+    version = stores.registry(settings).register(model_uri, tags)
     return {"version": version, "run_id": run_id, "tags": tags}
 
 
@@ -365,47 +348,31 @@ def _log_drift_reference(settings: Settings, params: Params, out: Path) -> None:
     """The drift monitor's reference for this version (``drift.log_reference``, as the training
     flow logs one): the raw validation cells (in-distribution, never trained on) and the corrections
     it trained on, so the new site it was retrained for no longer counts as drift once it serves."""
-    from hematovision.monitoring.drift import log_reference
-    from hematovision.model.classifier import Classifier
-
     manifest = load_retrain_manifest(settings)
     learned = manifest[((manifest.source == "raw") & (manifest.split == "val"))
                        | ((manifest.source == "corrections") & (manifest.split == "train"))].assign(split="val")
-    log_reference(Classifier.load(out / CHALLENGER_DIR), learned, Path("."), out, settings.reference_max_images, params.seed)
+    log_reference(Classifier.load(out / CHALLENGER_DIR), learned, Path("."), out, settings.monitoring.reference_max_images, params.seed)
 
 
 # --- 6. gate ---------------------------------------------------------------------------------------
 def gate_step(settings: Settings, params: Params, version: str, run_id: str, promote: bool = True) -> dict[str, Any]:
     """The registry's gate on the holdout (must win) with TEST as a guard (may not lose more than the
     tolerance); promotes only if it passes. The decision goes on the run and on the version."""
-    from mlflow import MlflowClient
-
-    from hematovision.registry.registry import GateDecision, Registry
-    from hematovision.registry.tracking import configure_mlflow
-
     rp = params.retrain
-    uri = configure_mlflow(settings)
-    registry = Registry(settings.registered_model, uri)
+    registry = stores.registry(settings)
     context, evaluation = _read(settings, CONTEXT), _read(settings, EVALUATION)
-    n_holdout = context["n_corrections_holdout"]
-    policy = PromoteParams(metric=rp.metric, min_improvement=rp.min_improvement,
-                           per_class_tolerance=rp.per_class_tolerance, floor=0.0)
-    champion = registry.version_by_alias("champion")
-    if n_holdout < rp.min_holdout:
-        decision = GateDecision(False, [f"only {n_holdout} held-out corrections (retrain.min_holdout {rp.min_holdout}): "
-                                        "the new site cannot be judged"])
-    elif champion is None or str(champion.version) != context["parent_version"]:
-        decision = GateDecision(False, [f"the champion moved from v{context['parent_version']} while retraining: "
-                                        "compare again before promoting"])
-    elif not promote:
-        decision = GateDecision(False, ["promotion not asked for"])
+    champion = registry.version_by_alias(CHAMPION)
+    decision = gate.retraining_refusal(context["n_corrections_holdout"], rp,
+                                       None if champion is None else str(champion.version),
+                                       context["parent_version"], promote)
+    if decision is None:
+        policy, guards = gate.retraining_policy(rp)
+        decision = gate.promote(registry, version, policy, guards=guards,
+                                challenger_metrics=flat_metrics(evaluation, "challenger"),
+                                champion_metrics=flat_metrics(evaluation, "champion"))
     else:
-        decision = registry.promote(version, policy, guards={rp.guard_metric: rp.guard_tolerance},
-                                    challenger_metrics=flat_metrics(evaluation, "challenger"),
-                                    champion_metrics=flat_metrics(evaluation, "champion"))
-    if not decision.passed or not promote:
-        registry.client.set_model_version_tag(settings.registered_model, version, "gate", decision.summary()[:5000])
-    client = MlflowClient(tracking_uri=uri)
+        registry.record_gate(version, decision)
+    client = registry.client
     client.set_tag(run_id, "gate_decision", "promoted" if decision.passed else "refused")
     client.set_tag(run_id, "gate_reasons", decision.summary()[:5000])
     client.log_param(run_id, "gate_policy", json.dumps({"metric": rp.metric, "min_improvement": rp.min_improvement,
@@ -435,31 +402,3 @@ def summarize(context: dict, training: dict, evaluation: dict, registered: dict,
 
 def write_report(settings: Settings, summary: dict[str, Any]) -> None:
     _write(settings, REPORT, summary)
-
-
-def retrain(settings: Settings, params: Params, promote: bool = True, progress: Progress | None = None,
-            log: Log | None = None) -> dict[str, Any]:
-    """All the steps in a row, outside Prefect (the flow runs the same steps as tasks)."""
-    say = log or (lambda _m: None)
-    timings: dict[str, float] = {}
-
-    def timed(name, call, *args, **kwargs):
-        started = time.perf_counter()
-        result = call(*args, **kwargs)
-        timings[name] = round(time.perf_counter() - started, 1)
-        return result
-
-    exported = timed("export", export_step, settings)
-    context = timed("manifest", manifest_step, settings, params)
-    reason = nothing_to_learn(context)
-    if reason:
-        say(reason)
-        return skipped_summary(context, exported, reason, timings)
-    training = timed("train", train_challenger_step, settings, params, progress)
-    evaluation = timed("evaluate", evaluate_step, settings, params, progress)
-    registered = timed("register", register_step, settings, params)
-    gate = timed("gate", gate_step, settings, params, registered["version"], registered["run_id"], promote)
-    summary = summarize(context, training, evaluation, registered, gate, exported, timings)
-    write_report(settings, summary)
-    say(gate["summary"])
-    return summary

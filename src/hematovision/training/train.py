@@ -19,12 +19,13 @@ import pandas as pd
 import keras
 
 from hematovision import CLASSES
-from hematovision.data.dataset import label_indices
+from hematovision.data.dataset import label_indices, limit_per_cell
 from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.training.metrics import classification_metrics
 from hematovision.model.classifier import Classifier, ClassifierConfig, read_crops
 from hematovision.params import Params
 from hematovision.progress import counting
+from hematovision.data.augment import augment_crop
 
 Progress = Callable[[str, int, int], None]  # (step description, done, total)
 
@@ -39,15 +40,6 @@ class TrainResult:
     n_train_cells: int = 0
 
 
-def limit_per_cell(rows: pd.DataFrame, max_per_cell: int, seed: int) -> pd.DataFrame:
-    """At most ``max_per_cell`` augmented copies of each original cell (0 keeps all)."""
-    if max_per_cell <= 0:
-        return rows
-    return rows.groupby("group", group_keys=False).apply(
-        lambda g: g.sample(min(len(g), max_per_cell), random_state=seed)
-    )
-
-
 def train(
     rows: pd.DataFrame,
     image_root: Path,
@@ -58,7 +50,6 @@ def train(
     """Train on the manifest rows split ``train``, validate on ``val``; returns the best model."""
     import tensorflow as tf
 
-    from hematovision.data.augment import augment_crop
     from hematovision.model.backbone import trainable_top
 
     report = progress or (lambda *_: None)

@@ -1,0 +1,91 @@
+"""The platform's stores, each opened in one place from the settings.
+
+Every part of the lifecycle that needs a store asks for it here, so moving a store (sqlite to a
+database server, a local MLflow store to a tracking server, a local Evidently workspace to a remote
+one) is a change in one function. ``tests/test_layout.py`` checks that nothing else in ``src/`` or
+``flows/`` constructs them.
+
+=====================  ===============================================  ==============================
+store                  what lives there                                 setting
+=====================  ===============================================  ==============================
+registry               model versions, aliases, runs and artifacts       ``registry.*``, MLFLOW_TRACKING_URI
+embedding cache        backbone embeddings by image content              ``paths.cache_dir``
+prediction log         every served prediction, retained images          ``serving.predictions_db``
+lab database           accounts, sessions, corrections, audit            ``lab.lab_db``
+monitor state          drift windows, alerts, checkpoints                ``monitoring.state_db``
+drift workspace        Evidently snapshots and dashboards                ``monitoring.workspace``
+=====================  ===============================================  ==============================
+"""
+
+from __future__ import annotations
+
+import threading
+
+from hematovision.lab.accounts import Accounts
+from hematovision.lab.corrections import Corrections
+from hematovision.model.embeddings import EmbeddingCache
+from hematovision.monitoring.state import MonitorState
+from hematovision.registry.registry import Registry
+from hematovision.registry.tracking import point_mlflow
+from hematovision.serving.prediction_log import PredictionStore
+from hematovision.settings import Settings, get_settings
+
+EMBEDDINGS_FILE = "embeddings.sqlite"
+
+# One prediction log per process and file: it holds a sqlite connection that every request
+# thread of a serving worker shares.
+_prediction_logs: dict[tuple, PredictionStore] = {}
+_prediction_logs_lock = threading.Lock()
+
+
+def registry(settings: Settings | None = None) -> Registry:
+    """The MLflow registry of the served model (MLflow's process-wide URI is pointed at it too, for
+    the calls that read it: logging runs, downloading artifacts)."""
+    settings = settings or get_settings()
+    return Registry(settings.registry.registered_model, point_mlflow(settings))
+
+
+def embedding_cache(settings: Settings | None = None) -> EmbeddingCache:
+    """The backbone embedding cache; close it when done (``with stores.embedding_cache() as cache:``)."""
+    settings = settings or get_settings()
+    return EmbeddingCache(settings.path(settings.paths.cache_dir) / EMBEDDINGS_FILE)
+
+
+def prediction_log(settings: Settings | None = None) -> PredictionStore:
+    """The prediction log, with the retention the settings ask for; shared within the process."""
+    settings = settings or get_settings()
+    serving = settings.serving
+    key = (settings.path(serving.predictions_db), settings.path(serving.images_dir), serving.retain_images_days > 0,
+           serving.review_image_days > 0)
+    with _prediction_logs_lock:
+        if key not in _prediction_logs:
+            _prediction_logs[key] = PredictionStore(*key[:2], retain_images=key[2], retain_review_images=key[3])
+        return _prediction_logs[key]
+
+
+def accounts(settings: Settings | None = None) -> Accounts:
+    """Accounts, roles, sessions and API tokens (the lab database)."""
+    settings = settings or get_settings()
+    return Accounts(settings.path(settings.lab.lab_db), settings.lab.session_hours)
+
+
+def corrections(settings: Settings | None = None) -> Corrections:
+    """Pathologists' corrections and the audit log (the lab database), with the corrected images."""
+    settings = settings or get_settings()
+    return Corrections(settings.path(settings.lab.lab_db), settings.path(settings.lab.corrections_images_dir))
+
+
+def monitor_state(settings: Settings | None = None) -> MonitorState:
+    """The drift monitor's windows, alerts and checkpoints."""
+    settings = settings or get_settings()
+    return MonitorState(settings.path(settings.monitoring.state_db))
+
+
+def drift_workspace(settings: Settings | None = None):
+    """The Evidently workspace that keeps every window's snapshot (``hematovision monitor ui``)."""
+    from evidently.ui.workspace import Workspace  # heavy: loaded only by the monitor
+
+    settings = settings or get_settings()
+    path = settings.path(settings.monitoring.workspace)
+    path.mkdir(parents=True, exist_ok=True)
+    return Workspace(str(path))
