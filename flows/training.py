@@ -1,8 +1,9 @@
 """The training flow: import -> prepare -> train -> evaluate -> register -> promote.
 
 Runs with no Prefect server (an ephemeral local API) unless PREFECT_API_URL points at one. Each
-task is a call into ``hematovision.training.steps``; retries only where a retry can help (the data
-import touches the upstream folder, registering touches the MLflow store).
+task is a call into ``hematovision.data.dvc`` (the import) or ``hematovision.training.steps``;
+retries only where a retry can help (the data import touches the upstream folder, registering
+touches the MLflow store).
 
     uv run python -m flows.training --profile quick
 """
@@ -16,6 +17,7 @@ from prefect import flow, get_run_logger, task
 
 from flows import StepTimer
 from hematovision.training import steps
+from hematovision.data import dvc
 from hematovision.params import load_params
 from hematovision.progress import reporter
 from hematovision.settings import get_settings
@@ -23,7 +25,7 @@ from hematovision.settings import get_settings
 
 @task(name="import data", retries=2, retry_delay_seconds=5)
 def import_data() -> dict:
-    result = steps.import_data(get_settings())
+    result = dvc.import_data(get_settings())
     logger = get_run_logger()
     logger.info("dataset %s at version %s", result["data_dir"], result["data_hash"])
     if result["changed"]:
