@@ -3,17 +3,16 @@
 The blood-cells dataset holds dozens to hundreds of rotated/shifted/flipped copies of every real
 cell. Its README says the `_<k>_` in a file name is the cell's index, but in this copy it is not:
 an image's nearest neighbour shares its `_<k>_` no more often than a random image of its class
-does (benchmarks/error_analysis.py), so a split by `_<k>_` puts copies of one cell on both sides
-and validation scores ~0.999 on every run. The copies of one cell do look alike, though: the crop
-around the nucleus is the same cell whatever the rotation, and its ImageNet embedding moves little.
-Clustering those embeddings (per split and class) recovers cells: at the default distance TRAIN
-comes out as 75 eosinophil groups for the README's 75 cells, lymphocyte 32 for 27, monocyte 23 for
-16, neutrophil 128 for 159 (benchmarks/RESULTS.md, training runs of 2026-11-25), and an image's
-nearest neighbour shares its group 0.91-0.99 of the time (benchmarks/error_analysis.py).
+does, so a split by `_<k>_` puts copies of one cell on both sides and validation leaks. The copies
+of one cell do look alike, though: the crop around the nucleus is the same cell whatever the
+rotation, and its ImageNet embedding moves little. Clustering those embeddings (per split and
+class) recovers cells: the group counts come close to the README's cell counts, and an image's
+nearest neighbour nearly always shares its group (``benchmarks/error_analysis.py`` measures both;
+the figures are in ``benchmarks/RESULTS.md``).
 
 Merging two real cells into one group costs a little validation data; splitting one cell into two
-groups leaks it. So the distance is generous, at the price of some merged cells; that validation
-now scores no higher than TEST (it scored 0.999 with the names' groups) says little leaks.
+groups leaks it. So the distance is generous, at the price of some merged cells; validation then
+scores no higher than TEST, which says little leaks.
 """
 
 from __future__ import annotations

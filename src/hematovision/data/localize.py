@@ -3,7 +3,7 @@
 Used identically at training and serving time. The stained nucleus is the one strongly blue–violet
 object in a Romanowsky/Giemsa smear: red cells are pink (red > blue), background is grey/cream,
 rotation wedges are black, so ``blue - green`` separates the nucleus on both sites without a
-learned model. The crop side follows the nucleus size, which normalises the ~1.6x magnification
+learned model. The crop side follows the nucleus size, which normalises the magnification
 difference between laboratories (the red cells in the crop keep the relative scale).
 """
 

@@ -2,7 +2,7 @@
 
 Keyed by the image's sha256 and the backbone fingerprint: the same picture under another name is
 not recomputed, and a fine-tuned backbone never reads a stale vector. Embedding is the expensive
-step (~40-80 images/s on 2 cores), so a head-only retrain over mostly known images takes seconds.
+step, so a head-only retrain over mostly known images takes seconds.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Drift of the images a model sees: its reference profile, and one window checked against it.
 
 **Reference.** When a model is evaluated, :func:`log_reference` profiles up to
-``reference_max_images`` images of the validation split (held-out cells: what the model has not
+``monitoring.reference_max_images`` images of the validation split (held-out cells: what the model has not
 trained on, as production images will be) exactly as the service profiles a request: the
 training decoder, :func:`hematovision.data.imaging.image_stats`, the crop -> backbone -> head with its
 test-time views, the embedding of the crop as it is. The rows (image statistics, predicted class,
@@ -13,26 +13,26 @@ and the monitor fetches the champion's by version (:func:`fetch_reference`).
 (:func:`check_window`), four signals:
 
 * ``image_stats``: normed Wasserstein distance per statistic (brightness, saturation, hue,
-  sharpness, dark share, width, height); drift when at least ``drift_stats_share`` of them pass
-  ``drift_stats_threshold``. A distance, not a p-value: with a few hundred reference rows a test
+  sharpness, dark share, width, height); drift when at least ``drift.stats_share`` of them pass
+  ``drift.stats_threshold``. A distance, not a p-value: with a few hundred reference rows a test
   rejects for shifts nobody cares about, and augmented copies of few cells make rows dependent;
 * ``embeddings``: Evidently's ``EmbeddingsDrift`` with the MMD method (kernel two-sample statistic,
   median-distance bandwidth) on a PCA projection fitted on the reference
-  (``drift_embedding_components``). 1280 dimensions against a window of ~50 rows rule out
+  (``drift.embedding_components``). 1280 dimensions against a window of ~50 rows rule out
   per-dimension tests (multiple testing), and Evidently's default, a domain classifier whose ROC
   AUC is measured on half of the rows against a bootstrap of random AUCs, is noisy at this size:
-  it flagged 2-3 of 30 in-distribution windows where MMD flagged none (in-distribution MMD at most
-  0.015 with the full model, 0.035 with a quick one, against 0.25-0.3 for the new site;
-  benchmarks/drift.py, benchmarks/RESULTS.md);
+  it raised false alarms on in-distribution windows where MMD raised none, and MMD separates the
+  new site from in-distribution windows by an order of magnitude (``benchmarks/drift.py``; the
+  figures are in ``benchmarks/RESULTS.md``);
 * ``prediction``: Jensen-Shannon distance of the predicted-class mix;
 * ``confidence``: normed Wasserstein distance of the confidence.
 
-Which signals make a window *drifting* is a setting (``drift_signals``), by default the two about
+Which signals make a window *drifting* is a setting (``drift.signals``), by default the two about
 the input. The output signals say more about the model than about the images: the class mix
 moves with the lab's case mix (a haematology ward sends more lymphocytes), and the model is less
-sure on new cells of its own lab (TEST) than on its validation cells, so with the full model the
-confidence signal flagged 27 of 30 in-distribution windows (benchmarks/RESULTS.md). They are
-computed, charted and shown beside the others.
+sure on new cells of its own lab (TEST) than on its validation cells, so the confidence signal
+flags most in-distribution windows (``benchmarks/drift.py``). They are computed, charted and shown
+beside the others.
 """
 
 from __future__ import annotations
@@ -212,8 +212,8 @@ def check_window(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPo
     if [c for c in current.columns if c.startswith("emb_")] != emb_cols:
         raise ValueError("the window's embeddings do not have the reference's dimension (another backbone?)")
     # The projection is fitted on the reference alone, so every window is seen in the same
-    # coordinates; Evidently then gets 20 columns instead of 1280 (a 1280-column dataset costs
-    # it ~50 s per report on two shared cores, 20 columns ~1 s).
+    # coordinates; Evidently then gets a few components instead of 1280 columns, which it is far
+    # slower on.
     ref_pcs, cur_pcs = project_embeddings(reference[emb_cols].to_numpy(np.float32), current[emb_cols].to_numpy(np.float32),
                                           policy.embedding_components)
     pc_cols = [f"pc_{i}" for i in range(ref_pcs.shape[1])]
@@ -242,7 +242,7 @@ def check_window(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPo
 class _FirstTwoComponents:
     """Stands in for t-SNE in Evidently's embedding-drift plot: the columns it gets are already
     principal components of the reference, so the first two are a faithful 2-D view. Evidently
-    runs a 1000-iteration t-SNE for that plot alone: ~50 s per window on two shared cores."""
+    runs a 1000-iteration t-SNE for that plot alone, the slowest part of a window's report."""
 
     def __init__(self, *args, **kwargs) -> None:
         pass

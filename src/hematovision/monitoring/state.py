@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS windows (
     n             INTEGER NOT NULL,
     drifting      INTEGER NOT NULL,
     signals       TEXT NOT NULL,          -- JSON, see drift.signals_of
-    report        TEXT                    -- file name under monitor_reports_dir
+    report        TEXT                    -- file name under the monitoring.reports_dir setting
 );
 CREATE TABLE IF NOT EXISTS alerts (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
