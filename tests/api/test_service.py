@@ -59,6 +59,7 @@ def wait_for_version(url: str, version: str, timeout: float = 90) -> float:
 
 # --- predictions ---------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_predict_answers_with_every_field_and_logs_the_prediction(project, service_url):
     # Earlier modules may have moved the champion and back: the service follows within a poll and a load.
     wait_for_version(service_url, champion_version())
@@ -82,6 +83,7 @@ def test_predict_answers_with_every_field_and_logs_the_prediction(project, servi
     assert (logged["image_path"] is not None) == body["needs_review"]
 
 
+@pytest.mark.e2e
 def test_a_picture_without_a_white_cell_is_sent_for_review_however_confident(project, service_url):
     """No nucleus found: the model classified the frame's centre, a guess (on TEST such answers
     are nearly all wrong). The answer says so and a person gets to look, whatever the confidence."""
@@ -95,6 +97,7 @@ def test_a_picture_without_a_white_cell_is_sent_for_review_however_confident(pro
     assert logged["needs_review"] == 1 and logged["image_path"] is not None  # it is in the review queue
 
 
+@pytest.mark.e2e
 def test_predict_batch_answers_in_order_with_errors_in_place(service_url):
     files = [("images", (p.name, p.read_bytes())) for p in (CELL_IMAGES["eosinophil"][0], CELL_IMAGES["lymphocyte"][0])]
     files.insert(1, ("images", ("notes.txt", b"not an image at all")))
@@ -108,6 +111,7 @@ def test_predict_batch_answers_in_order_with_errors_in_place(service_url):
     assert results[2]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-4)  # batching changes nothing
 
 
+@pytest.mark.e2e
 def test_concurrent_requests_all_succeed(service_url):
     data = [p.read_bytes() for paths in CELL_IMAGES.values() for p in paths]
     results: list[int] = []
@@ -124,6 +128,7 @@ def test_concurrent_requests_all_succeed(service_url):
     assert results == [200] * len(data)
 
 
+@pytest.mark.e2e
 def test_explain_returns_a_grad_cam_overlay_of_the_whole_image(service_url):
     data = A_CELL.read_bytes()
     response = post_image(service_url, data, route="/explain")
@@ -151,6 +156,7 @@ def test_explain_returns_a_grad_cam_overlay_of_the_whole_image(service_url):
         assert by_id.status_code == 404 and by_id.json()["error"] == "image_not_retained"
 
 
+@pytest.mark.e2e
 def test_model_health_metrics_docs_and_page(service_url):
     model = requests.get(f"{service_url}/model", timeout=10).json()
     assert model["ready"] and model["alias"] == "champion" and model["version"] == champion_version()
@@ -212,6 +218,7 @@ def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
     }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(convertible_inputs()))
 def test_unusual_but_valid_images_are_converted_and_classified(service_url, name):
     response = post_image(service_url, convertible_inputs()[name], name="cell.img")
@@ -219,6 +226,7 @@ def test_unusual_but_valid_images_are_converted_and_classified(service_url, name
     assert response.json()["label"] in CLASSES
 
 
+@pytest.mark.e2e
 def test_every_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(service_url):
     for name, (data, status, code) in bad_inputs().items():
         response = post_image(service_url, data, name="upload.bin")
@@ -269,6 +277,7 @@ def register_broken_version(reg: Registry, tmp_path: Path) -> str:
     return str(mlflow.register_model(uri, reg.name).version)
 
 
+@pytest.mark.e2e
 def test_hot_swap_under_load_promote_refuse_and_rollback(service_url, tmp_path):
     reg = registry()
     before = champion_version()
@@ -316,6 +325,7 @@ def test_hot_swap_under_load_promote_refuse_and_rollback(service_url, tmp_path):
     assert copy in versions and before in versions and broken not in versions
 
 
+@pytest.mark.e2e
 def test_unreachable_registry_keeps_the_loaded_model_serving(project, trained):
     from hematovision.serving.holder import ModelHolder, RegistrySource
 
@@ -364,6 +374,7 @@ def test_images_are_kept_only_with_retention_and_purged_after_it(tmp_path):
     assert review_only.purge_images(older_than_days=0, review_older_than_days=0) == 1
 
 
+@pytest.mark.e2e
 def test_predict_command_writes_csv_for_files_and_folders(project, trained, tmp_path):
     from hematovision.cli import app
 
@@ -389,6 +400,7 @@ def test_predict_command_writes_csv_for_files_and_folders(project, trained, tmp_
     assert missing.exit_code == 1
 
 
+@pytest.mark.e2e
 def test_bento_builds_with_the_locked_requirements(tmp_path):
     uv = shutil.which("uv")
     assert uv, "uv is needed to export the lock (CI installs it)"

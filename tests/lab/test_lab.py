@@ -70,6 +70,7 @@ def test_users_command_lists_and_refuses_bad_accounts(people):
     assert bad_role.exit_code == 1
 
 
+@pytest.mark.e2e
 def test_roles_csrf_and_sign_in_limits(service_url, people):
     anonymous = requests.post(f"{service_url}/feedback", files={"image": ("c.jpeg", IMAGES[0].read_bytes())},
                               data={"true_class": "eosinophil"}, timeout=30)
@@ -99,6 +100,7 @@ def test_roles_csrf_and_sign_in_limits(service_url, people):
                          timeout=30).status_code == 200  # another account is not locked out
 
 
+@pytest.mark.e2e
 def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, people):
     predicted = predict_some(service_url)
     paula, peter = sign_in(service_url, "paula"), sign_in(service_url, "peter")
@@ -146,6 +148,7 @@ def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, 
     assert {"login", "confirm", "correct", "promote"} <= set(actions)
 
 
+@pytest.mark.e2e
 def test_feedback_export_is_a_dvc_version_and_idempotent(project, service_url, people):
     # Images no other test reviews, so what is agreed and what is disputed is this test's own doing.
     agreed = {c: sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[9] for c in ("eosinophil", "lymphocyte")}
@@ -172,6 +175,7 @@ def test_feedback_export_is_a_dvc_version_and_idempotent(project, service_url, p
     assert dvc_file.read_text() == before
 
 
+@pytest.mark.e2e
 def test_no_acknowledged_correction_is_lost_when_the_server_is_killed(project, trained, people, tmp_path_factory):
     server, url = start_service(project, tmp_path_factory.mktemp("killed") / "service.log", service_env(tmp_path_factory))
     acknowledged: list[str] = []

@@ -124,6 +124,7 @@ def download_csv(driver, downloads: Path) -> list[dict]:
     return list(reader)
 
 
+@pytest.mark.e2e
 def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, service_url, browser, downloads, tmp_path):
     browser.get(f"{service_url}/")
     assert browser.current_url.endswith("/ui/")
@@ -188,6 +189,7 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
     assert rows[-1]["filename"] == good.name and rows[-1]["label"] in CLASSES
 
 
+@pytest.mark.e2e
 def test_review_page_corrects_three_with_the_keyboard(project, service_url, browser, web_people):
     for path in TO_REVIEW:  # fill the queue (the test service flags nearly every answer needs_review)
         assert requests.post(f"{service_url}/predict", files={"image": (path.name, path.read_bytes())},
@@ -244,6 +246,7 @@ def test_review_page_corrects_three_with_the_keyboard(project, service_url, brow
     assert not queue & set(chosen)  # reviewed items left the queue
 
 
+@pytest.mark.e2e
 def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web_people):
     api = requests.Session()
     login = api.post(f"{service_url}/login", data={"username": "wendy", "password": PASSWORD}, timeout=30)
@@ -280,6 +283,7 @@ def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web
     assert not browser.find_element(By.ID, "stats").is_displayed()
 
 
+@pytest.mark.e2e
 def test_ops_page_shows_the_drift_status_and_an_engineer_approves_an_alert(project, service_url, browser, web_people):
     from hematovision.monitoring.monitor import MonitorState
 
@@ -304,6 +308,7 @@ def test_ops_page_shows_the_drift_status_and_an_engineer_approves_an_alert(proje
     wait(browser, lambda d: d.current_url.endswith("/ui/login.html"))
 
 
+@pytest.mark.e2e
 def test_sign_in_page_explains_the_sign_in_limit(service_url, browser, web_people):
     from hematovision.settings import get_settings
 
@@ -325,6 +330,7 @@ def test_every_page_links_the_shared_style_and_nothing_external():
         assert "http://" not in html and "https://" not in html, f"{name} loads something from outside"
 
 
+@pytest.mark.e2e
 def test_predict_page_asks_to_sign_in_where_predicting_requires_it(project, trained, browser, web_people, tmp_path_factory):
     env = {**service_env(tmp_path_factory), "HEMATOVISION_PREDICT_REQUIRES_TOKEN": "true"}
     server, url = start_service(project, tmp_path_factory.mktemp("signed-in-only") / "service.log", env)
