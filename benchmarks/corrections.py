@@ -33,10 +33,8 @@ from training import machine, record  # noqa: E402
 
 import requests  # noqa: E402
 
-from hematovision import CLASSES  # noqa: E402
-from hematovision.lab.accounts import Accounts  # noqa: E402
-from hematovision.lab.corrections import Corrections  # noqa: E402
-from hematovision.settings import TELEMETRY_OFF  # noqa: E402
+from hematovision import CLASSES, stores  # noqa: E402
+from hematovision.settings import TELEMETRY_OFF, get_settings  # noqa: E402
 
 
 def main() -> None:
@@ -49,8 +47,10 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="hematovision-corrections-bench-"))
     lab_db, corrections_dir = workdir / "lab.sqlite", workdir / "corrections"
+    # The throwaway lab database the service is pointed at below, opened here the way the service opens it.
+    scratch = get_settings().with_changes(lab={"lab_db": lab_db, "corrections_images_dir": corrections_dir})
     tokens = []
-    accounts = Accounts(lab_db)
+    accounts = stores.accounts(scratch)
     for n in range(args.reviewers):
         accounts.add_user(f"reviewer{n}", "benchmark password 123", ["pathologist"])
         tokens.append(accounts.create_token(f"reviewer{n}", "benchmark"))
@@ -112,7 +112,7 @@ def main() -> None:
     finally:
         server.stop()
 
-    stored = {row["id"] for row in Corrections(lab_db, corrections_dir).all()}
+    stored = {row["id"] for row in stores.corrections(scratch).all()}
     lost = len(set(acknowledged) - stored)
     rate = len(acknowledged) / elapsed
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()

@@ -12,7 +12,7 @@ Evidently report) against the champion's reference from MLflow:
   window, as production sees each cell once); every drifting window is a false alarm;
 * new site: a stream of TEST images switching to pbc-sample at a random point inside a window;
   the delay is the number of new-site images logged until the window that is flagged drifting
-  ends (and until the alert, after ``drift_persistence`` drifting windows).
+  ends (and until the alert, after ``drift.persistence`` drifting windows).
 
 Beside the platform's choice, each signal and Evidently's default embedding method (a domain
 classifier with a bootstrap threshold) are scored on the same windows. Appends a dated section to
@@ -92,7 +92,8 @@ def quick_project(shared: Path, cells_per_class: int = 16, per_cell: int = 3) ->
 def profile_images(classifier, paths: list[Path]):
     """The rows the service would log for these images (same layout as the reference)."""
     from hematovision.monitoring.drift import profile_frame
-    from hematovision.serving.holder import prepare_image, run_model
+    from hematovision.serving.batcher import run_model
+    from hematovision.serving.images import prepare_image
 
     stats, labels, confidences, embeddings = [], [], [], []
     for start in range(0, len(paths), 32):
@@ -120,7 +121,7 @@ def main() -> None:
     if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO).stdout.strip():
         commit += " (with uncommitted changes)"
     settings = get_settings()
-    shared = settings.path(settings.data_source).parent
+    shared = settings.path(settings.paths.data_source).parent
     started = time.perf_counter()
     if args.quick:
         quick_project(shared)
@@ -138,10 +139,10 @@ def main() -> None:
 
     configure_mlflow(settings)
     version, _ = champion(settings)
-    classifier = load_classifier(f"models:/{settings.registered_model}@champion")
+    classifier = load_classifier(f"models:/{settings.registry.registered_model}@champion")
     reference = fetch_reference(settings, version)
     policy = DriftPolicy.from_settings(settings)
-    size, persistence = settings.monitor_window_size, settings.drift_persistence
+    size, persistence = settings.monitoring.window_size, settings.drift.persistence
     rng = random.Random(args.seed)
 
     started = time.perf_counter()

@@ -4,7 +4,7 @@ the cell in view?
     uv run python benchmarks/error_analysis.py [--model models:/hematovision@champion]
 
 The datasets README says every file `_<k>_<n>.jpeg` of one split and class is a rotation/shift/flip
-of one real cell. prepare no longer trusts that (src/hematovision/cells.py): it groups pictures by
+of one real cell. prepare no longer trusts that (src/hematovision/data/cells.py): it groups pictures by
 content. Both groupings are put to two tests that would come out very differently for real cells:
 
 1. Errors per group. A classifier's mistakes follow real cells (one hard cell is misread in most of
@@ -57,16 +57,17 @@ def main() -> None:
     parser.add_argument("--model", default="models:/hematovision@champion")
     args = parser.parse_args()
 
+    from hematovision import stores
     from hematovision.data.cells import cluster_cells
     from hematovision.data.dataset import label_indices
-    from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
     from hematovision.data.imaging import load_rgb
     from hematovision.data.localize import locate_wbc
-    from hematovision.registry.packaging import load_classifier
+    from hematovision.model.embeddings import cached_embeddings
     from hematovision.params import load_params
-    from hematovision.training.steps import load_manifest, official_test_rows
-    from hematovision.settings import get_settings
+    from hematovision.registry.packaging import load_classifier
     from hematovision.registry.tracking import configure_mlflow
+    from hematovision.settings import get_settings
+    from hematovision.training.steps import load_manifest, official_test_rows
 
     settings = get_settings()
     configure_mlflow(settings)
@@ -75,9 +76,9 @@ def main() -> None:
         commit += " (with uncommitted changes)"
     classifier = load_classifier(args.model)
     rows = official_test_rows(load_manifest(settings), load_params(Path("params.yaml"))).reset_index(drop=True)
-    paths = [settings.path(settings.data_dir) / p for p in rows.path]
+    paths = [settings.path(settings.paths.data_dir) / p for p in rows.path]
     views = classifier.config.tta_views
-    cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
+    cache = stores.embedding_cache(settings)
     embeddings = cached_embeddings(classifier, paths, cache, views=views).reshape(views, len(paths), -1)
     probabilities = np.stack([classifier.classify_embeddings(e) for e in embeddings]).mean(axis=0)
     correct = probabilities.argmax(axis=1) == label_indices(rows.label, classifier.classes)
@@ -155,7 +156,7 @@ def main() -> None:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     train_rows = load_manifest(settings)
     train_rows = train_rows[train_rows.split != "test"].reset_index(drop=True)
-    train = cached_embeddings(classifier, [settings.path(settings.data_dir) / p for p in train_rows.path], cache)
+    train = cached_embeddings(classifier, [settings.path(settings.paths.data_dir) / p for p in train_rows.path], cache)
     cache.close()
     train /= np.linalg.norm(train, axis=1, keepdims=True)
     predicted = np.asarray(classifier.classes)[probabilities.argmax(axis=1)]

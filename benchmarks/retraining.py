@@ -42,30 +42,29 @@ def main() -> None:
     parser.add_argument("--label", default="", help="Said in the section title (e.g. 'quick-profile model').")
     args = parser.parse_args()
 
-    from hematovision import CLASSES
-    from hematovision.lab.corrections import Corrections
+    from hematovision import CLASSES, stores
     from hematovision.data.dataset import scan_class_folders
-    from hematovision.model.embeddings import EmbeddingCache
-    from hematovision.training.evaluate import evaluate_rows
     from hematovision.model.classifier import Classifier
     from hematovision.params import load_params
-    from hematovision.registry.registry import CHAMPION, Registry
-    from hematovision.training.retrain import CHALLENGER_DIR, PARENT_DIR
-    from hematovision.settings import get_settings
+    from hematovision.registry.registry import CHAMPION
     from hematovision.registry.tracking import configure_mlflow
+    from hematovision.settings import get_settings
+    from hematovision.training.evaluate import evaluate_rows
+    from hematovision.training.retrain import CHALLENGER_DIR, PARENT_DIR
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip():
         commit += " (with uncommitted changes)"
     base = get_settings()
     params = load_params(Path("params.yaml"), args.profile)
-    registry = Registry(base.registered_model, configure_mlflow(base))
+    configure_mlflow(base)
+    registry = stores.registry(base)
     champion = registry.version_by_alias(CHAMPION)
     if champion is None:
         sys.exit("no champion: run `uv run hematovision run` first")
     parent = str(champion.version)
 
-    new_site = base.path(base.new_site_source)
+    new_site = base.path(base.paths.new_site_source)
     rows, _ = scan_class_folders(new_site)
     rng = random.Random(args.seed)
     evaluation, pools = [], {}
@@ -97,18 +96,17 @@ def main() -> None:
                            "HEMATOVISION_RETRAIN_DIR": str(run_dir / "retrain")})
         get_settings.cache_clear()
         settings = get_settings()
-        store = Corrections(settings.path(settings.lab_db), settings.path(settings.corrections_images_dir))
+        store = stores.corrections(settings)
         for path, cls in pool[:n]:
             store.submit("benchmark", cls, path.read_bytes(), comment="pbc-sample label")
         started = time.perf_counter()
         summary = retraining_flow(profile=args.profile)
         wall = time.perf_counter() - started
-        cache = EmbeddingCache(settings.path(settings.cache_dir) / "embeddings.sqlite")
         scores = {}
-        for who, folder in (("champion", PARENT_DIR), ("challenger", CHALLENGER_DIR)):
-            classifier = Classifier.load(settings.path(settings.retrain_dir) / folder)
-            scores[who] = evaluate_rows(classifier, eval_rows, Path("/"), cache, params.evaluate.bootstrap_samples, params.seed)
-        cache.close()
+        with stores.embedding_cache(settings) as cache:
+            for who, folder in (("champion", PARENT_DIR), ("challenger", CHALLENGER_DIR)):
+                classifier = Classifier.load(settings.path(settings.paths.retrain_dir) / folder)
+                scores[who] = evaluate_rows(classifier, eval_rows, Path("/"), cache, params.evaluate.bootstrap_samples, params.seed)
         if summary["promoted"]:
             registry.rollback()  # every count starts from the same champion
         results.append({"n": n, "summary": summary, "wall": wall, "scores": scores})

@@ -41,9 +41,8 @@ from training import machine, record  # noqa: E402
 
 import requests  # noqa: E402
 
-from hematovision.lab.accounts import Accounts  # noqa: E402
-from hematovision.lab.corrections import Corrections  # noqa: E402
-from hematovision.settings import TELEMETRY_OFF  # noqa: E402
+from hematovision import stores  # noqa: E402
+from hematovision.settings import TELEMETRY_OFF, get_settings  # noqa: E402
 
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager is never run (paths given)
 
@@ -117,7 +116,9 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="hematovision-review-bench-"))
     lab_db, corrections_dir = workdir / "lab.sqlite", workdir / "corrections"
-    Accounts(lab_db).add_user(USER, PASSWORD, ["pathologist"])
+    # The throwaway lab database the service is pointed at below, opened here the way the service opens it.
+    scratch = get_settings().with_changes(lab={"lab_db": lab_db, "corrections_images_dir": corrections_dir})
+    stores.accounts(scratch).add_user(USER, PASSWORD, ["pathologist"])
     images = read_images(None)
 
     port = free_port()
@@ -194,7 +195,7 @@ def main() -> None:
     with_gradcam = sum(s["gradcam"] for s in shown[1:])
     slow = [n + 1 for n, w in enumerate(waits) if w > 100]
 
-    store = Corrections(lab_db, corrections_dir)
+    store = stores.corrections(scratch)
     stored = store.count()
     stored_ids = store.reviewed_prediction_ids()
     ok = stored == args.items and stored_ids == set(answered) and with_gradcam == args.items

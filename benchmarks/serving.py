@@ -249,7 +249,7 @@ def start_ours(workdir: Path, batch_wait_ms: float | None, service: str) -> tupl
 def start_mlflow(workdir: Path) -> tuple[Server, str]:
     port = free_port()
     env = {**os.environ, **TELEMETRY_OFF, "MLFLOW_TRACKING_URI": get_settings().tracking_uri}
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{get_settings().registered_model}@champion",
+    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{get_settings().registry.registered_model}@champion",
                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     return Server("mlflow models serve", command, env, f"{base}/ping", workdir / "mlflow.log"), base
@@ -304,15 +304,14 @@ def ceiling(images: list[tuple[str, bytes]], duration: float, max_images: int) -
     (``prepare_image``) and crop + backbone over the test-time views + head (``run_model``), i.e.
     what the service does per batch without HTTP, logging and waiting. Returns also the tta views
     and the labels of the first images (the reference both servers are checked against)."""
-    import mlflow
-
     from hematovision.registry.packaging import load_classifier
-    from hematovision.serving.holder import prepare_image, run_model
+    from hematovision.registry.tracking import point_mlflow
+    from hematovision.serving.batcher import run_model
+    from hematovision.serving.images import prepare_image
 
     # Without this mlflow would open (and create) ./mlflow.db, not the project's registry.
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
-    mlflow.set_registry_uri(get_settings().tracking_uri)
-    classifier = load_classifier(f"models:/{get_settings().registered_model}@champion")
+    point_mlflow(get_settings())
+    classifier = load_classifier(f"models:/{get_settings().registry.registered_model}@champion")
     batches = itertools.cycle([images[i : i + CEILING_BATCH] for i in range(0, len(images) - CEILING_BATCH + 1, CEILING_BATCH)])
 
     def one(batch) -> tuple:
@@ -371,13 +370,12 @@ def wait_for_version(load: Load, version: str, since: float, timeout: float) -> 
 def promote_under_load(target: Target, switch_timeout: float) -> PromoteResult:
     import mlflow
 
+    from hematovision import stores
     from hematovision.params import PromoteParams
-    from hematovision.registry.registry import CHAMPION, HISTORY_TAG, Registry
+    from hematovision.registry import gate
+    from hematovision.registry.registry import CHAMPION, HISTORY_TAG
 
-    settings = get_settings()
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
-    registry = Registry(settings.registered_model, settings.tracking_uri)
+    registry = stores.registry(get_settings())  # also points mlflow's process-wide URIs at it
     champion = registry.version_by_alias(CHAMPION)
     if champion is None:
         raise RuntimeError("no champion to benchmark")
@@ -394,7 +392,7 @@ def promote_under_load(target: Target, switch_timeout: float) -> PromoteResult:
         window_start = time.perf_counter()
 
         moved = time.perf_counter()
-        registry.promote(result.copy, PromoteParams(), force=True)
+        gate.promote(registry, result.copy, PromoteParams(), force=True)
         alias_s = time.perf_counter() - moved
         result.switches.append(Switch(result.copy, alias_s, *wait_for_version(load, result.copy, moved, switch_timeout)))
 
@@ -460,7 +458,7 @@ def main() -> None:
                       text=True).stdout.strip():
         commit += " (with uncommitted changes in src/)"
     settings = get_settings()
-    batch_wait_ms = settings.batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms
+    batch_wait_ms = settings.serving.batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms
     images = read_images(args.images)
     print(f"{len(images)} TEST images in memory; levels {levels}; {args.duration:.0f} s each", flush=True)
 
@@ -518,7 +516,7 @@ def report(args, commit, settings, batch_wait_ms, tta_views, n_images, ceiling_r
         f"- commit: {commit}",
         f"- settings: {args.duration:.0f} s per level after {args.warmup:.0f} s warm-up (at most {args.max_requests} "
         f"answers); {n_images} TEST images round-robin, one per request; {tta_views} test-time views; "
-        f"max_batch_images {settings.max_batch_images}, batch_wait_ms {batch_wait_ms:g}; closed-loop client threads",
+        f"max_batch_images {settings.serving.max_batch_images}, batch_wait_ms {batch_wait_ms:g}; closed-loop client threads",
         f"- servers: ours = `bentoml serve {args.service}` (POST /predict, multipart), "
         "mlflow = `mlflow models serve -m models:/hematovision@champion --env-manager local` "
         "(POST /invocations, base64 in `dataframe_split`); one at a time; ready after "

@@ -73,14 +73,14 @@ def main() -> None:
               f"blocks x {p.train.finetune_epochs} epochs (learning rate {p.train.finetune_learning_rate:g}, cosine decay), colour jitter {p.train.colour_jitter}, crop jitter {p.train.crop_jitter}, "
               f"{p.model.tta_views} test-time views; cells grouped by {p.prepare.cell_grouping}"
               + (f" (cosine distance {p.prepare.cell_max_distance:g})" if p.prepare.cell_grouping == "content" else ""))
-    cache = get_settings().path(get_settings().cache_dir)
+    cache = get_settings().path(get_settings().paths.cache_dir)
     cache_state = "warm" if cache.exists() and any(cache.iterdir()) else "cold"
 
     started = time.perf_counter()
     summary = training_flow(profile=args.profile)
     wall = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    prepared = json.loads((get_settings().path(get_settings().prepared_dir) / "summary.json").read_text())
+    prepared = json.loads((get_settings().path(get_settings().paths.prepared_dir) / "summary.json").read_text())
     cells = "; ".join(f"{split} " + "/".join(str(prepared["groups"][split].get(c, 0)) for c in CLASSES)
                       for split in ("train", "val", "test") if split in prepared["groups"])
 
@@ -106,7 +106,7 @@ def main() -> None:
             f"{m.get('n_cells', '')} | {m.get('cell_accuracy', float('nan')):.3f}{fmt_ci(m, 'cell_accuracy')} |"
         )
     if p.prepare.cell_grouping == "content":
-        lines.append("\nCells are found by clustering the frozen backbone's crop embeddings (src/hematovision/cells.py; "
+        lines.append("\nCells are found by clustering the frozen backbone's crop embeddings (src/hematovision/data/cells.py; "
                      "pbc-sample: one image each); clusters can merge real cells or split one, so cell counts are approximate.")
     else:
         lines.append("\nCells are the dataset's `_<k>_` index (pbc-sample: one image each). It is not one real cell "
