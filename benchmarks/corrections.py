@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images  # noqa: E402
-from training import machine, record  # noqa: E402
+from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
+from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
 
-import requests  # noqa: E402
+import requests  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
 
-from hematovision import CLASSES, stores  # noqa: E402
-from hematovision.settings import TELEMETRY_OFF, get_settings  # noqa: E402
+from hematovision import CLASSES, stores  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
+from hematovision.settings import TELEMETRY_OFF, get_settings  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
 
 
 def main() -> None:

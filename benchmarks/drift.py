@@ -35,9 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import machine, record  # noqa: E402
+from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
 
-from hematovision.settings import get_settings, quiet_environment  # noqa: E402
+from hematovision.settings import get_settings, quiet_environment  # noqa: E402 - with the imports below the sys.path line
 
 quiet_environment()
 

@@ -47,7 +47,7 @@ from hematovision.settings import quiet_environment
 quiet_environment()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import machine, record  # noqa: E402
+from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
 
 _ERROR_CELL_DISTANCE = 0.15
 

@@ -36,22 +36,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images  # noqa: E402
-from training import machine, record  # noqa: E402
+from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
+from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
 
-import requests  # noqa: E402
+import requests  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
 
-from hematovision import stores  # noqa: E402
-from hematovision.settings import TELEMETRY_OFF, get_settings  # noqa: E402
+from hematovision import stores  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
+from hematovision.settings import TELEMETRY_OFF, get_settings  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
 
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager is never run (paths given)
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium import webdriver  # noqa: E402 - after SE_AVOID_STATS is set
+from selenium.webdriver.chrome.service import Service  # noqa: E402 - after SE_AVOID_STATS is set
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402 - after SE_AVOID_STATS is set
+from selenium.webdriver.common.by import By  # noqa: E402 - after SE_AVOID_STATS is set
+from selenium.webdriver.common.keys import Keys  # noqa: E402 - after SE_AVOID_STATS is set
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402 - after SE_AVOID_STATS is set
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 USER, PASSWORD = "bench-pathologist", "benchmark password 123"

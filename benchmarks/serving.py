@@ -47,11 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)  # the settings' relative paths (mlruns/, the dataset) hang from the checkout
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hematovision.settings import TELEMETRY_OFF, get_settings, quiet_environment  # noqa: E402
+from hematovision.settings import TELEMETRY_OFF, get_settings, quiet_environment  # noqa: E402 - after os.chdir: the settings' relative paths hang from the checkout
 
 quiet_environment()
 
-import requests  # noqa: E402
+import requests  # noqa: E402 - after quiet_environment(): telemetry off before the tools load
 
 from training import machine, record  # noqa: E402  (same machine line as the training benchmark)
 
