@@ -327,7 +327,8 @@ def test_hot_swap_under_load_promote_refuse_and_rollback(service_url, tmp_path):
 
 @pytest.mark.e2e
 def test_unreachable_registry_keeps_the_loaded_model_serving(project, trained):
-    from hematovision.serving.holder import ModelHolder, RegistrySource
+    from hematovision.serving.predictor import Predictor
+    from hematovision.serving.swap import ModelWatcher, RegistrySource
 
     class FlakyRegistry(RegistrySource):
         down = False
@@ -339,12 +340,13 @@ def test_unreachable_registry_keeps_the_loaded_model_serving(project, trained):
 
     settings = get_settings()
     source = FlakyRegistry(settings)
-    holder = ModelHolder(settings, source=source, store=PredictionStore(project / "monitoring" / "holder-test.sqlite"))
-    assert holder.poll() == champion_version()
+    models = ModelWatcher(settings, source=source)
+    predictor = Predictor(settings, models, store=PredictionStore(project / "monitoring" / "holder-test.sqlite"))
+    assert models.poll() == champion_version()
     source.down = True
-    assert holder.poll() == champion_version()
-    assert "unreachable" in holder.status()["last_error"]["message"]
-    assert holder.predict([A_CELL.read_bytes()])[0]["label"] in CLASSES
+    assert models.poll() == champion_version()
+    assert "unreachable" in models.status()["last_error"]["message"]
+    assert predictor.predict([A_CELL.read_bytes()])[0]["label"] in CLASSES
 
 
 # --- prediction log retention, CLI, packaging -----------------------------------------------------

@@ -224,7 +224,7 @@ def test_predicting_can_be_restricted_to_signed_in_users_and_tokens(project, peo
     from starlette.testclient import TestClient
 
     from hematovision.api.guard import RequestGuard, Upload
-    from hematovision.api.lab_routes import may_predict
+    from hematovision.api.auth import may_predict
 
     async def answered(_request):
         return PlainTextResponse("predicted")

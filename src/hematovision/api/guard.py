@@ -8,8 +8,8 @@ text field where a file was expected (which it would even try to download as a U
 * checks every upload route before BentoML sees the request: method, multipart content type,
   body size (counted while reading, so a chunked upload cannot get around it), and that the
   expected field holds file uploads, not text; and
-* rewrites any other error response (4xx or 5xx, from any route) into the one JSON shape
-  ``{"error": code, "detail": message}`` (5xx details stay in the server log).
+* rewrites any other error response (4xx or 5xx, from any route) into the one error shape of
+  ``errors.py`` (5xx details stay in the server log).
 
 Responses the service already shaped carry the ``x-hematovision-error`` header and pass untouched.
 """
@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
-ERROR_HEADER = b"x-hematovision-error"
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from hematovision.api.errors import ERROR_HEADER, error_body
+
+_ERROR_HEADER = ERROR_HEADER.encode()
 _DRAIN_LIMIT = 1 << 30  # read and discard at most this much of a refused body, so the client sees the answer
 _CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large",
           415: "unsupported_media_type", 422: "unprocessable", 429: "overloaded", 500: "internal",
@@ -40,18 +46,6 @@ class Upload:
     max_files: int = 1
     required: bool = True  # False: the route also accepts a form without files (e.g. a prediction id)
     public: bool = True  # answered without signing in unless the service requires it (see authorize)
-
-
-def error_body(code: str, detail: str) -> bytes:
-    return json.dumps({"error": code, "detail": detail}).encode()
-
-
-def error_response(status: int, code: str, detail: str):
-    """A Starlette response in the service's error shape (for the service's own refusals)."""
-    from starlette.responses import Response
-
-    return Response(error_body(code, detail), status_code=status, media_type="application/json",
-                    headers={ERROR_HEADER.decode(): code})
 
 
 class RequestGuard:
@@ -125,10 +119,6 @@ async def _drain(receive: Receive) -> None:
 
 
 async def _check_form(scope: Scope, body: bytes, upload: Upload, how: str) -> tuple[int, str, str] | None:
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException
-    from starlette.requests import Request
-
     async def disconnected() -> dict[str, Any]:
         return {"type": "http.disconnect"}
 
@@ -171,7 +161,7 @@ async def _respond(send: Send, status: int, code: str, detail: str, extra: list 
     body = error_body(code, detail)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (ERROR_HEADER, code.encode()), *(extra or [])]})
+                            (_ERROR_HEADER, code.encode()), *(extra or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -184,7 +174,7 @@ def _enveloping(send: Send) -> Send:
         nonlocal held
         if message["type"] == "http.response.start":
             headers = message.get("headers", [])
-            if message["status"] >= 400 and not any(k.lower() == ERROR_HEADER for k, _ in headers):
+            if message["status"] >= 400 and not any(k.lower() == _ERROR_HEADER for k, _ in headers):
                 held = message
                 return
         elif message["type"] == "http.response.body" and held is not None:
@@ -198,7 +188,7 @@ def _enveloping(send: Send) -> Send:
             held = None
             await send({"type": "http.response.start", "status": status,
                         "headers": [*keep, (b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()), (ERROR_HEADER, code.encode())]})
+                                    (b"content-length", str(len(body)).encode()), (_ERROR_HEADER, code.encode())]})
             await send({"type": "http.response.body", "body": body})
             return
         await send(message)

@@ -7,30 +7,27 @@
     GET  /ops/reports/{name}         ops, engineer, admin   a window's saved Evidently report (HTML)
 
 The page for people is ``/ui/ops.html``. The data comes from the monitoring state
-(``monitoring.py``), written by the monitoring flow; nothing here talks to MLflow. Who may do
-what is ``lab_api.require`` (session cookie + CSRF, or a bearer token).
+(``stores.monitor_state``), written by the monitoring flow; nothing here talks to MLflow. Who may
+do what is ``auth.require`` (session cookie + CSRF, or a bearer token).
 """
 
 from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from starlette.responses import FileResponse, RedirectResponse
 
-from hematovision.api import lab_routes as lab_api
-from hematovision.api.lab_routes import Refused, require
-from hematovision.monitoring.monitor import ops_status, state_from_settings
+from hematovision import stores
+from hematovision.api.auth import read_form, require
+from hematovision.api.errors import ApiError
+from hematovision.monitoring.monitor import ops_status
 from hematovision.settings import get_settings
 
 READERS = ("ops", "engineer", "admin")
 # Report names are made by monitoring.check_windows; anything else is refused before any path is built.
 REPORT_NAME = re.compile(r"^window-\d{6,12}\.html$")
 router = APIRouter()
-
-
-def install(app: FastAPI) -> None:
-    app.include_router(router)
 
 
 @router.get("/ops")
@@ -48,20 +45,21 @@ def status(request: Request) -> dict:
 @router.get("/ops/alerts")
 def alerts(request: Request, limit: int = 50) -> dict:
     require(request, *READERS)
-    return {"alerts": state_from_settings(get_settings()).alerts(max(1, min(limit, 1000)))}
+    return {"alerts": stores.monitor_state(get_settings()).alerts(max(1, min(limit, 1000)))}
 
 
 @router.post("/ops/alerts/{alert_id}/approve")
 async def approve(request: Request, alert_id: int) -> dict:
     """An engineer approves the retraining an alert asks for; the next monitoring run starts it."""
-    user = require(request, "engineer", form=await lab_api._form(request))
+    user = require(request, "engineer", form=await read_form(request))
+    settings = get_settings()
     try:
-        alert = state_from_settings(get_settings()).approve(alert_id, user.username)
+        alert = stores.monitor_state(settings).approve(alert_id, user.username)
     except KeyError:
-        raise Refused(404, "unknown_alert", f"no alert {alert_id}") from None
+        raise ApiError(404, "unknown_alert", f"no alert {alert_id}") from None
     except ValueError as error:
-        raise Refused(409, "not_awaiting_approval", str(error)) from None
-    lab_api.corrections().audit(user.username, "approve_retraining", str(alert_id), {"kind": alert["kind"]})
+        raise ApiError(409, "not_awaiting_approval", str(error)) from None
+    stores.corrections(settings).audit(user.username, "approve_retraining", str(alert_id), {"kind": alert["kind"]})
     return {"alert": alert, "next": "the next monitoring run (hematovision monitor run) starts the retraining"}
 
 
@@ -71,12 +69,12 @@ def report(request: Request, name: str) -> FileResponse:
     cannot read the session or call the API) and only by an exact file name in the reports folder."""
     require(request, *READERS)
     if not REPORT_NAME.fullmatch(name):
-        raise Refused(404, "unknown_report", "no such report")
+        raise ApiError(404, "unknown_report", "no such report")
     settings = get_settings()
-    folder = settings.path(settings.monitor_reports_dir).resolve()
+    folder = settings.path(settings.monitoring.reports_dir).resolve()
     path = (folder / name).resolve()
     if path.parent != folder or not path.is_file():
-        raise Refused(404, "unknown_report", "no such report")
+        raise ApiError(404, "unknown_report", "no such report")
     return FileResponse(path, media_type="text/html; charset=utf-8", headers={
         "content-security-policy": "sandbox allow-scripts", "x-content-type-options": "nosniff",
         "cache-control": "private, max-age=300"})

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 
 class ServiceStartError(RuntimeError):
     """The service exited or did not become ready in time (the message ends with its log)."""
@@ -52,8 +54,6 @@ def stop_service(server: subprocess.Popen, kill: bool = False) -> None:
     """Stop the server and its workers. BentoML starts each worker in a session of its own, so the
     server's process group does not reach them: on SIGTERM the server stops them itself, but a
     SIGKILLed server would leave them running (holding memory and a model), so they are killed too."""
-    import psutil
-
     try:
         workers = psutil.Process(server.pid).children(recursive=True) if kill else []
         os.killpg(server.pid, signal.SIGKILL if kill else signal.SIGTERM)

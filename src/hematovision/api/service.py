@@ -6,10 +6,15 @@ POST /predict (file field ``image``), POST /predict_batch (file fields ``images`
 (file field ``image`` or text field ``prediction_id``; optional ``class_name``) -> PNG,
 GET /model, /healthz, /readyz (503 until a checked model is loaded), /metrics (BentoML's
 Prometheus metrics plus the served version), the web page at /ui/ (``/`` leads there) and the
-OpenAPI docs at /docs (spec at /docs.json). Only web glue lives here: the model, its hot swap and
-the adaptive batching are in ``serving.py``, request checks and the one error shape
-``{"error": code, "detail": message}`` in ``http_guard.py``, the routes for people (sign-in,
-review queue, corrections, promotion) in ``lab_api.py``. Every worker watches the registry itself.
+OpenAPI docs at /docs (spec at /docs.json).
+
+Only web glue lives here. Each worker composes its own serving parts: a
+:class:`~hematovision.serving.swap.ModelWatcher` that follows the registry alias and a
+:class:`~hematovision.serving.predictor.Predictor` that answers with its model through the adaptive
+batcher. In front of them sit the request guard (``guard.py``), the one error shape
+(``errors.py``) and who is asking (``auth.py``); the routes for people are ``account_routes``
+(sign-in), ``review_routes`` (pathologists), ``model_routes`` (engineers: promote, roll back) and
+``ops_routes`` (drift, alerts).
 """
 
 from __future__ import annotations
@@ -18,63 +23,69 @@ from pathlib import Path
 
 from hematovision.settings import get_settings, quiet_environment
 
-quiet_environment()
+quiet_environment()  # telemetry off and Keras' home set before any tool is imported
 
-import bentoml  # noqa: E402
-from bentoml.exceptions import ServiceUnavailable  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
-from starlette.concurrency import run_in_threadpool  # noqa: E402
-from starlette.responses import RedirectResponse, Response  # noqa: E402
-from starlette.staticfiles import StaticFiles  # noqa: E402
+import bentoml  # noqa: E402 - telemetry must be off before bentoml is imported
+from bentoml.exceptions import ServiceUnavailable  # noqa: E402 - quiet_environment() first
+from fastapi import FastAPI, Request  # noqa: E402 - quiet_environment() first
+from starlette.concurrency import run_in_threadpool  # noqa: E402 - quiet_environment() first
+from starlette.responses import RedirectResponse, Response  # noqa: E402 - quiet_environment() first
+from starlette.staticfiles import StaticFiles  # noqa: E402 - quiet_environment() first
 
-from hematovision.api import lab_routes as lab_api  # noqa: E402
-from hematovision.api.guard import RequestGuard, Upload, error_response  # noqa: E402
-from hematovision.serving.holder import ImageRejected, ModelHolder, NotReady, share_cores_between_model_calls  # noqa: E402
+from hematovision.api import account_routes, errors, model_routes, ops_routes, review_routes  # noqa: E402 - quiet_environment() first
+from hematovision.api.auth import may_predict  # noqa: E402 - quiet_environment() first
+from hematovision.api.guard import RequestGuard, Upload  # noqa: E402 - quiet_environment() first
+from hematovision.serving.batcher import share_cores_between_model_calls  # noqa: E402 - quiet_environment() first
+from hematovision.serving.images import ImageRejected  # noqa: E402 - quiet_environment() first
+from hematovision.serving.predictor import NotReady, Predictor  # noqa: E402 - quiet_environment() first
+from hematovision.serving.swap import ModelWatcher  # noqa: E402 - quiet_environment() first
 
 MAX_BATCH_FILES = 64
 WEB_DIR = Path(__file__).parents[1] / "web"
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # routes BentoML does not make itself
 app.mount("/ui", StaticFiles(directory=WEB_DIR, html=True), name="ui")
-lab_api.install(app)  # sign-in, review queue, corrections, lab statistics, promote/rollback
-from hematovision.api import ops_routes as ops_api  # noqa: E402
-ops_api.install(app)  # drift status, alerts, approval of retraining, Evidently reports
-_holder: ModelHolder | None = None  # this worker's (one service instance per worker process)
+for routes in (account_routes, review_routes, model_routes, ops_routes):
+    app.include_router(routes.router)
+errors.install(app)
+_models: ModelWatcher | None = None  # this worker's (one service instance per worker process)
 
 
 # threads: BentoML runs sync APIs on a pool of one thread by default, which would serialise requests
 # and leave the adaptive batcher nothing to batch.
-@bentoml.service(name="hematovision", workers=1, threads=get_settings().serve_threads, traffic={"timeout": 120})
+@bentoml.service(name="hematovision", workers=1, threads=get_settings().serving.threads, traffic={"timeout": 120})
 @bentoml.asgi_app(app, path="/")
 class HematoVision:
     def __init__(self) -> None:
-        global _holder
-        share_cores_between_model_calls(get_settings().model_calls)
-        self.holder = _holder = ModelHolder(get_settings()).start()  # loads in the background
+        global _models
+        settings = get_settings()
+        share_cores_between_model_calls(settings.serving.model_calls)
+        self.models = _models = ModelWatcher(settings).start()  # loads in the background
+        self.predictor = Predictor(settings, self.models)
 
     def __is_ready__(self) -> bool:
-        return self.holder.ready
+        return self.models.ready
 
     def __is_alive__(self) -> bool:
-        return self.holder.watching
+        return self.models.watching
 
     def __metrics__(self, content: str) -> str:
-        return content + self.holder.prometheus()
+        return content + self.models.prometheus()
 
     @bentoml.api(route="/predict")
     def predict(self, image: Path) -> dict:
         """One JPEG/PNG/TIFF/BMP image: label, confidence, probabilities, model_version,
         prediction_id, needs_review, cell_in_view (whole / cut / none)."""
         try:
-            return self.holder.predict([image.read_bytes()])[0]
+            return self.predictor.predict([image.read_bytes()])[0]
         except (ImageRejected, NotReady) as error:
-            return error_response(error.status, error.code, getattr(error, "message", str(error)))
+            return errors.from_serving(error).response()
 
     @bentoml.api(route="/predict_batch")
     def predict_batch(self, images: list[Path]) -> list[dict]:
         """One result per image, in order; a bad image gets ``{"error", "detail"}`` in its place.
-        Concurrent requests share model calls (adaptive batching in ``serving.Batcher``)."""
+        Concurrent requests share model calls (adaptive batching in ``serving.batcher``)."""
         try:
-            return self.holder.predict([p.read_bytes() for p in images], errors="return")
+            return self.predictor.predict([p.read_bytes() for p in images], errors="return")
         except NotReady as error:
             raise ServiceUnavailable(str(error)) from error
 
@@ -92,9 +103,9 @@ class HematoVision:
         finally:
             await form.close()
         try:
-            result = await run_in_threadpool(self.holder.explain, data, prediction_id, class_name)
+            result = await run_in_threadpool(self.predictor.explain, data, prediction_id, class_name)
         except (ImageRejected, NotReady) as error:
-            return error_response(error.status, error.code, getattr(error, "message", str(error)))
+            return errors.from_serving(error).response()
         return Response(result["png"], media_type="image/png", headers={
             "x-hematovision-label": result["label"], "x-hematovision-class": result["explained_class"],
             "x-hematovision-confidence": f"{result['confidence']:.4f}",
@@ -103,7 +114,7 @@ class HematoVision:
     @app.get("/model")
     def model(self) -> dict:
         """The served version, its registry metrics and tags, data hash, loaded_at, refused versions."""
-        return self.holder.status()
+        return self.models.status()
 
 
 class FrontDoor:
@@ -125,8 +136,8 @@ HematoVision.add_asgi_middleware(
     RequestGuard,
     routes={"/predict": Upload("image"), "/predict_batch": Upload("images", MAX_BATCH_FILES),
             "/explain": Upload("image", required=False),
-            "/feedback": Upload("image", required=False, public=False)},  # lab_api checks the role
-    max_bytes=get_settings().max_request_bytes,
-    ready=lambda: _holder is not None and _holder.ready,
-    authorize=lab_api.may_predict,
+            "/feedback": Upload("image", required=False, public=False)},  # review_routes checks the role
+    max_bytes=get_settings().serving.max_request_bytes,
+    ready=lambda: _models is not None and _models.ready,
+    authorize=may_predict,
 )

@@ -1,2 +1,4 @@
-"""Answering with the champion, without a web framework: the model holder and its hot swap, request
-images, adaptive batching, the prediction log and local batch predictions."""
+"""Answering with the champion, without a web framework, one job per module: request images
+(``images``), the model call and its adaptive batching (``batcher``), following the registry alias
+(``swap``), predicting, explaining and logging (``predictor``), the prediction log
+(``prediction_log``) and predictions on local files (``batch_predict``)."""

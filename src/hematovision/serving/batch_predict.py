@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from hematovision.progress import Progress
-from hematovision.serving.holder import ImageRejected, needs_review, prepare_image, run_model
+from hematovision.serving.batcher import run_model
+from hematovision.serving.images import ImageRejected, needs_review, prepare_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 

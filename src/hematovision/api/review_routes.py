@@ -1,0 +1,118 @@
+"""The service's routes for pathologists: the review queue, corrections, and what the lab learns.
+
+    GET  /review/queue                 pathologist             predictions awaiting review, least certain first
+    GET  /review/image/{id}            pathologist             a kept request image
+    POST /feedback                     pathologist             confirm or correct a prediction
+    GET  /feedback/stats               pathologist, engineer,  agreement between the model and reviewers
+                                       ops, admin
+    GET  /feedback/export.csv          (the same)              every review as CSV
+    GET  /feedback/report.pdf          (the same)              the reviewed results as a PDF report
+    GET  /audit                        admin, engineer         the audit log, newest first
+
+Predictions come from the prediction log, corrections and the audit log from the lab database
+(both through ``stores``); who may do what is ``auth.require``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from hematovision import stores
+from hematovision.api.auth import read_form, require
+from hematovision.api.errors import ApiError
+from hematovision.lab.corrections import CorrectionError
+from hematovision.lab.report import report_pdf
+from hematovision.settings import get_settings
+
+READERS = ("pathologist", "engineer", "ops", "admin")
+router = APIRouter()
+
+
+@router.get("/review/queue")
+def review_queue(request: Request, limit: int = 50, label: str | None = None, model_version: str | None = None,
+                 since: str | None = None, until: str | None = None) -> dict:
+    """Predictions awaiting review, least certain first (filters: predicted label, model version,
+    ISO time range)."""
+    require(request, "pathologist")
+    settings = get_settings()
+    corrections = stores.corrections(settings)
+    items = stores.prediction_log(settings).review_queue(corrections.reviewed_prediction_ids(), max(1, min(limit, 500)),
+                                                         label, model_version, since, until)
+    return {"items": [{**item, "image_url": f"/review/image/{item['id']}"} for item in items],
+            "classes": list(corrections.classes)}
+
+
+@router.get("/review/image/{prediction_id}")
+def review_image(request: Request, prediction_id: str) -> Response:
+    require(request, "pathologist")
+    record = stores.prediction_log(get_settings()).get(prediction_id)
+    if record is None or record["image_path"] is None:
+        raise ApiError(404, "image_not_retained", "no kept image for this prediction")
+    return Response(Path(record["image_path"]).read_bytes(), media_type="application/octet-stream",
+                    headers={"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"})
+
+
+@router.post("/feedback", status_code=201)
+async def feedback(request: Request) -> dict:
+    """Confirm or correct a prediction: ``prediction_id`` (its kept image is used) and/or the
+    ``image`` itself, ``true_class``, optional ``comment``. Written durably before the answer."""
+    form = await read_form(request)
+    user = require(request, "pathologist", form=form)
+    settings = get_settings()
+    prediction, image = None, form.get("image")
+    if form.get("prediction_id"):
+        prediction = stores.prediction_log(settings).get(str(form["prediction_id"]))
+        if prediction is None:
+            raise ApiError(404, "unknown_prediction", f"no prediction {form['prediction_id']!r}")
+        if not image:
+            if prediction["image_path"] is None:
+                raise ApiError(409, "image_not_retained", "this prediction's image was not kept; send it as 'image'")
+            image = Path(prediction["image_path"]).read_bytes()
+    if not isinstance(image, (bytes, bytearray)) or not image:
+        raise ApiError(400, "missing_image", "send 'prediction_id' of a kept prediction or the 'image' file")
+    try:
+        return stores.corrections(settings).submit(user.username, str(form.get("true_class", "")), bytes(image),
+                                                   prediction, str(form.get("comment", "")))
+    except CorrectionError as error:
+        raise ApiError(422, "bad_correction", str(error)) from None
+
+
+@router.get("/feedback/stats")
+def feedback_stats(request: Request) -> dict:
+    """Agreement between the model and reviewers: overall, per class, per model version, per day;
+    predicted-vs-corrected confusion; images reviewers disagree on."""
+    require(request, *READERS)
+    return stores.corrections(get_settings()).stats()
+
+
+@router.get("/feedback/export.csv")
+def feedback_csv(request: Request) -> Response:
+    require(request, *READERS)
+    buffer = io.StringIO()
+    columns = ["created_at", "reviewer", "prediction_id", "model_version", "predicted_class", "true_class",
+               "confirmed", "image_sha256", "comment"]
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in stores.corrections(get_settings()).all():
+        writer.writerow({**row, "confirmed": row["predicted_class"] == row["true_class"] if row["predicted_class"] else ""})
+    return Response(buffer.getvalue(), media_type="text/csv",
+                    headers={"content-disposition": 'attachment; filename="hematovision-reviews.csv"'})
+
+
+@router.get("/feedback/report.pdf")
+def feedback_pdf(request: Request) -> Response:
+    """The reviewed results as a PDF report (agreement, confusion, disputed images)."""
+    require(request, *READERS)
+    return Response(report_pdf(stores.corrections(get_settings()).stats()), media_type="application/pdf",
+                    headers={"content-disposition": 'attachment; filename="hematovision-reviews.pdf"'})
+
+
+@router.get("/audit")
+def audit(request: Request, limit: int = 200) -> dict:
+    require(request, "admin", "engineer")
+    return {"entries": stores.corrections(get_settings()).audit_log(max(1, min(limit, 5000)))}
