@@ -83,6 +83,17 @@ def quick_params() -> dict:
     return raw
 
 
+def add_user(name: str, *roles: str, password: str) -> None:
+    """An account made through the CLI, as an administrator would."""
+    from typer.testing import CliRunner
+
+    from hematovision.cli import app
+
+    args = ["users", "add", name, "--password-stdin"] + [a for r in roles for a in ("--role", r)]
+    result = CliRunner().invoke(app, args, input=password + "\n")
+    assert result.exit_code == 0, result.output
+
+
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"

@@ -39,8 +39,10 @@ def _config(prefix: str = ENV_PREFIX) -> SettingsConfigDict:
 
 
 def _env(name: str) -> AliasChoices:
-    """A field whose variable does not follow its group's prefix (the name it always had)."""
-    return AliasChoices(ENV_PREFIX + name.upper(), name.lower())
+    """A field whose variable does not follow its group's prefix (the name it always had). Only the
+    prefixed name: a bare ``RETRAIN_TRIGGER`` left in a shell by another tool must not reach us
+    (``populate_by_name`` still lets code pass the field by its own name)."""
+    return AliasChoices(ENV_PREFIX + name.upper())
 
 
 class PathSettings(BaseSettings):

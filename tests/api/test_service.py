@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES, SERVICE_REVIEW_THRESHOLD
 from hematovision import CLASSES
 from hematovision.params import PromoteParams
+from hematovision.registry.gate import promote
 from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.registry.registry import CHAMPION, Registry
 from hematovision.settings import get_settings
@@ -298,7 +299,7 @@ def test_hot_swap_under_load_promote_refuse_and_rollback(service_url, tmp_path):
         t.start()
     try:
         time.sleep(1)
-        decision = reg.promote(copy, PromoteParams(), force=True)
+        decision = promote(reg, copy, PromoteParams(), force=True)
         assert decision.passed
         wait_for_version(service_url, copy)
         time.sleep(1)  # answers from the new version under load
@@ -352,7 +353,9 @@ def test_unreachable_registry_keeps_the_loaded_model_serving(project, trained):
 # --- prediction log retention, CLI, packaging -----------------------------------------------------
 
 def test_images_are_kept_only_with_retention_and_purged_after_it(tmp_path):
-    record = lambda: PredictionRecord("1", "monocyte", 0.9, {"monocyte": 0.9}, False, "ab" * 32, 1.0)  # noqa: E731
+    def record() -> PredictionRecord:
+        return PredictionRecord("1", "monocyte", 0.9, {"monocyte": 0.9}, False, "ab" * 32, 1.0)
+
     private = PredictionStore(tmp_path / "private.sqlite")
     private.log(record(), b"image bytes")
     assert not private.images_dir.exists()

@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 import requests
 import yaml
 from typer.testing import CliRunner
 
-from conftest import BLOOD_CELLS, service_env, start_service, stop_service
+from conftest import BLOOD_CELLS, add_user, service_env, start_service, stop_service
 from hematovision import CLASSES
 from hematovision.cli import app
 from hematovision.lab.corrections import Corrections
@@ -25,20 +26,13 @@ PASSWORD = "correct horse battery"
 IMAGES = [p for c in CLASSES for p in sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[3:6]]
 
 
-def add_user(name: str, *roles: str, password: str = PASSWORD) -> None:
-    """An account made through the CLI, as an administrator would."""
-    args = ["users", "add", name, "--password-stdin"] + [a for r in roles for a in ("--role", r)]
-    result = CliRunner().invoke(app, args, input=password + "\n")
-    assert result.exit_code == 0, result.output
-
-
 @pytest.fixture(scope="module")
 def people(project):
-    add_user("paula", "pathologist")
-    add_user("peter", "pathologist")
-    add_user("erin", "engineer")
-    add_user("otto", "ops")
-    add_user("olga", "ops")  # locked out by the sign-in limit test
+    add_user("paula", "pathologist", password=PASSWORD)
+    add_user("peter", "pathologist", password=PASSWORD)
+    add_user("erin", "engineer", password=PASSWORD)
+    add_user("otto", "ops", password=PASSWORD)
+    add_user("olga", "ops", password=PASSWORD)  # locked out by the sign-in limit test
     token = CliRunner().invoke(app, ["users", "token", "erin", "--name", "ci"])
     assert token.exit_code == 0
     return {"erin_token": token.output.strip().splitlines()[-1]}
@@ -102,9 +96,12 @@ def test_roles_csrf_and_sign_in_limits(service_url, people):
 
 @pytest.mark.e2e
 def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, people):
+    # The queue from this test's own predictions on: other tests fill the shared service's queue too
+    # (a load test can flag hundreds), and the queue answers at most 500.
+    since = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     predicted = predict_some(service_url)
     paula, peter = sign_in(service_url, "paula"), sign_in(service_url, "peter")
-    queue = paula.get(f"{service_url}/review/queue", params={"limit": 500}, timeout=30).json()["items"]
+    queue = paula.get(f"{service_url}/review/queue", params={"limit": 500, "since": since}, timeout=30).json()["items"]
     ours = [item for item in queue if item["id"] in {p["prediction_id"] for p in predicted}]
     assert len(ours) == sum(p["needs_review"] for p in predicted) > 3
     confidences = [item["confidence"] for item in queue]
@@ -113,7 +110,7 @@ def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, 
     assert paula.get(f"{service_url}{ours[0]['image_url']}", timeout=30).content == sent[ours[0]["id"]].read_bytes()
     assert requests.get(f"{service_url}{ours[0]['image_url']}", timeout=30).status_code == 401
     label = ours[0]["label"]
-    filtered = paula.get(f"{service_url}/review/queue", params={"label": label, "limit": 500}, timeout=30).json()["items"]
+    filtered = paula.get(f"{service_url}/review/queue", params={"label": label, "limit": 500, "since": since}, timeout=30).json()["items"]
     assert filtered and all(item["label"] == label for item in filtered)
 
     # Paula confirms one and corrects two; Peter disagrees with her on the first.
@@ -130,7 +127,7 @@ def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, 
     bad = paula.post(f"{service_url}/feedback", data={"prediction_id": ours[3]["id"], "true_class": "basophil"}, timeout=30)
     assert bad.status_code == 422
 
-    remaining = {item["id"] for item in paula.get(f"{service_url}/review/queue", params={"limit": 500}, timeout=30).json()["items"]}
+    remaining = {item["id"] for item in paula.get(f"{service_url}/review/queue", params={"limit": 500, "since": since}, timeout=30).json()["items"]}
     assert not remaining & {item["id"] for item, _ in answers}
 
     otto = sign_in(service_url, "otto")

@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hematovision.settings import quiet_environment
-
-quiet_environment()
-
-from hematovision.model import gradcam as gradcam_module  # noqa: E402
-from hematovision.model.gradcam import box_bounds, explain_image, gradcam, overlay_crop  # noqa: E402
-from hematovision.data.imaging import ImageError, load_rgb  # noqa: E402
-from hematovision.data.localize import WbcBox, locate_wbc  # noqa: E402
-from hematovision.model.classifier import Classifier, ClassifierConfig  # noqa: E402
+from hematovision.data.imaging import ImageError, load_rgb
+from hematovision.data.localize import WbcBox, locate_wbc
+from hematovision.model import gradcam as gradcam_module
+from hematovision.model.classifier import Classifier, ClassifierConfig
+from hematovision.model.gradcam import box_bounds, explain_image, gradcam, overlay_crop
 
 NEUTROPHILS = (Path(__file__).resolve().parents[2].parent
                / "shared/datasets/blood-cells/dataset2-master/images/TEST/NEUTROPHIL")

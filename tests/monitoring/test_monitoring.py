@@ -55,7 +55,8 @@ def new_site(n: int, seed: int = 0) -> list[Path]:
 
 def log_images(store: PredictionStore, classifier, version: str, paths: list[Path], at=None) -> None:
     """What the service does per request: prepare (decode, statistics), crop -> backbone -> head, log."""
-    from hematovision.serving.holder import prepare_image, run_model
+    from hematovision.serving.batcher import run_model
+    from hematovision.serving.images import prepare_image
 
     prepared = [prepare_image(p.read_bytes()) for p in paths]
     probabilities, embeddings = run_model(classifier, prepared)
@@ -76,7 +77,7 @@ class Webhook:
         received = self.received = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):  # noqa: N802 - the name http.server calls
                 received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
                 self.send_response(204)
                 self.end_headers()

@@ -15,20 +15,19 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import BLOOD_CELLS, service_env, start_service, stop_service
-from test_lab import add_user
+from conftest import BLOOD_CELLS, add_user, service_env, start_service, stop_service
 from hematovision import CLASSES
 from hematovision.serving.prediction_log import PredictionStore
 
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager: no statistics, and it is never run (paths given)
 
-from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium import webdriver  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
+from selenium.webdriver.chrome.service import Service  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
+from selenium.webdriver.common.by import By  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
+from selenium.webdriver.common.keys import Keys  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PASSWORD = "web pages need a long one"

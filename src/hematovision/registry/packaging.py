@@ -13,6 +13,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+import hematovision
 from hematovision.model.classifier import CONFIG_FILE, Classifier
 from hematovision.model.classifier import Classifier
 
@@ -44,8 +46,6 @@ def log_classifier(classifier_dir: Path) -> str:
     """Log the saved classifier in the active run; returns the model URI."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-
-    import hematovision
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
