@@ -69,9 +69,8 @@ def run(
     promote: Annotated[bool, typer.Option(help="Promote the new model if the gate passes.")] = True,
 ):
     """Run the whole training flow: import data, prepare, train, evaluate, register, promote."""
+    _params(params_file, profile)  # fail fast on a bad profile, before Prefect is even imported
     from flows.training import training_flow
-
-    _params(params_file, profile)  # fail fast on a bad profile, before Prefect starts
     with progress.console_progress() as report:
         progress.current = report
         try:
@@ -368,10 +367,9 @@ def retrain(
 ):
     """Retrain on raw data + the pathologists' corrections; promote only if it wins on the new site's
     held-out corrections without losing on TEST. Exit 1 when the gate refuses."""
-
+    _params(params_file, profile)  # fail fast on a bad profile, before Prefect is even imported
     from flows.retraining import retraining_flow
 
-    _params(params_file, profile)
     with progress.console_progress() as report:
         progress.current = report
         try:

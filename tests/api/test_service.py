@@ -313,7 +313,9 @@ def test_hot_swap_under_load_promote_refuse_and_rollback(service_url, tmp_path):
         assert status["version"] == copy  # the old one keeps serving
         assert "hematovision_model_refused 1" in requests.get(f"{service_url}/metrics", timeout=10).text
 
-        reg.client.set_registered_model_alias(reg.name, CHAMPION, before)  # rollback, as a person would
+        # Rollback, as a person would (`hematovision rollback`): past the refused version to the one
+        # before the copy, leaving the champion history as the next test expects to find it.
+        assert reg.rollback()[1] == before
         wait_for_version(service_url, before)
         time.sleep(1)
     finally:
