@@ -23,18 +23,17 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
-from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
+import requests
+from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images
 
-import requests  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
-
-from hematovision import CLASSES, stores  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
-from hematovision.settings import TELEMETRY_OFF, get_settings  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
+from hematovision import CLASSES, stores
+from hematovision.settings import TELEMETRY_OFF, get_settings
+from training import machine, record
 
 
 def main() -> None:
@@ -57,13 +56,22 @@ def main() -> None:
     images = read_images(400)
 
     port = free_port()
-    env = {**os.environ, **TELEMETRY_OFF,
-           "HEMATOVISION_LAB_DB": str(lab_db), "HEMATOVISION_CORRECTIONS_IMAGES_DIR": str(corrections_dir),
-           "HEMATOVISION_PREDICTIONS_DB": str(workdir / "predictions.sqlite"),
-           "HEMATOVISION_IMAGES_DIR": str(workdir / "images")}
+    env = {
+        **os.environ,
+        **TELEMETRY_OFF,
+        "HEMATOVISION_LAB_DB": str(lab_db),
+        "HEMATOVISION_CORRECTIONS_IMAGES_DIR": str(corrections_dir),
+        "HEMATOVISION_PREDICTIONS_DB": str(workdir / "predictions.sqlite"),
+        "HEMATOVISION_IMAGES_DIR": str(workdir / "images"),
+    }
     base = f"http://127.0.0.1:{port}"
-    server = Server("bentoml (ours)", [str(BIN / "bentoml"), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
-                    env, f"{base}/readyz", workdir / "bentoml.log")
+    server = Server(
+        "bentoml (ours)",
+        [str(BIN / "bentoml"), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        f"{base}/readyz",
+        workdir / "bentoml.log",
+    )
     acknowledged: list[str] = []
     latencies: list[float] = []
     errors: list[str] = []
@@ -81,8 +89,12 @@ def main() -> None:
             n += args.reviewers
             started = time.perf_counter()
             try:
-                response = session.post(f"{base}/feedback", files={"image": (name, data)},
-                                        data={"true_class": true_class, "comment": "benchmark"}, timeout=30)
+                response = session.post(
+                    f"{base}/feedback",
+                    files={"image": (name, data)},
+                    data={"true_class": true_class, "comment": "benchmark"},
+                    timeout=30,
+                )
             except requests.RequestException as error:
                 with lock:
                     errors.append(type(error).__name__)
@@ -115,9 +127,11 @@ def main() -> None:
     stored = {row["id"] for row in stores.corrections(scratch).all()}
     lost = len(set(acknowledged) - stored)
     rate = len(acknowledged) / elapsed
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     lines = [
-        f"\n## Corrections benchmark — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\n## Corrections benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- commit: {commit}; {args.reviewers} concurrent reviewers (API tokens), POST /feedback with a real TEST "
         f"image each, closed loop for {elapsed:.0f} s, into a throwaway lab database",

@@ -31,13 +31,12 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
-
-from hematovision.settings import get_settings, quiet_environment  # noqa: E402 - with the imports below the sys.path line
+from hematovision.settings import get_settings, quiet_environment
+from training import machine, record
 
 quiet_environment()
 
@@ -60,7 +59,7 @@ def quick_project(shared: Path, cells_per_class: int = 16, per_cell: int = 3) ->
     root = Path(tempfile.mkdtemp(prefix="hv-drift-bench-"))
     upstream = root / "upstream" / "dataset2-master" / "images"
     for cls in CLASSES:
-        for cell, paths in list(cells(shared / "blood-cells/dataset2-master/images/TRAIN", cls).items())[:cells_per_class]:
+        for paths in list(cells(shared / "blood-cells/dataset2-master/images/TRAIN", cls).values())[:cells_per_class]:
             (upstream / "TRAIN" / cls.upper()).mkdir(parents=True, exist_ok=True)
             for p in paths[:per_cell]:
                 shutil.copy(p, upstream / "TRAIN" / cls.upper() / p.name)
@@ -72,14 +71,21 @@ def quick_project(shared: Path, cells_per_class: int = 16, per_cell: int = 3) ->
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"]["val_fraction"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "HEMATOVISION_PROJECT_DIR": str(project), "HEMATOVISION_DATA_SOURCE": str(root / "upstream"),
-           "HEMATOVISION_NEW_SITE_SOURCE": str(root / "no-new-site"),
-           "HEMATOVISION_MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlruns/mlflow.db",
-           "HEMATOVISION_MLFLOW_ARTIFACT_LOCATION": str(project / "mlruns" / "artifacts"),
-           "KERAS_HOME": str(project / ".keras")}
-    for cmd in (["git", "init", "-q"], ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "--allow-empty", "-m", "init"],
-                [str(Path(sys.executable).parent / "dvc"), "init", "-q"],
-                [str(Path(sys.executable).parent / "hematovision"), "run", "--profile", "quick"]):
+    env = {
+        **os.environ,
+        "HEMATOVISION_PROJECT_DIR": str(project),
+        "HEMATOVISION_DATA_SOURCE": str(root / "upstream"),
+        "HEMATOVISION_NEW_SITE_SOURCE": str(root / "no-new-site"),
+        "HEMATOVISION_MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlruns/mlflow.db",
+        "HEMATOVISION_MLFLOW_ARTIFACT_LOCATION": str(project / "mlruns" / "artifacts"),
+        "KERAS_HOME": str(project / ".keras"),
+    }
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "--allow-empty", "-m", "init"],
+        [str(Path(sys.executable).parent / "dvc"), "init", "-q"],
+        [str(Path(sys.executable).parent / "hematovision"), "run", "--profile", "quick"],
+    ):
         result = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -97,7 +103,7 @@ def profile_images(classifier, paths: list[Path]):
 
     stats, labels, confidences, embeddings = [], [], [], []
     for start in range(0, len(paths), 32):
-        prepared = [prepare_image(p.read_bytes()) for p in paths[start:start + 32]]
+        prepared = [prepare_image(p.read_bytes()) for p in paths[start : start + 32]]
         probabilities, emb = run_model(classifier, prepared)
         stats += [p.stats for p in prepared]
         labels += [classifier.classes[i] for i in probabilities.argmax(axis=1)]
@@ -113,12 +119,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="train a quick-profile champion in a temporary project")
     parser.add_argument("--id-windows", type=int, default=30, help="in-distribution windows (false alarms)")
     parser.add_argument("--trials", type=int, default=10, help="streams switching to the new site")
-    parser.add_argument("--copies", type=int, default=6, help="augmented copies per TEST cell in the in-distribution pool")
+    parser.add_argument(
+        "--copies", type=int, default=6, help="augmented copies per TEST cell in the in-distribution pool"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO).stdout.strip():
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    if subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip():
         commit += " (with uncommitted changes)"
     settings = get_settings()
     shared = settings.path(settings.paths.data_source).parent
@@ -147,8 +159,11 @@ def main() -> None:
 
     started = time.perf_counter()
     test_root = shared / "blood-cells/dataset2-master/images/TEST"
-    pool = {(cls, cell): rng.sample(paths, min(args.copies, len(paths)))
-            for cls in CLASSES for cell, paths in cells(test_root, cls).items()}
+    pool = {
+        (cls, cell): rng.sample(paths, min(args.copies, len(paths)))
+        for cls in CLASSES
+        for cell, paths in cells(test_root, cls).items()
+    }
     keys = list(pool)
     flat = [(key, p) for key in keys for p in pool[key]]
     id_rows = profile_images(classifier, [p for _, p in flat])
@@ -168,12 +183,17 @@ def main() -> None:
 
     def judge(window: pd.DataFrame) -> dict:
         result = check_window(reference, window, policy)
-        ref_pcs, cur_pcs = project_embeddings(reference[emb_cols].to_numpy(np.float32), window[emb_cols].to_numpy(np.float32),
-                                              policy.embedding_components)
+        ref_pcs, cur_pcs = project_embeddings(
+            reference[emb_cols].to_numpy(np.float32), window[emb_cols].to_numpy(np.float32), policy.embedding_components
+        )
         auc, default_drift, _ = evidently_default(pd.DataFrame(cur_pcs), pd.DataFrame(ref_pcs))
         flags = {name: s["drift"] for name, s in result.signals.items()}
-        return {"drifting": result.drifting, **flags, "evidently_default_embeddings": bool(default_drift),
-                "scores": {name: s["score"] for name, s in result.signals.items()} | {"classifier_auc": float(auc)}}
+        return {
+            "drifting": result.drifting,
+            **flags,
+            "evidently_default_embeddings": bool(default_drift),
+            "scores": {name: s["score"] for name, s in result.signals.items()} | {"classifier_auc": float(auc)},
+        }
 
     started = time.perf_counter()
     id_results = [judge(id_window(size)) for _ in range(args.id_windows)]
@@ -192,7 +212,7 @@ def main() -> None:
         stream = pd.concat([stream_id, site_rows.sample(n_windows * size - before, random_state=rng.randrange(10**6))])
         streak, flagged, alerted = 0, None, None
         for w in range(n_windows):
-            window = stream.iloc[w * size:(w + 1) * size]
+            window = stream.iloc[w * size : (w + 1) * size]
             drifting = judge(window)["drifting"]
             end = (w + 1) * size
             if drifting and end <= before:
@@ -219,9 +239,11 @@ def main() -> None:
 
     known = [d for d in delays if d is not None]
     known_alerts = [d for d in alert_delays if d is not None]
-    label = "QUICK-PROFILE model in a temporary project (not the real model)" if args.quick else "the project's champion"
+    label = (
+        "QUICK-PROFILE model in a temporary project (not the real model)" if args.quick else "the project's champion"
+    )
     lines = [
-        f"\n## Drift monitoring — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\n## Drift monitoring — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- commit: {commit}; model: {label}, v{version}; reference: {len(reference)} validation images",
         f"- windows of {size} predictions; alert after {persistence} drifting windows; drifting = "
@@ -230,7 +252,8 @@ def main() -> None:
         f"class mix JS {policy.prediction_threshold}, confidence {policy.confidence_threshold}",
         f"- in-distribution: blood-cells TEST ({len(set(id_rows.cell))} cells x up to {args.copies} copies, one copy per cell per window); "
         f"new site: pbc-sample (400 images); embedding the pools {embed_s:.0f} s"
-        + (f", training the quick model {train_s:.0f} s" if args.quick else "") + f"; {per_window_s:.1f} s per window check",
+        + (f", training the quick model {train_s:.0f} s" if args.quick else "")
+        + f"; {per_window_s:.1f} s per window check",
         "",
         "| | result | target |",
         "|---|---|---|",
@@ -238,10 +261,14 @@ def main() -> None:
         f"| false alerts over those windows in sequence | {id_alerts} | 0 |",
         f"| false alarms before the switch in {args.trials} streams | {switch_alarms} | 0 |",
         f"| detection delay: new-site images until a window is flagged (median, max over {args.trials} streams) | "
-        f"{np.median(known):.0f}, {max(known)}" + ("" if len(known) == len(delays) else f" ({len(delays) - len(known)} never flagged)")
-        + " | <= 100 |" if known else "| detection delay | never flagged | <= 100 |",
-        f"| alert delay: new-site images until the alert (median, max) | "
-        + (f"{np.median(known_alerts):.0f}, {max(known_alerts)}" if known_alerts else "never") + " | |",
+        f"{np.median(known):.0f}, {max(known)}"
+        + ("" if len(known) == len(delays) else f" ({len(delays) - len(known)} never flagged)")
+        + " | <= 100 |"
+        if known
+        else "| detection delay | never flagged | <= 100 |",
+        "| alert delay: new-site images until the alert (median, max) | "
+        + (f"{np.median(known_alerts):.0f}, {max(known_alerts)}" if known_alerts else "never")
+        + " | |",
         "",
         f"Per signal, on the same windows (flagged in-distribution windows; flagged pure new-site windows of {size}):",
         "",

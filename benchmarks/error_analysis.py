@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,9 @@ def main() -> None:
     settings = get_settings()
     configure_mlflow(settings)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip():
+    if subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip():
         commit += " (with uncommitted changes)"
     classifier = load_classifier(args.model)
     rows = official_test_rows(load_manifest(settings), load_params(Path("params.yaml"))).reset_index(drop=True)
@@ -89,7 +91,7 @@ def main() -> None:
     mean /= np.linalg.norm(mean, axis=1, keepdims=True)
 
     lines = [
-        f"\n## TEST error analysis — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\n## TEST error analysis — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- commit: {commit}; model {args.model} (v{_version(args.model)}); {views} test-time views; {len(rows)} images",
         "",
@@ -114,7 +116,7 @@ def main() -> None:
             similarity = mean[index] @ mean[index].T
             np.fill_diagonal(similarity, -np.inf)
             neighbour_same = (groups[similarity.argmax(axis=1)] == groups).mean()
-            chance = ((sizes * (sizes - 1)).sum() / (len(index) * (len(index) - 1)))
+            chance = (sizes * (sizes - 1)).sum() / (len(index) * (len(index) - 1))
             lines.append(
                 f"| {title} | {label} | {len(sizes)} | {np.median(sizes):.0f} | {correct[index].mean():.3f} | "
                 f"{accuracies.min():.2f}-{accuracies.max():.2f} | {decided:.2f} | {neighbour_same:.2f} | {chance:.2f} |"
@@ -127,26 +129,42 @@ def main() -> None:
     # The champion's own view-averaged embeddings separate copies of one cell far more tightly than
     # the frozen backbone prepare uses (it has learned these cells): the sharpest look at which
     # cells TEST's errors come from.
-    lines += ["", f"Errors by cell (clusters of the champion's view-averaged embeddings, cosine distance {_ERROR_CELL_DISTANCE})",
-              "", "| class | cells | images a cell (median) | cells misread in most copies | images in those cells | their misread images | other misread images |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Errors by cell (clusters of the champion's view-averaged embeddings, cosine distance {_ERROR_CELL_DISTANCE})",
+        "",
+        "| class | cells | images a cell (median) | cells misread in most copies | images in those cells | their misread images | other misread images |",
+        "|---|---|---|---|---|---|---|",
+    ]
     worst = []
     for label in classifier.classes:
         index = np.flatnonzero(rows.label.to_numpy() == label)
         ids = cluster_cells(mean[index], _ERROR_CELL_DISTANCE)
         sizes, wrong = np.bincount(ids), np.bincount(ids, weights=~correct[index]).astype(int)
         mostly = wrong > sizes / 2
-        lines.append(f"| {label} | {len(sizes)} | {np.median(sizes):.0f} | {mostly.sum()} | {sizes[mostly].sum()} | "
-                     f"{wrong[mostly].sum()} | {wrong[~mostly].sum()} |")
+        lines.append(
+            f"| {label} | {len(sizes)} | {np.median(sizes):.0f} | {mostly.sum()} | {sizes[mostly].sum()} | "
+            f"{wrong[mostly].sum()} | {wrong[~mostly].sum()} |"
+        )
         worst += [(int(wrong[i]), int(sizes[i]), label) for i in np.flatnonzero(mostly)]
     if worst:
-        lines.append("\nMost misread cells (misread copies / copies): " + ", ".join(
-            f"{label} {w}/{n} (= {w / len(rows):.3f} of TEST accuracy)" for w, n, label in sorted(worst, reverse=True)[:5]))
+        lines.append(
+            "\nMost misread cells (misread copies / copies): "
+            + ", ".join(
+                f"{label} {w}/{n} (= {w / len(rows):.3f} of TEST accuracy)"
+                for w, n, label in sorted(worst, reverse=True)[:5]
+            )
+        )
 
     boxes = [locate_wbc(load_rgb(path)) for path in paths]
     seen = np.array(["none" if not b.found else "at the edge" if b.at_edge else "whole" for b in boxes])
-    lines += ["", "Is the cell in view? (what the localiser found)", "", "| class | whole nucleus in view: images, accuracy | nucleus at the frame/wedge edge | no nucleus found |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "Is the cell in view? (what the localiser found)",
+        "",
+        "| class | whole nucleus in view: images, accuracy | nucleus at the frame/wedge edge | no nucleus found |",
+        "|---|---|---|---|",
+    ]
     for label in [*classifier.classes, "all"]:
         in_class = rows.label.to_numpy() == label if label != "all" else np.ones(len(rows), bool)
         cells = []
@@ -160,16 +178,24 @@ def main() -> None:
     cache.close()
     train /= np.linalg.norm(train, axis=1, keepdims=True)
     predicted = np.asarray(classifier.classes)[probabilities.argmax(axis=1)]
-    lines += ["", "What the misread pictures resemble (labels of the 10 nearest TRAIN images)", "",
-              "| true class -> predicted | images | neighbours labelled as predicted | as the true class | as another |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "What the misread pictures resemble (labels of the 10 nearest TRAIN images)",
+        "",
+        "| true class -> predicted | images | neighbours labelled as predicted | as the true class | as another |",
+        "|---|---|---|---|---|",
+    ]
     truth = rows.label.to_numpy()
-    for (true, guess), count in sorted(pd.Series(list(zip(truth[~correct], predicted[~correct]))).value_counts().items()):
+    for (true, guess), count in sorted(
+        pd.Series(list(zip(truth[~correct], predicted[~correct]))).value_counts().items()
+    ):
         chosen = np.flatnonzero((truth == true) & (predicted == guess))
         nearest = np.argsort(-(mean[chosen] @ train.T), axis=1)[:, :10]
         labels = train_rows.label.to_numpy()[nearest]
-        lines.append(f"| {true} -> {guess} | {count} | {(labels == guess).mean():.2f} | {(labels == true).mean():.2f} | "
-                     f"{((labels != guess) & (labels != true)).mean():.2f} |")
+        lines.append(
+            f"| {true} -> {guess} | {count} | {(labels == guess).mean():.2f} | {(labels == true).mean():.2f} | "
+            f"{((labels != guess) & (labels != true)).mean():.2f} |"
+        )
     record(lines)
     print("\n".join(lines))
 

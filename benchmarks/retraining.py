@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from hematovision.settings import quiet_environment
@@ -37,8 +37,11 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 200, 400])
     parser.add_argument("--eval-per-class", type=int, default=200)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--cold-cache", action="store_true",
-                        help="Start from an empty embedding cache (the first count embeds raw data, TEST and corrections).")
+    parser.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="Start from an empty embedding cache (the first count embeds raw data, TEST and corrections).",
+    )
     parser.add_argument("--label", default="", help="Said in the section title (e.g. 'quick-profile model').")
     args = parser.parse_args()
 
@@ -53,7 +56,9 @@ def main() -> None:
     from hematovision.training.retrain import CHALLENGER_DIR, PARENT_DIR
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip():
+    if subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip():
         commit += " (with uncommitted changes)"
     base = get_settings()
     params = load_params(Path("params.yaml"), args.profile)
@@ -72,13 +77,18 @@ def main() -> None:
         paths = sorted(new_site / p for p in rows[rows.label == cls].path)
         rng.shuffle(paths)
         evaluation += [(p, cls) for p in paths[: args.eval_per_class]]
-        pools[cls] = paths[args.eval_per_class:]
+        pools[cls] = paths[args.eval_per_class :]
     # Interleave classes so that every prefix of the pool is balanced.
     pool = [(pools[c][i], c) for i in range(max(map(len, pools.values()))) for c in CLASSES if i < len(pools[c])]
     import pandas as pd
 
-    eval_rows = pd.DataFrame({"path": [str(p) for p, _ in evaluation], "label": [c for _, c in evaluation],
-                              "group": [f"eval/{p.name}" for p, _ in evaluation]})
+    eval_rows = pd.DataFrame(
+        {
+            "path": [str(p) for p, _ in evaluation],
+            "label": [c for _, c in evaluation],
+            "group": [f"eval/{p.name}" for p, _ in evaluation],
+        }
+    )
 
     from flows.retraining import retraining_flow
 
@@ -90,10 +100,14 @@ def main() -> None:
         run_dir = work / f"n{n}"
         run_dir.mkdir()
         subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=run_dir, check=True)
-        os.environ.update({"HEMATOVISION_LAB_DB": str(run_dir / "lab.sqlite"),
-                           "HEMATOVISION_CORRECTIONS_IMAGES_DIR": str(run_dir / "corrections-images"),
-                           "HEMATOVISION_CORRECTIONS_DATASET_DIR": str(run_dir / "corrections"),
-                           "HEMATOVISION_RETRAIN_DIR": str(run_dir / "retrain")})
+        os.environ.update(
+            {
+                "HEMATOVISION_LAB_DB": str(run_dir / "lab.sqlite"),
+                "HEMATOVISION_CORRECTIONS_IMAGES_DIR": str(run_dir / "corrections-images"),
+                "HEMATOVISION_CORRECTIONS_DATASET_DIR": str(run_dir / "corrections"),
+                "HEMATOVISION_RETRAIN_DIR": str(run_dir / "retrain"),
+            }
+        )
         get_settings.cache_clear()
         settings = get_settings()
         store = stores.corrections(settings)
@@ -106,13 +120,18 @@ def main() -> None:
         with stores.embedding_cache(settings) as cache:
             for who, folder in (("champion", PARENT_DIR), ("challenger", CHALLENGER_DIR)):
                 classifier = Classifier.load(settings.path(settings.paths.retrain_dir) / folder)
-                scores[who] = evaluate_rows(classifier, eval_rows, Path("/"), cache, params.evaluate.bootstrap_samples, params.seed)
+                scores[who] = evaluate_rows(
+                    classifier, eval_rows, Path("/"), cache, params.evaluate.bootstrap_samples, params.seed
+                )
         if summary["promoted"]:
             registry.rollback()  # every count starts from the same champion
         results.append({"n": n, "summary": summary, "wall": wall, "scores": scores})
-        print(f"n={n}: new-site eval {scores['champion']['accuracy']:.3f} -> {scores['challenger']['accuracy']:.3f}; "
-              f"TEST {summary['champion']['test_accuracy']:.3f} -> {summary['challenger']['test_accuracy']:.3f}; "
-              f"{wall:.0f} s; {'promoted' if summary['promoted'] else 'refused'}", flush=True)
+        print(
+            f"n={n}: new-site eval {scores['champion']['accuracy']:.3f} -> {scores['challenger']['accuracy']:.3f}; "
+            f"TEST {summary['champion']['test_accuracy']:.3f} -> {summary['challenger']['test_accuracy']:.3f}; "
+            f"{wall:.0f} s; {'promoted' if summary['promoted'] else 'refused'}",
+            flush=True,
+        )
 
     def ci(m: dict) -> str:
         low, high = m.get("accuracy_ci95", [float("nan")] * 2)
@@ -121,7 +140,7 @@ def main() -> None:
     p = params.retrain
     first = results[0]
     lines = [
-        f"\n## Retraining on corrections — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{' — ' + args.label if args.label else ''}",
+        f"\n## Retraining on corrections — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC{' — ' + args.label if args.label else ''}",
         f"- machine: {machine()}",
         f"- commit: {commit}; profile: {args.profile or 'default'}; champion (parent) v{parent}; "
         f"retrain mode {p.mode}, {p.max_raw_images_per_cell} raw images per cell, {p.correction_views} views per correction, "
@@ -139,18 +158,25 @@ def main() -> None:
             f"| {r['n']} ({s['corrections']['train']} / {s['corrections']['holdout']}) | {ci(c)} | {c['macro_f1']:.3f} | "
             f"{s['champion']['test_accuracy']:.3f} -> {s['challenger']['test_accuracy']:.3f} | "
             f"{s['champion'].get('holdout_accuracy', float('nan')):.3f} -> {s['challenger'].get('holdout_accuracy', float('nan')):.3f} | "
-            f"{'promoted' if s['promoted'] else 'refused'} | {r['wall'] / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in s['timings_s'].items())}) |")
+            f"{'promoted' if s['promoted'] else 'refused'} | {r['wall'] / 60:.1f} min ({', '.join(f'{k} {v:.0f}s' for k, v in s['timings_s'].items())}) |"
+        )
     last = results[-1]
     per_class = ", ".join(f"{k} {v['f1']:.2f}" for k, v in last["scores"]["challenger"]["per_class"].items())
-    lines.append(f"\nAfter {last['n']} corrections, new-site per-class F1: {per_class}; "
-                 f"gate: {'; '.join(last['summary']['gate']['reasons'])}")
+    lines.append(
+        f"\nAfter {last['n']} corrections, new-site per-class F1: {per_class}; "
+        f"gate: {'; '.join(last['summary']['gate']['reasons'])}"
+    )
     if args.cold_cache:
-        lines.append("Embedding cache empty at start: the first count's wall time includes embedding the raw images, "
-                     "TEST and the corrections under the champion's backbone (the new-site evaluation is outside the flow).")
+        lines.append(
+            "Embedding cache empty at start: the first count's wall time includes embedding the raw images, "
+            "TEST and the corrections under the champion's backbone (the new-site evaluation is outside the flow)."
+        )
     else:
-        lines.append("The first count's wall time includes embedding the raw images once under the champion's backbone "
-                     "(cached for every later retrain); TEST and pbc-sample embeddings under that backbone are already "
-                     "cached by the main job's evaluate stage when it ran on this machine.")
+        lines.append(
+            "The first count's wall time includes embedding the raw images once under the champion's backbone "
+            "(cached for every later retrain); TEST and pbc-sample embeddings under that backbone are already "
+            "cached by the main job's evaluate stage when it ran on this machine."
+        )
     record(lines)
     print("\n".join(lines))
 

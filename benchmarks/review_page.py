@@ -31,27 +31,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
-from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
+import requests
+from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images
 
-import requests  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
-
-from hematovision import stores  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
-from hematovision.settings import TELEMETRY_OFF, get_settings  # noqa: E402 - after `serving`, whose import switches telemetry off (quiet_environment)
+from hematovision import stores
+from hematovision.settings import TELEMETRY_OFF, get_settings
+from training import machine, record
 
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager is never run (paths given)
 
-from selenium import webdriver  # noqa: E402 - after SE_AVOID_STATS is set
-from selenium.webdriver.chrome.service import Service  # noqa: E402 - after SE_AVOID_STATS is set
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402 - after SE_AVOID_STATS is set
-from selenium.webdriver.common.by import By  # noqa: E402 - after SE_AVOID_STATS is set
-from selenium.webdriver.common.keys import Keys  # noqa: E402 - after SE_AVOID_STATS is set
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402 - after SE_AVOID_STATS is set
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 USER, PASSWORD = "bench-pathologist", "benchmark password 123"
@@ -93,8 +92,16 @@ check();
 def browser() -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1366,900",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1366,900",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
 
@@ -106,8 +113,12 @@ def wait(driver, condition, message: str, timeout: float = 120):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=100, help="items reviewed, one key press each (default 100)")
-    parser.add_argument("--queue", type=int, default=None, help="TEST images predicted into the queue (default items + 10)")
-    parser.add_argument("--think-ms", type=float, default=0, help="pause after each image appears before the key (default 0)")
+    parser.add_argument(
+        "--queue", type=int, default=None, help="TEST images predicted into the queue (default items + 10)"
+    )
+    parser.add_argument(
+        "--think-ms", type=float, default=0, help="pause after each image appears before the key (default 0)"
+    )
     parser.add_argument("--no-record", action="store_true", help="print the section, do not append it to RESULTS.md")
     args = parser.parse_args()
     queue_size = args.queue or args.items + 10
@@ -122,12 +133,17 @@ def main() -> None:
     images = read_images(None)
 
     port = free_port()
-    env = {**os.environ, **TELEMETRY_OFF,
-           "HEMATOVISION_LAB_DB": str(lab_db), "HEMATOVISION_CORRECTIONS_IMAGES_DIR": str(corrections_dir),
-           "HEMATOVISION_PREDICTIONS_DB": str(workdir / "predictions.sqlite"),
-           "HEMATOVISION_IMAGES_DIR": str(workdir / "images"),
-           "HEMATOVISION_REVIEW_THRESHOLD": "1.0", "HEMATOVISION_REVIEW_IMAGE_DAYS": "30",
-           "BENTOML_HOME": str(workdir / "bentoml-home")}
+    env = {
+        **os.environ,
+        **TELEMETRY_OFF,
+        "HEMATOVISION_LAB_DB": str(lab_db),
+        "HEMATOVISION_CORRECTIONS_IMAGES_DIR": str(corrections_dir),
+        "HEMATOVISION_PREDICTIONS_DB": str(workdir / "predictions.sqlite"),
+        "HEMATOVISION_IMAGES_DIR": str(workdir / "images"),
+        "HEMATOVISION_REVIEW_THRESHOLD": "1.0",
+        "HEMATOVISION_REVIEW_IMAGE_DAYS": "30",
+        "BENTOML_HOME": str(workdir / "bentoml-home"),
+    }
     registry = "this checkout's mlruns/"
     if not (ROOT / "mlruns" / "mlflow.db").exists() and not os.environ.get("HEMATOVISION_MLFLOW_TRACKING_URI"):
         # only read: the service follows the alias, it never writes the registry
@@ -135,14 +151,22 @@ def main() -> None:
         env["HEMATOVISION_MLFLOW_ARTIFACT_LOCATION"] = str(MAIN_REGISTRY / "artifacts")
         registry = f"{MAIN_REGISTRY}/ (read-only)"
     base = f"http://127.0.0.1:{port}"
-    server = Server("bentoml (ours)", [str(BIN / "bentoml"), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
-                    env, f"{base}/readyz", workdir / "bentoml.log")
+    server = Server(
+        "bentoml (ours)",
+        [str(BIN / "bentoml"), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        f"{base}/readyz",
+        workdir / "bentoml.log",
+    )
     driver = None
     answered: list[str] = []
     try:
         startup = server.wait_ready()
         model_version = requests.get(f"{base}/model", timeout=30).json().get("version")
-        print(f"service ready in {startup:.0f} s (champion v{model_version}); filling the queue with {queue_size}", flush=True)
+        print(
+            f"service ready in {startup:.0f} s (champion v{model_version}); filling the queue with {queue_size}",
+            flush=True,
+        )
         session = requests.Session()
         predicted = flagged = 0
         for name, data in images:  # confidence 1.0 (float32 rounding) is not below the threshold 1.0: skipped
@@ -199,11 +223,14 @@ def main() -> None:
     stored = store.count()
     stored_ids = store.reviewed_prediction_ids()
     ok = stored == args.items and stored_ids == set(answered) and with_gradcam == args.items
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], capture_output=True,
-                           text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "src"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     lines = [
-        f"\n## Review page — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\n## Review page — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- commit: {commit}{' (with uncommitted changes in src/)' if dirty else ''}; champion v{model_version} from "
         f"{registry}; review_threshold 1.0, review images kept; queue filled with {queue_size} TEST images "

@@ -31,17 +31,16 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from base64 import b64encode
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)  # the settings' relative paths (mlruns/, the dataset) hang from the checkout
@@ -124,7 +123,7 @@ class Load:
                         if self.max_samples and self.counted >= self.max_samples:
                             self.full.set()
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self
@@ -173,9 +172,18 @@ def run_level(target: Target, clients: int, duration: float, warmup: float, max_
     good = [s for s in window if s.ok]
     failures = [s for s in load.samples if not s.ok]
     latencies = [(s.end - s.start) * 1000 for s in good]
-    return LevelResult(target.name, clients, closed - opened, len(window), len(good) / (closed - opened),
-                       percentile(latencies, 50), percentile(latencies, 95), percentile(latencies, 99),
-                       len(failures), sorted({s.error for s in failures if s.error})[:3])
+    return LevelResult(
+        target.name,
+        clients,
+        closed - opened,
+        len(window),
+        len(good) / (closed - opened),
+        percentile(latencies, 50),
+        percentile(latencies, 95),
+        percentile(latencies, 99),
+        len(failures),
+        sorted({s.error for s in failures if s.error})[:3],
+    )
 
 
 # --- the servers -------------------------------------------------------------------------------
@@ -192,8 +200,9 @@ class Server:
     def __init__(self, name: str, command: list[str], env: dict[str, str], health_url: str, log: Path) -> None:
         self.name, self.health_url, self.log = name, health_url, log
         self._log_file = log.open("wb")
-        self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self._log_file,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 600) -> float:
         started = time.perf_counter()
@@ -232,16 +241,18 @@ class Server:
 
 def start_ours(workdir: Path, batch_wait_ms: float | None, service: str) -> tuple[Server, str]:
     port = free_port()
-    env = {**os.environ, **TELEMETRY_OFF,
-           # a throwaway prediction log: the benchmark's answers are not patients' predictions
-           "HEMATOVISION_PREDICTIONS_DB": str(workdir / "predictions.sqlite"),
-           "HEMATOVISION_IMAGES_DIR": str(workdir / "images"),
-           # the promote is timed in seconds; a 1 s poll keeps the alias lag out of the measure
-           "HEMATOVISION_ALIAS_POLL_SECONDS": "1"}
+    env = {
+        **os.environ,
+        **TELEMETRY_OFF,
+        # a throwaway prediction log: the benchmark's answers are not patients' predictions
+        "HEMATOVISION_PREDICTIONS_DB": str(workdir / "predictions.sqlite"),
+        "HEMATOVISION_IMAGES_DIR": str(workdir / "images"),
+        # the promote is timed in seconds; a 1 s poll keeps the alias lag out of the measure
+        "HEMATOVISION_ALIAS_POLL_SECONDS": "1",
+    }
     if batch_wait_ms is not None:
         env["HEMATOVISION_BATCH_WAIT_MS"] = str(batch_wait_ms)
-    command = [str(BIN / "bentoml"), "serve", service, "--host", "127.0.0.1",
-               "--port", str(port)]
+    command = [str(BIN / "bentoml"), "serve", service, "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     return Server("bentoml (ours)", command, env, f"{base}/readyz", workdir / "bentoml.log"), base
 
@@ -249,8 +260,19 @@ def start_ours(workdir: Path, batch_wait_ms: float | None, service: str) -> tupl
 def start_mlflow(workdir: Path) -> tuple[Server, str]:
     port = free_port()
     env = {**os.environ, **TELEMETRY_OFF, "MLFLOW_TRACKING_URI": get_settings().tracking_uri}
-    command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{get_settings().registry.registered_model}@champion",
-               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{get_settings().registry.registered_model}@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     base = f"http://127.0.0.1:{port}"
     return Server("mlflow models serve", command, env, f"{base}/ping", workdir / "mlflow.log"), base
 
@@ -274,8 +296,13 @@ def mlflow_target(base: str, images: list[tuple[str, bytes]]) -> Target:
     # A binary column travels as base64 text in JSON; the scoring server decodes it because the
     # signature says the column is binary (mlflow.utils.proto_json_utils), so the pyfunc gets bytes.
     headers = {"Content-Type": "application/json"}
-    bodies = [(json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64encode(data).decode()]]}}).encode(),
-               headers) for _, data in images]
+    bodies = [
+        (
+            json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b64encode(data).decode()]]}}).encode(),
+            headers,
+        )
+        for _, data in images
+    ]
 
     def parse(content: bytes) -> dict:
         rows = json.loads(content)["predictions"]
@@ -312,7 +339,9 @@ def ceiling(images: list[tuple[str, bytes]], duration: float, max_images: int) -
     # Without this mlflow would open (and create) ./mlflow.db, not the project's registry.
     point_mlflow(get_settings())
     classifier = load_classifier(f"models:/{get_settings().registry.registered_model}@champion")
-    batches = itertools.cycle([images[i : i + CEILING_BATCH] for i in range(0, len(images) - CEILING_BATCH + 1, CEILING_BATCH)])
+    batches = itertools.cycle(
+        [images[i : i + CEILING_BATCH] for i in range(0, len(images) - CEILING_BATCH + 1, CEILING_BATCH)]
+    )
 
     def one(batch) -> tuple:
         return run_model(classifier, [prepare_image(data) for _, data in batch])
@@ -384,8 +413,11 @@ def promote_under_load(target: Target, switch_timeout: float) -> PromoteResult:
     load: Load | None = None
     try:
         # Registered before the load starts: what is timed is the swap, not the registration.
-        copy = mlflow.register_model(champion.source, registry.name,
-                                     tags={"benchmark": "copy of the champion for benchmarks/serving.py; deleted after"})
+        copy = mlflow.register_model(
+            champion.source,
+            registry.name,
+            tags={"benchmark": "copy of the champion for benchmarks/serving.py; deleted after"},
+        )
         result.copy = str(copy.version)
         load = Load(target, PROMOTE_CLIENTS).start()
         time.sleep(3)  # the load is steady before the alias moves
@@ -394,13 +426,16 @@ def promote_under_load(target: Target, switch_timeout: float) -> PromoteResult:
         moved = time.perf_counter()
         gate.promote(registry, result.copy, PromoteParams(), force=True)
         alias_s = time.perf_counter() - moved
-        result.switches.append(Switch(result.copy, alias_s, *wait_for_version(load, result.copy, moved, switch_timeout)))
+        result.switches.append(
+            Switch(result.copy, alias_s, *wait_for_version(load, result.copy, moved, switch_timeout))
+        )
 
         moved = time.perf_counter()
         registry.client.set_registered_model_alias(registry.name, CHAMPION, result.original)
         alias_s = time.perf_counter() - moved
-        result.switches.append(Switch(result.original, alias_s,
-                                      *wait_for_version(load, result.original, moved, switch_timeout)))
+        result.switches.append(
+            Switch(result.original, alias_s, *wait_for_version(load, result.original, moved, switch_timeout))
+        )
         load.stop()
         window = [s for s in load.samples if s.start >= window_start]
         latencies = [(s.end - s.start) * 1000 for s in window if s.ok]
@@ -431,8 +466,10 @@ def promote_under_load(target: Target, switch_timeout: float) -> PromoteResult:
 # --- the run -----------------------------------------------------------------------------------
 def read_images(limit: int | None) -> list[tuple[str, bytes]]:
     """TEST images, classes interleaved so any prefix of the round-robin mixes all four."""
-    per_class = [sorted(d.glob("*.jpeg")) + sorted(d.glob("*.jpg")) + sorted(d.glob("*.png"))
-                 for d in sorted(p for p in TEST_IMAGES.iterdir() if p.is_dir())]
+    per_class = [
+        sorted(d.glob("*.jpeg")) + sorted(d.glob("*.jpg")) + sorted(d.glob("*.png"))
+        for d in sorted(p for p in TEST_IMAGES.iterdir() if p.is_dir())
+    ]
     paths = [p for group in itertools.zip_longest(*per_class) for p in group if p is not None]
     return [(p.name, p.read_bytes()) for p in paths[:limit]]
 
@@ -443,8 +480,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3, help="unmeasured seconds before each level (default 3)")
     parser.add_argument("--max-requests", type=int, default=20000, help="most answers measured per level")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients, comma-separated")
-    parser.add_argument("--batch-wait-ms", type=float, default=None,
-                        help="HEMATOVISION_BATCH_WAIT_MS for our service (default: the settings')")
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=None,
+        help="HEMATOVISION_BATCH_WAIT_MS for our service (default: the settings')",
+    )
     parser.add_argument("--service", default=SERVICE, help=f"our service's import string (default {SERVICE})")
     parser.add_argument("--images", type=int, default=None, help="use only the first N TEST images")
     parser.add_argument("--skip-mlflow", action="store_true", help="only our service (for tuning runs)")
@@ -454,8 +495,9 @@ def main() -> None:
     levels = [int(n) for n in args.levels.split(",")]
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], capture_output=True,
-                      text=True).stdout.strip():
+    if subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "src"], capture_output=True, text=True
+    ).stdout.strip():
         commit += " (with uncommitted changes in src/)"
     settings = get_settings()
     batch_wait_ms = settings.serving.batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms
@@ -463,7 +505,9 @@ def main() -> None:
     print(f"{len(images)} TEST images in memory; levels {levels}; {args.duration:.0f} s each", flush=True)
 
     ceiling_rate, tta_views, reference = ceiling(images, args.duration, args.max_requests)
-    print(f"ceiling (in-process, batches of {CEILING_BATCH}, {tta_views} views): {ceiling_rate:.1f} images/s", flush=True)
+    print(
+        f"ceiling (in-process, batches of {CEILING_BATCH}, {tta_views} views): {ceiling_rate:.1f} images/s", flush=True
+    )
 
     results: list[LevelResult] = []
     promote: PromoteResult | None = None
@@ -482,36 +526,65 @@ def main() -> None:
             got = labels(target, 16)
             same = sum(a == b for a, b in zip(got, reference))
             agreement[name] = f"{same}/{len(got)}"
-            print(f"{name}: ready in {startup[name]:.0f} s; labels agree with in-process on {same}/{len(got)} images",
-                  flush=True)
+            print(
+                f"{name}: ready in {startup[name]:.0f} s; labels agree with in-process on {same}/{len(got)} images",
+                flush=True,
+            )
             for clients in levels:
                 level = run_level(target, clients, args.duration, args.warmup, args.max_requests)
                 results.append(level)
-                print(f"  {name} x{clients}: {level.throughput:.1f} req/s, p50 {level.p50:.0f} ms, "
-                      f"p95 {level.p95:.0f} ms, p99 {level.p99:.0f} ms, errors {level.errors} "
-                      f"{level.error_examples or ''}", flush=True)
+                print(
+                    f"  {name} x{clients}: {level.throughput:.1f} req/s, p50 {level.p50:.0f} ms, "
+                    f"p95 {level.p95:.0f} ms, p99 {level.p99:.0f} ms, errors {level.errors} "
+                    f"{level.error_examples or ''}",
+                    flush=True,
+                )
             if name == "ours" and not args.skip_promote:
                 promote = promote_under_load(target, switch_timeout=180)
                 print(f"  promote: {promote}", flush=True)
         finally:
             server.stop()
 
-    lines = report(args, commit, settings, batch_wait_ms, tta_views, len(images), ceiling_rate, startup,
-                   agreement, results, promote, workdir)
+    lines = report(
+        args,
+        commit,
+        settings,
+        batch_wait_ms,
+        tta_views,
+        len(images),
+        ceiling_rate,
+        startup,
+        agreement,
+        results,
+        promote,
+        workdir,
+    )
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_record:
         record(lines)
 
 
-def report(args, commit, settings, batch_wait_ms, tta_views, n_images, ceiling_rate, startup, agreement,
-           results, promote, workdir) -> list[str]:
+def report(
+    args,
+    commit,
+    settings,
+    batch_wait_ms,
+    tta_views,
+    n_images,
+    ceiling_rate,
+    startup,
+    agreement,
+    results,
+    promote,
+    workdir,
+) -> list[str]:
     def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
     by = {(r.server, r.clients): r for r in results}
     lines = [
-        f"\n## Serving load benchmark — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\n## Serving load benchmark — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- commit: {commit}",
         f"- settings: {args.duration:.0f} s per level after {args.warmup:.0f} s warm-up (at most {args.max_requests} "
@@ -528,43 +601,68 @@ def report(args, commit, settings, batch_wait_ms, tta_views, n_images, ceiling_r
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r.server} | {r.clients} | {r.throughput:.1f} | {r.p50:.0f} | {r.p95:.0f} | {r.p99:.0f} | "
-                     f"{r.errors} |")
-    lines.append(f"\nCeiling (champion in-process, one thread: `prepare_image` then `run_model`, batches of "
-                 f"{CEILING_BATCH}): {ceiling_rate:.1f} images/s. The service can pass it: its request threads "
-                 "decode and localise while the model calls run (`model_calls` at once).")
+        lines.append(
+            f"| {r.server} | {r.clients} | {r.throughput:.1f} | {r.p50:.0f} | {r.p95:.0f} | {r.p99:.0f} | {r.errors} |"
+        )
+    lines.append(
+        f"\nCeiling (champion in-process, one thread: `prepare_image` then `run_model`, batches of "
+        f"{CEILING_BATCH}): {ceiling_rate:.1f} images/s. The service can pass it: its request threads "
+        "decode and localise while the model calls run (`model_calls` at once)."
+    )
     for r in results:
         if r.error_examples:
             lines.append(f"\nErrors, {r.server} x{r.clients}: " + "; ".join(r.error_examples))
     if promote is not None:
-        lines.append(f"\nPromote under load ({PROMOTE_CLIENTS} clients, alias polled every 1 s): copy v{promote.copy} "
-                     f"of champion v{promote.original}; {promote.answers} answers in the window, "
-                     f"{promote.failed} failed; p99 {promote.p99_ms:.0f} ms, max {promote.max_ms:.0f} ms during it")
+        lines.append(
+            f"\nPromote under load ({PROMOTE_CLIENTS} clients, alias polled every 1 s): copy v{promote.copy} "
+            f"of champion v{promote.original}; {promote.answers} answers in the window, "
+            f"{promote.failed} failed; p99 {promote.p99_ms:.0f} ms, max {promote.max_ms:.0f} ms during it"
+        )
         for s in promote.switches:
             first = "never" if s.first_new_s is None else f"{s.first_new_s:.1f} s"
             last = "-" if s.last_old_s is None else f"{s.last_old_s:.1f} s"
-            lines.append(f"- champion -> v{s.to_version} (alias move {s.alias_moved_s:.2f} s): first answer from "
-                         f"v{s.to_version} after {first}, last answer from the previous version ended at {last}")
-        lines.append(f"- registry restored (champion on v{promote.original}, copy deleted): "
-                     f"{'yes' if promote.restored else 'NO'} {promote.note}")
+            lines.append(
+                f"- champion -> v{s.to_version} (alias move {s.alias_moved_s:.2f} s): first answer from "
+                f"v{s.to_version} after {first}, last answer from the previous version ended at {last}"
+            )
+        lines.append(
+            f"- registry restored (champion on v{promote.original}, copy deleted): "
+            f"{'yes' if promote.restored else 'NO'} {promote.note}"
+        )
         if promote.failures:
             lines.append("- failures: " + "; ".join(promote.failures))
     ours8, mlflow8 = by.get(("ours", 8)), by.get(("mlflow", 8))
     ours_results = [r for r in results if r.server == "ours"]
     targets = [
-        ("ours >= 3x mlflow's throughput at 8 clients",
-         None if not (ours8 and mlflow8) else ours8.throughput >= 3 * mlflow8.throughput,
-         f"{ours8.throughput / mlflow8.throughput:.2f}x" if ours8 and mlflow8 and mlflow8.throughput else "-"),
-        ("ours at 8 clients >= 80% of the in-process ceiling",
-         None if not ours8 else ours8.throughput >= 0.8 * ceiling_rate,
-         f"{ours8.throughput / ceiling_rate:.0%}" if ours8 else "-"),
-        ("our p99 at 8 clients < 1 s", None if not ours8 else ours8.p99 < 1000, f"{ours8.p99:.0f} ms" if ours8 else "-"),
-        ("zero errors (our service, every level)", None if not ours_results else all(r.errors == 0 for r in ours_results),
-         f"{sum(r.errors for r in ours_results)}"),
-        ("zero failed requests during the promote, and the service followed both moves",
-         None if promote is None else (promote.failed == 0 and all(s.first_new_s is not None for s in promote.switches)
-                                       and promote.restored),
-         "-" if promote is None else f"{promote.failed} failed"),
+        (
+            "ours >= 3x mlflow's throughput at 8 clients",
+            None if not (ours8 and mlflow8) else ours8.throughput >= 3 * mlflow8.throughput,
+            f"{ours8.throughput / mlflow8.throughput:.2f}x" if ours8 and mlflow8 and mlflow8.throughput else "-",
+        ),
+        (
+            "ours at 8 clients >= 80% of the in-process ceiling",
+            None if not ours8 else ours8.throughput >= 0.8 * ceiling_rate,
+            f"{ours8.throughput / ceiling_rate:.0%}" if ours8 else "-",
+        ),
+        (
+            "our p99 at 8 clients < 1 s",
+            None if not ours8 else ours8.p99 < 1000,
+            f"{ours8.p99:.0f} ms" if ours8 else "-",
+        ),
+        (
+            "zero errors (our service, every level)",
+            None if not ours_results else all(r.errors == 0 for r in ours_results),
+            f"{sum(r.errors for r in ours_results)}",
+        ),
+        (
+            "zero failed requests during the promote, and the service followed both moves",
+            None
+            if promote is None
+            else (
+                promote.failed == 0 and all(s.first_new_s is not None for s in promote.switches) and promote.restored
+            ),
+            "-" if promote is None else f"{promote.failed} failed",
+        ),
     ]
     lines.append("\nTargets:")
     for name, ok, value in targets:

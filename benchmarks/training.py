@@ -14,7 +14,7 @@ import platform
 import resource
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from hematovision.settings import quiet_environment
@@ -66,13 +66,17 @@ def main() -> None:
 
     # The code that ran is the code at the start (commits may land while it runs).
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip():
+    if subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip():
         commit += " (with uncommitted changes)"
     p = load_params(Path("params.yaml"), args.profile)
-    recipe = (f"seed {p.seed}, crop {p.model.image_size} px, head {p.train.head_epochs} epochs, fine-tune top {p.train.finetune_blocks} "
-              f"blocks x {p.train.finetune_epochs} epochs (learning rate {p.train.finetune_learning_rate:g}, cosine decay), colour jitter {p.train.colour_jitter}, crop jitter {p.train.crop_jitter}, "
-              f"{p.model.tta_views} test-time views; cells grouped by {p.prepare.cell_grouping}"
-              + (f" (cosine distance {p.prepare.cell_max_distance:g})" if p.prepare.cell_grouping == "content" else ""))
+    recipe = (
+        f"seed {p.seed}, crop {p.model.image_size} px, head {p.train.head_epochs} epochs, fine-tune top {p.train.finetune_blocks} "
+        f"blocks x {p.train.finetune_epochs} epochs (learning rate {p.train.finetune_learning_rate:g}, cosine decay), colour jitter {p.train.colour_jitter}, crop jitter {p.train.crop_jitter}, "
+        f"{p.model.tta_views} test-time views; cells grouped by {p.prepare.cell_grouping}"
+        + (f" (cosine distance {p.prepare.cell_max_distance:g})" if p.prepare.cell_grouping == "content" else "")
+    )
     cache = get_settings().path(get_settings().paths.cache_dir)
     cache_state = "warm" if cache.exists() and any(cache.iterdir()) else "cold"
 
@@ -81,11 +85,14 @@ def main() -> None:
     wall = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     prepared = json.loads((get_settings().path(get_settings().paths.prepared_dir) / "summary.json").read_text())
-    cells = "; ".join(f"{split} " + "/".join(str(prepared["groups"][split].get(c, 0)) for c in CLASSES)
-                      for split in ("train", "val", "test") if split in prepared["groups"])
+    cells = "; ".join(
+        f"{split} " + "/".join(str(prepared["groups"][split].get(c, 0)) for c in CLASSES)
+        for split in ("train", "val", "test")
+        if split in prepared["groups"]
+    )
 
     lines = [
-        f"\n## Training main job — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\n## Training main job — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
         f"- commit: {commit}; profile: {args.profile or 'default'}; data version {summary['data_hash']}; model v{summary['version']}",
         f"- recipe: {recipe}; embedding cache {cache_state} at start",
@@ -96,7 +103,11 @@ def main() -> None:
         "| data | images | accuracy [95% CI, cells resampled] | macro-F1 | cells | cell-level accuracy [95% CI] |",
         "|---|---|---|---|---|---|",
     ]
-    names = {"val": "validation (held-out TRAIN cells)", "test": "official TEST", "new_site": "pbc-sample (another lab, 4 classes)"}
+    names = {
+        "val": "validation (held-out TRAIN cells)",
+        "test": "official TEST",
+        "new_site": "pbc-sample (another lab, 4 classes)",
+    }
     for split, label in names.items():
         m = summary["metrics"].get(split)
         if not m:
@@ -106,17 +117,25 @@ def main() -> None:
             f"{m.get('n_cells', '')} | {m.get('cell_accuracy', float('nan')):.3f}{fmt_ci(m, 'cell_accuracy')} |"
         )
     if p.prepare.cell_grouping == "content":
-        lines.append("\nCells are found by clustering the frozen backbone's crop embeddings (src/hematovision/data/cells.py; "
-                     "pbc-sample: one image each); clusters can merge real cells or split one, so cell counts are approximate.")
+        lines.append(
+            "\nCells are found by clustering the frozen backbone's crop embeddings (src/hematovision/data/cells.py; "
+            "pbc-sample: one image each); clusters can merge real cells or split one, so cell counts are approximate."
+        )
     else:
-        lines.append("\nCells are the dataset's `_<k>_` index (pbc-sample: one image each). It is not one real cell "
-                     "(benchmarks/error_analysis.py): cell-level accuracy and intervals that resample cells are optimistic.")
+        lines.append(
+            "\nCells are the dataset's `_<k>_` index (pbc-sample: one image each). It is not one real cell "
+            "(benchmarks/error_analysis.py): cell-level accuracy and intervals that resample cells are optimistic."
+        )
     for split in ("test", "new_site"):
         m = summary["metrics"].get(split)
         if m:
             per_class = ", ".join(f"{c} {s['f1']:.2f}" for c, s in m["per_class"].items())
-            lines.append(f"\n{names[split]} per-class F1: {per_class}; confusion (rows true, cols predicted): {m['confusion_matrix']}")
-    lines.append(f"\nGate: {'passed' if summary['gate']['passed'] else 'refused'} — " + "; ".join(summary["gate"]["reasons"]))
+            lines.append(
+                f"\n{names[split]} per-class F1: {per_class}; confusion (rows true, cols predicted): {m['confusion_matrix']}"
+            )
+    lines.append(
+        f"\nGate: {'passed' if summary['gate']['passed'] else 'refused'} — " + "; ".join(summary["gate"]["reasons"])
+    )
     record(lines)
     print("\n".join(lines))
 

@@ -6,10 +6,11 @@ The flows sit above the library: they import it, it never imports them.
 
 from __future__ import annotations
 
-import hematovision  # noqa: F401 - its import switches every tool's telemetry off before Prefect loads
-
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+import hematovision  # noqa: F401 - its import switches every tool's telemetry off before Prefect loads
 
 
 class StepTimer:

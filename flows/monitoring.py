@@ -34,8 +34,12 @@ def check_windows(version: str) -> list[dict]:
     for w in windows:
         drifted = [name for name, s in w["signals"].items() if s["drift"]]
         (logger.warning if w["drifting"] else logger.info)(
-            "window %s: %d predictions, %s%s", w["id"], w["n"], "DRIFTING" if w["drifting"] else "no drift",
-            f" ({', '.join(drifted)})" if drifted else "")
+            "window %s: %d predictions, %s%s",
+            w["id"],
+            w["n"],
+            "DRIFTING" if w["drifting"] else "no drift",
+            f" ({', '.join(drifted)})" if drifted else "",
+        )
     if not windows:
         logger.info("no new complete window")
     return windows
@@ -67,8 +71,13 @@ def monitoring_flow(act: bool = True) -> dict:
     alerts = decide(version, since)
     retraining = retrain_approved() if act else []
     state.put("last_run", {"at": monitoring.utc_now(), "windows": len(windows), "alerts": [a["id"] for a in alerts]})
-    return {"model_version": version, "windows": windows, "alerts": alerts, "retraining": retraining,
-            "status": monitoring.ops_status(settings, state)}
+    return {
+        "model_version": version,
+        "windows": windows,
+        "alerts": alerts,
+        "retraining": retraining,
+        "status": monitoring.ops_status(settings, state),
+    }
 
 
 if __name__ == "__main__":

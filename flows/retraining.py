@@ -15,26 +15,38 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows import StepTimer
-from hematovision.training import retrain
 from hematovision.params import load_params
 from hematovision.progress import reporter
 from hematovision.settings import get_settings
+from hematovision.training import retrain
 
 
 @task(name="export corrections", retries=1, retry_delay_seconds=2)
 def export_corrections() -> dict:
     result = retrain.export_step(get_settings())
-    get_run_logger().info("corrections: %s images (%s new, %s removed, %s disputed left out), DVC md5 %s",
-                          result["images"], result["added"], result["removed"], result["disputed"], result["md5"])
+    get_run_logger().info(
+        "corrections: %s images (%s new, %s removed, %s disputed left out), DVC md5 %s",
+        result["images"],
+        result["added"],
+        result["removed"],
+        result["disputed"],
+        result["md5"],
+    )
     return result
 
 
 @task(name="retraining manifest")
 def manifest(params_file: str, profile: str | None) -> dict:
     context = retrain.manifest_step(get_settings(), load_params(Path(params_file), profile))
-    get_run_logger().info("parent v%s, mode %s: %s raw images, %s corrections to learn from, %s held out, %s TEST images",
-                          context["parent_version"], context["mode"], context["n_raw_train"],
-                          context["n_corrections_train"], context["n_corrections_holdout"], context["n_test"])
+    get_run_logger().info(
+        "parent v%s, mode %s: %s raw images, %s corrections to learn from, %s held out, %s TEST images",
+        context["parent_version"],
+        context["mode"],
+        context["n_raw_train"],
+        context["n_corrections_train"],
+        context["n_corrections_holdout"],
+        context["n_test"],
+    )
     return context
 
 
@@ -52,16 +64,25 @@ def evaluate(params_file: str, profile: str | None) -> dict:
     results = retrain.evaluate_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
     for who in ("champion", "challenger"):
         for split, m in results[who].items():
-            logger.info("%s on %s: accuracy %.4f, macro-F1 %.4f (%d images)", who, split, m["accuracy"],
-                        m["macro_f1"], m["n_images"])
+            logger.info(
+                "%s on %s: accuracy %.4f, macro-F1 %.4f (%d images)",
+                who,
+                split,
+                m["accuracy"],
+                m["macro_f1"],
+                m["n_images"],
+            )
     return results
 
 
 @task(name="register challenger", retries=2, retry_delay_seconds=2)
 def register(params_file: str, profile: str | None) -> dict:
     result = retrain.register_step(get_settings(), load_params(Path(params_file), profile))
-    get_run_logger().info("registered version %s (lineage %s)", result["version"],
-                          {k: result["tags"][k] for k in ("data_hash", "corrections_hash", "parent_version", "git_commit")})
+    get_run_logger().info(
+        "registered version %s (lineage %s)",
+        result["version"],
+        {k: result["tags"][k] for k in ("data_hash", "corrections_hash", "parent_version", "git_commit")},
+    )
     return result
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows import StepTimer
-from hematovision.training import steps
 from hematovision.data import dvc
 from hematovision.params import load_params
 from hematovision.progress import reporter
 from hematovision.settings import get_settings
+from hematovision.training import steps
 
 
 @task(name="import data", retries=2, retry_delay_seconds=5)
@@ -44,8 +44,12 @@ def prepare(params_file: str, profile: str | None) -> dict:
 def train(params_file: str, profile: str | None) -> dict:
     logger = get_run_logger()
     report = steps.train_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
-    logger.info("trained run %s: val accuracy %.4f, macro-F1 %.4f", report["run_id"],
-                report["val"]["accuracy"], report["val"]["macro_f1"])
+    logger.info(
+        "trained run %s: val accuracy %.4f, macro-F1 %.4f",
+        report["run_id"],
+        report["val"]["accuracy"],
+        report["val"]["macro_f1"],
+    )
     return report
 
 

@@ -164,11 +164,14 @@ def start_service(project: Path, log: Path, env: dict, timeout: float = 180) -> 
 
 
 def service_env(tmp_path_factory) -> dict:
-    return {**os.environ, "HEMATOVISION_ALIAS_POLL_SECONDS": "1",
-            # Nearly every answer of the tiny test model then needs review: the review queue fills.
-            "HEMATOVISION_REVIEW_THRESHOLD": str(SERVICE_REVIEW_THRESHOLD),
-            "HEMATOVISION_MAX_REQUEST_BYTES": str(SERVICE_MAX_REQUEST_BYTES),
-            "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home"))}
+    return {
+        **os.environ,
+        "HEMATOVISION_ALIAS_POLL_SECONDS": "1",
+        # Nearly every answer of the tiny test model then needs review: the review queue fills.
+        "HEMATOVISION_REVIEW_THRESHOLD": str(SERVICE_REVIEW_THRESHOLD),
+        "HEMATOVISION_MAX_REQUEST_BYTES": str(SERVICE_MAX_REQUEST_BYTES),
+        "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home")),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import ast
 import io
 import re
 import tokenize
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +28,9 @@ FLOWS = REPO / "flows"
 STORES_MODULE = PACKAGE / "stores.py"
 
 # The classes behind the platform's stores; only stores.py calls them.
-STORE_CLASSES = frozenset({"Registry", "EmbeddingCache", "PredictionStore", "Accounts", "Corrections",
-                           "MonitorState", "Workspace"})
+STORE_CLASSES = frozenset(
+    {"Registry", "EmbeddingCache", "PredictionStore", "Accounts", "Corrections", "MonitorState", "Workspace"}
+)
 
 # Project modules that may be imported inside a function: importing them loads TensorFlow (seconds,
 # and hundreds of MB), which the service's light paths, the CLI's other commands and the monitor
@@ -44,7 +45,7 @@ LAZY_PROJECT_MODULES = {
 TENSORFLOW = frozenset({"tensorflow", "keras", "tf_keras", "mlflow"})
 # The entry points that start flows for a person (`hematovision run`, `hematovision demo`): they sit
 # above the flows, as the flows sit above the library.
-ENTRY_POINTS = frozenset({PACKAGE / "cli.py", PACKAGE / "demo.py"})
+ENTRY_POINTS = frozenset({*(PACKAGE / "cli").glob("*.py"), PACKAGE / "demo.py"})
 
 # Modules longer than this are split by what they do (the layout's "one room per step").
 MAX_MODULE_LINES = 500
@@ -56,15 +57,20 @@ NOQA = re.compile(r"#\s*noqa\b(?P<codes>\s*:\s*[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]
 
 
 def python_files(*folders: Path) -> list[Path]:
-    return sorted(p for folder in folders if folder.is_dir() for p in folder.rglob("*.py")
-                  if "__pycache__" not in p.parts and ".venv" not in p.parts)
+    return sorted(
+        p
+        for folder in folders
+        if folder.is_dir()
+        for p in folder.rglob("*.py")
+        if "__pycache__" not in p.parts and ".venv" not in p.parts
+    )
 
 
 def where(path: Path, line: int) -> str:
     return f"{path.relative_to(REPO).as_posix()}:{line}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def parsed(path: Path) -> ast.Module:
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
@@ -125,8 +131,10 @@ def test_only_stores_py_constructs_a_store():
             called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
             if called in names:
                 violations.append(f"{where(path, node.lineno)}: {called}(...)")
-    assert not violations, ("stores are constructed outside src/hematovision/stores.py (open them through "
-                            "`hematovision.stores`):\n" + "\n".join(violations))
+    assert not violations, (
+        "stores are constructed outside src/hematovision/stores.py (open them through "
+        "`hematovision.stores`):\n" + "\n".join(violations)
+    )
 
 
 # --- imports ----------------------------------------------------------------------------------------
@@ -138,22 +146,34 @@ def test_the_library_never_imports_the_flows():
         for node in ast.walk(parsed(path)):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [n for n in imported_modules(node, path) if n == "flows" or n.startswith("flows.")]
-            elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-                  and isinstance(node.args[0].value, str)
-                  and (getattr(node.func, "attr", None) == "import_module" or getattr(node.func, "id", None)
-                       in ("import_module", "__import__"))):
+            elif (
+                isinstance(node, ast.Call)
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+                and (
+                    getattr(node.func, "attr", None) == "import_module"
+                    or getattr(node.func, "id", None) in ("import_module", "__import__")
+                )
+            ):
                 names = [node.args[0].value] if node.args[0].value.split(".")[0] == "flows" else []
             else:
                 continue
             violations += [f"{where(path, node.lineno)}: imports {names[0]}"] if names else []
-    assert not violations, ("src/hematovision imports the Prefect flows (flows/ builds on the library, "
-                            "never the reverse):\n" + "\n".join(violations))
+    assert not violations, (
+        "src/hematovision imports the Prefect flows (flows/ builds on the library, "
+        "never the reverse):\n" + "\n".join(violations)
+    )
 
 
 def top_level_imports(path: Path) -> set[str]:
     """Every module the file's module-level code imports (``if``/``try`` blocks included)."""
-    return {name for node in ast.walk(parsed(path)) if isinstance(node, (ast.Import, ast.ImportFrom))
-            and enclosing_scope(node) is None for name in imported_modules(node, path)}
+    return {
+        name
+        for node in ast.walk(parsed(path))
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and enclosing_scope(node) is None
+        for name in imported_modules(node, path)
+    }
 
 
 def project_path(name: str) -> Path | None:
@@ -173,7 +193,8 @@ def loads_tensorflow(name: str, seen: frozenset[str] = frozenset()) -> bool:
     imports = top_level_imports(path)
     parents = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
     return any(i.split(".")[0] in TENSORFLOW for i in imports) or any(
-        loads_tensorflow(i, seen | {name}) for i in sorted(imports | parents) if is_project(i))
+        loads_tensorflow(i, seen | {name}) for i in sorted(imports | parents) if is_project(i)
+    )
 
 
 def test_project_imports_are_at_the_top_of_the_module():
@@ -185,16 +206,21 @@ def test_project_imports_are_at_the_top_of_the_module():
             names = [n for n in imported_modules(node, path) if is_project(n) and project_path(n) is not None]
             if names and not any(n in LAZY_PROJECT_MODULES for n in names):
                 scope = enclosing_scope(node)
-                violations.append(f"{where(path, node.lineno)}: {names[-1]} imported inside "
-                                  f"{getattr(scope, 'name', 'a lambda')}()")
-    assert not violations, ("project modules imported inside a function (move them to the top of the module, "
-                            "or, if importing them loads TensorFlow or MLflow, add them to LAZY_PROJECT_MODULES with the "
-                            "reason):\n" + "\n".join(violations))
+                violations.append(
+                    f"{where(path, node.lineno)}: {names[-1]} imported inside {getattr(scope, 'name', 'a lambda')}()"
+                )
+    assert not violations, (
+        "project modules imported inside a function (move them to the top of the module, "
+        "or, if importing them loads TensorFlow or MLflow, add them to LAZY_PROJECT_MODULES with the "
+        "reason):\n" + "\n".join(violations)
+    )
 
 
 def test_the_lazily_imported_modules_really_load_tensorflow():
     light = [name for name in LAZY_PROJECT_MODULES if not loads_tensorflow(name)]
-    assert not light, f"these modules no longer load TensorFlow or MLflow when imported; import them at the top: {light}"
+    assert not light, (
+        f"these modules no longer load TensorFlow or MLflow when imported; import them at the top: {light}"
+    )
 
 
 # --- noqa -------------------------------------------------------------------------------------------
@@ -208,17 +234,22 @@ def test_every_noqa_says_why():
             match = NOQA.search(token.string)
             if match and not re.search(r"\w", match.group("rest")):
                 violations.append(f"{where(path, token.start[0])}: {token.string.strip()}")
-    assert not violations, ("`# noqa` without a reason (write it after the codes: "
-                            "`# noqa: E402 - why`):\n" + "\n".join(violations))
+    assert not violations, "`# noqa` without a reason (write it after the codes: `# noqa: E402 - why`):\n" + "\n".join(
+        violations
+    )
 
 
 # --- module size ------------------------------------------------------------------------------------
 def test_no_module_is_over_the_line_limit():
-    lengths = {path.relative_to(REPO).as_posix(): len(path.read_text().splitlines())
-               for path in python_files(PACKAGE, FLOWS)}
-    too_long = [f"{path}:{n} lines" for path, n in sorted(lengths.items())
-                if n > MAX_MODULE_LINES and path not in LONG_MODULES]
+    lengths = {
+        path.relative_to(REPO).as_posix(): len(path.read_text().splitlines()) for path in python_files(PACKAGE, FLOWS)
+    }
+    too_long = [
+        f"{path}:{n} lines" for path, n in sorted(lengths.items()) if n > MAX_MODULE_LINES and path not in LONG_MODULES
+    ]
     back_under = [path for path in LONG_MODULES if lengths.get(path, 0) <= MAX_MODULE_LINES]
-    assert not too_long, (f"modules over {MAX_MODULE_LINES} lines (split them by what they do, or list them in "
-                          "LONG_MODULES with the reason):\n" + "\n".join(too_long))
+    assert not too_long, (
+        f"modules over {MAX_MODULE_LINES} lines (split them by what they do, or list them in "
+        "LONG_MODULES with the reason):\n" + "\n".join(too_long)
+    )
     assert not back_under, f"no longer over {MAX_MODULE_LINES} lines (or gone): remove from LONG_MODULES: {back_under}"

@@ -25,8 +25,16 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_MODELS_DIR": ("paths.models_dir", "out/models", Path("out/models")),
     "HEMATOVISION_REPORTS_DIR": ("paths.reports_dir", "out/reports", Path("out/reports")),
     "HEMATOVISION_CACHE_DIR": ("paths.cache_dir", "/var/cache/hv", Path("/var/cache/hv")),
-    "HEMATOVISION_MLFLOW_TRACKING_URI": ("registry.mlflow_tracking_uri", "http://mlflow.lab:5000", "http://mlflow.lab:5000"),
-    "HEMATOVISION_MLFLOW_ARTIFACT_LOCATION": ("registry.mlflow_artifact_location", "/srv/artifacts", Path("/srv/artifacts")),
+    "HEMATOVISION_MLFLOW_TRACKING_URI": (
+        "registry.mlflow_tracking_uri",
+        "http://mlflow.lab:5000",
+        "http://mlflow.lab:5000",
+    ),
+    "HEMATOVISION_MLFLOW_ARTIFACT_LOCATION": (
+        "registry.mlflow_artifact_location",
+        "/srv/artifacts",
+        Path("/srv/artifacts"),
+    ),
     "HEMATOVISION_EXPERIMENT_NAME": ("registry.experiment_name", "wbc", "wbc"),
     "HEMATOVISION_REGISTERED_MODEL": ("registry.registered_model", "wbc-classifier", "wbc-classifier"),
     "HEMATOVISION_SERVE_ALIAS": ("serving.alias", "staging", "staging"),
@@ -37,7 +45,11 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_MAX_BATCH_IMAGES": ("serving.max_batch_images", "9", 9),
     "HEMATOVISION_MODEL_CALLS": ("serving.model_calls", "3", 3),
     "HEMATOVISION_BATCH_WAIT_MS": ("serving.batch_wait_ms", "12.5", 12.5),
-    "HEMATOVISION_PREDICTIONS_DB": ("serving.predictions_db", "/srv/predictions.sqlite", Path("/srv/predictions.sqlite")),
+    "HEMATOVISION_PREDICTIONS_DB": (
+        "serving.predictions_db",
+        "/srv/predictions.sqlite",
+        Path("/srv/predictions.sqlite"),
+    ),
     "HEMATOVISION_RETAIN_IMAGES_DAYS": ("serving.retain_images_days", "3", 3),
     "HEMATOVISION_IMAGES_DIR": ("serving.images_dir", "/srv/images", Path("/srv/images")),
     "HEMATOVISION_REVIEW_IMAGE_DAYS": ("serving.review_image_days", "11", 11),
@@ -63,7 +75,11 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_DRIFT_PERSISTENCE": ("drift.persistence", "5", 5),
     "HEMATOVISION_RETRAIN_MIN_CORRECTIONS": ("monitoring.retrain_min_corrections", "42", 42),
     "HEMATOVISION_RETRAIN_TRIGGER": ("monitoring.retrain_trigger", "auto", "auto"),
-    "HEMATOVISION_ALERT_WEBHOOK_URL": ("monitoring.alert_webhook_url", "http://127.0.0.1:9/hook", "http://127.0.0.1:9/hook"),
+    "HEMATOVISION_ALERT_WEBHOOK_URL": (
+        "monitoring.alert_webhook_url",
+        "http://127.0.0.1:9/hook",
+        "http://127.0.0.1:9/hook",
+    ),
     "HEMATOVISION_DRIFT_STATS_THRESHOLD": ("drift.stats_threshold", "1.5", 1.5),
     "HEMATOVISION_DRIFT_STATS_SHARE": ("drift.stats_share", "0.25", 0.25),
     "HEMATOVISION_DRIFT_EMBEDDING_THRESHOLD": ("drift.embedding_threshold", "0.2", 0.2),
@@ -119,8 +135,9 @@ def test_all_old_variables_at_once(clean_environment):
         clean_environment.setenv(variable, raw)
     check_environment()
     settings = Settings()
-    assert {v: value_of(settings, where) for v, (where, _, _) in OLD_VARIABLES.items()} == \
-        {v: expected for v, (_, _, expected) in OLD_VARIABLES.items()}
+    assert {v: value_of(settings, where) for v, (where, _, _) in OLD_VARIABLES.items()} == {
+        v: expected for v, (_, _, expected) in OLD_VARIABLES.items()
+    }
 
 
 @pytest.mark.parametrize("variable", sorted(_bare_names()))
@@ -133,12 +150,15 @@ def test_a_variable_without_the_prefix_sets_nothing(clean_environment, variable)
     assert value_of(Settings(), where) == default, f"{variable} (no {ENV_PREFIX} prefix) changed {where}"
 
 
-@pytest.mark.parametrize("typo, meant", [
-    ("HEMATOVISION_REVIEW_TRESHOLD", "HEMATOVISION_REVIEW_THRESHOLD"),
-    ("HEMATOVISION_MONITOR_WINDOW_SIZ", "HEMATOVISION_MONITOR_WINDOW_SIZE"),
-    ("HEMATOVISION_DRIFT_PERSISTANCE", "HEMATOVISION_DRIFT_PERSISTENCE"),
-    ("HEMATOVISION_ALIAS", "HEMATOVISION_SERVE_ALIAS"),  # the field's new name is not a variable
-])
+@pytest.mark.parametrize(
+    "typo, meant",
+    [
+        ("HEMATOVISION_REVIEW_TRESHOLD", "HEMATOVISION_REVIEW_THRESHOLD"),
+        ("HEMATOVISION_MONITOR_WINDOW_SIZ", "HEMATOVISION_MONITOR_WINDOW_SIZE"),
+        ("HEMATOVISION_DRIFT_PERSISTANCE", "HEMATOVISION_DRIFT_PERSISTENCE"),
+        ("HEMATOVISION_ALIAS", "HEMATOVISION_SERVE_ALIAS"),  # the field's new name is not a variable
+    ],
+)
 def test_an_unknown_variable_is_an_error_naming_the_closest_setting(clean_environment, typo, meant):
     clean_environment.setenv(typo, "1")
     with pytest.raises(ValueError, match=rf"{typo}\b.*{meant}\b"):
@@ -164,8 +184,13 @@ def test_a_dotenv_file_still_works_and_the_environment_wins(clean_environment, t
         "HEMATOVISION_DRIFT_PERSISTENCE=4\n"
     )
     settings = Settings()
-    assert (settings.serving.review_threshold, settings.serving.threads, settings.monitoring.window_size,
-            settings.monitoring.retrain_trigger, settings.drift.persistence) == (0.33, 5, 20, "off", 4)
+    assert (
+        settings.serving.review_threshold,
+        settings.serving.threads,
+        settings.monitoring.window_size,
+        settings.monitoring.retrain_trigger,
+        settings.drift.persistence,
+    ) == (0.33, 5, 20, "off", 4)
     clean_environment.setenv("HEMATOVISION_REVIEW_THRESHOLD", "0.5")
     assert Settings().serving.review_threshold == 0.5
 

@@ -24,17 +24,17 @@ import os
 import random
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hematovision import CLASSES, stores
 from hematovision.api.process import start_service, stop_service
 from hematovision.data.dataset import scan_class_folders, scan_kaggle
 from hematovision.monitoring.monitor import RetrainingTrigger, run_monitoring
-from hematovision.params import load_params
 from hematovision.registry.registry import CHAMPION
 from hematovision.settings import Settings
 
@@ -67,12 +67,19 @@ def monitor(settings: Settings, say: Say, trigger: RetrainingTrigger | None = No
     windows = run["windows"]
     drifting = [w for w in windows if w["drifting"]]
     signals = sorted({name for w in drifting for name, s in w["signals"].items() if s["drift"]})
-    say(f"   {len(windows)} new windows of {settings.monitoring.window_size} predictions judged, {len(drifting)} drifting"
-        + (f" ({', '.join(signals)})" if signals else ""))
+    say(
+        f"   {len(windows)} new windows of {settings.monitoring.window_size} predictions judged, {len(drifting)} drifting"
+        + (f" ({', '.join(signals)})" if signals else "")
+    )
     for alert in run["alerts"]:
         say(f"   ALERT {alert['kind']}: {alert['message']} [{alert['status']}]")
-    return {"windows": len(windows), "drifting": len(drifting), "signals": signals,
-            "alerts": [a["kind"] for a in run["alerts"]], "retraining": run["retraining"]}
+    return {
+        "windows": len(windows),
+        "drifting": len(drifting),
+        "signals": signals,
+        "alerts": [a["kind"] for a in run["alerts"]],
+        "retraining": run["retraining"],
+    }
 
 
 def retrain_through_alerts(settings: Settings, say: Say, profile: str | None, params_file: str) -> dict[str, Any]:
@@ -95,8 +102,9 @@ def retrain_through_alerts(settings: Settings, say: Say, profile: str | None, pa
         return retrain()
     outcome = run["retraining"][0]
     if outcome["status"] != "retrained":
-        raise RuntimeError(f"retraining for alert {outcome['id']} ended {outcome['status']}: "
-                           f"{outcome['detail'].get('error', '')}")
+        raise RuntimeError(
+            f"retraining for alert {outcome['id']} ended {outcome['status']}: {outcome['detail'].get('error', '')}"
+        )
     return outcome["detail"]["retraining"]
 
 
@@ -197,7 +205,7 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         drift["new_site"] = monitor(settings, say)
 
         to_correct = stream_results[: config.corrections]
-        reviewer = f"demo-pathologist-{datetime.now(timezone.utc):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+        reviewer = f"demo-pathologist-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
         password = secrets.token_urlsafe(24)
         stores.accounts(settings).add_user(reviewer, password, ["pathologist"])
         session = requests.Session()
@@ -208,9 +216,16 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
 
         def review(result: dict[str, Any]) -> None:
             path = result["path"]
-            response = session.post(f"{url}/feedback", files={"image": (path.name, path.read_bytes())},
-                                    data={"prediction_id": result["prediction_id"], "true_class": result["true_class"],
-                                          "comment": "demo: label from the new site's folder"}, timeout=60)
+            response = session.post(
+                f"{url}/feedback",
+                files={"image": (path.name, path.read_bytes())},
+                data={
+                    "prediction_id": result["prediction_id"],
+                    "true_class": result["true_class"],
+                    "comment": "demo: label from the new site's folder",
+                },
+                timeout=60,
+            )
             response.raise_for_status()
 
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -222,8 +237,11 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         retrain_started = time.perf_counter()
         summary = retrain_through_alerts(settings, say, config.profile, config.params_file)
         retrain_s = time.perf_counter() - retrain_started
-        say(("   PROMOTED " if summary["promoted"] else "   NOT promoted ") + f"v{summary['version']}: "
-            + "; ".join(summary["gate"]["reasons"]))
+        say(
+            ("   PROMOTED " if summary["promoted"] else "   NOT promoted ")
+            + f"v{summary['version']}: "
+            + "; ".join(summary["gate"]["reasons"])
+        )
 
         swapped, after_version = False, _served_version(url)
         if summary["promoted"]:
@@ -241,24 +259,44 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         stop_service(server)
 
     result = {
-        "version_before": before_version, "version_after": after_version, "challenger": summary["version"],
-        "promoted": summary["promoted"], "swapped": swapped, "gate": summary["gate"]["reasons"],
-        "new_site_accuracy_before": _accuracy(held_before), "new_site_accuracy_after": _accuracy(held_after),
-        "test_accuracy_before": _accuracy(test_before), "test_accuracy_after": _accuracy(test_after),
-        "new_site_images_scored": len(held), "test_images_scored": len(test_images),
-        "corrections": len(to_correct), "drift": drift,
-        "retrain_holdout": {"champion": summary["champion"].get("holdout_accuracy"),
-                            "challenger": summary["challenger"].get("holdout_accuracy")},
-        "retrain_s": round(retrain_s, 1), "total_s": round(time.perf_counter() - started, 1),
+        "version_before": before_version,
+        "version_after": after_version,
+        "challenger": summary["version"],
+        "promoted": summary["promoted"],
+        "swapped": swapped,
+        "gate": summary["gate"]["reasons"],
+        "new_site_accuracy_before": _accuracy(held_before),
+        "new_site_accuracy_after": _accuracy(held_after),
+        "test_accuracy_before": _accuracy(test_before),
+        "test_accuracy_after": _accuracy(test_after),
+        "new_site_images_scored": len(held),
+        "test_images_scored": len(test_images),
+        "corrections": len(to_correct),
+        "drift": drift,
+        "retrain_holdout": {
+            "champion": summary["champion"].get("holdout_accuracy"),
+            "challenger": summary["challenger"].get("holdout_accuracy"),
+        },
+        "retrain_s": round(retrain_s, 1),
+        "total_s": round(time.perf_counter() - started, 1),
     }
     say("\nSummary (through the service)")
     say(f"  served version:        v{before_version} -> v{after_version}" + ("" if swapped else "  (no swap)"))
-    say(f"  new-site accuracy:     {result['new_site_accuracy_before']:.3f} -> {result['new_site_accuracy_after']:.3f}"
-        f"  ({len(held)} images never corrected)")
-    say(f"  TEST accuracy:         {result['test_accuracy_before']:.3f} -> {result['test_accuracy_after']:.3f}"
-        f"  ({len(test_images)} images)")
+    say(
+        f"  new-site accuracy:     {result['new_site_accuracy_before']:.3f} -> {result['new_site_accuracy_after']:.3f}"
+        f"  ({len(held)} images never corrected)"
+    )
+    say(
+        f"  TEST accuracy:         {result['test_accuracy_before']:.3f} -> {result['test_accuracy_after']:.3f}"
+        f"  ({len(test_images)} images)"
+    )
     for name, what in (("in_distribution", "drift on TEST traffic:"), ("new_site", "drift on new-site traffic:")):
         d = drift[name]
-        say(f"  {what:<22} {d['drifting']}/{d['windows']} windows drifting" + (f"; alerts: {', '.join(d['alerts'])}" if d["alerts"] else ""))
-    say(f"  corrections:           {len(to_correct)}; retraining {retrain_s:.0f} s; whole demo {result['total_s']:.0f} s")
+        say(
+            f"  {what:<22} {d['drifting']}/{d['windows']} windows drifting"
+            + (f"; alerts: {', '.join(d['alerts'])}" if d["alerts"] else "")
+        )
+    say(
+        f"  corrections:           {len(to_correct)}; retraining {retrain_s:.0f} s; whole demo {result['total_s']:.0f} s"
+    )
     return result

@@ -66,7 +66,9 @@ class RetrainParams:
     holdout_fraction: float = 0.25  # share of corrections (by image sha256) kept for evaluation, never trained on
     max_raw_images_per_cell: int = 8  # augmented copies per original raw cell in a head retrain (0 = all)
     correction_views: int = 4  # dihedral views of each correction image used as training samples (1, 2, 4 or 8)
-    corrections_share: float = 0.5  # share of the total sample weight given to the corrections (classes balanced within each source)
+    corrections_share: float = (
+        0.5  # share of the total sample weight given to the corrections (classes balanced within each source)
+    )
     head_epochs: int = 60
     head_learning_rate: float = 1e-3
     metric: str = "holdout_accuracy"  # the challenger must win on this (the new site's held-out corrections)

@@ -60,15 +60,23 @@ class PathSettings(BaseSettings):
         description="Images from a second laboratory (class-named folders), for cross-site evaluation.",
     )
     data_dir: Path = Field(Path("data"), description="DVC-tracked copy of the raw dataset (pinned by data.dvc).")
-    prepared_dir: Path = Field(Path("prepared"), description="Output of the prepare stage: manifest, split, bad-image report.")
-    models_dir: Path = Field(Path("models"), description="Output of the train stage: the trained model and its training report.")
+    prepared_dir: Path = Field(
+        Path("prepared"), description="Output of the prepare stage: manifest, split, bad-image report."
+    )
+    models_dir: Path = Field(
+        Path("models"), description="Output of the train stage: the trained model and its training report."
+    )
     reports_dir: Path = Field(Path("reports"), description="Output of the evaluate stage: metrics and plots.")
-    cache_dir: Path = Field(Path(".cache/embeddings"), description="Backbone embedding cache (keyed by image content and backbone).")
+    cache_dir: Path = Field(
+        Path(".cache/embeddings"), description="Backbone embedding cache (keyed by image content and backbone)."
+    )
     retrain_dir: Path = Field(
-        Path("retrain"), description="Output of the retraining flow: its manifest (raw data + corrections, with the holdout), report, challenger."
+        Path("retrain"),
+        description="Output of the retraining flow: its manifest (raw data + corrections, with the holdout), report, challenger.",
     )
     corrections_dataset_dir: Path = Field(
-        Path("corrections"), description="Where `hematovision feedback export` writes the corrected images (tracked by corrections.dvc)."
+        Path("corrections"),
+        description="Where `hematovision feedback export` writes the corrected images (tracked by corrections.dvc).",
     )
 
 
@@ -81,7 +89,9 @@ class RegistrySettings(BaseSettings):
         "sqlite:///mlruns/mlflow.db",
         description="MLflow tracking/registry store; MLFLOW_TRACKING_URI in the environment wins.",
     )
-    mlflow_artifact_location: Path = Field(Path("mlruns/artifacts"), description="Where a new experiment stores artifacts.")
+    mlflow_artifact_location: Path = Field(
+        Path("mlruns/artifacts"), description="Where a new experiment stores artifacts."
+    )
     experiment_name: str = Field("hematovision", description="MLflow experiment of training runs.")
     registered_model: str = Field("hematovision", description="Name of the model in the MLflow registry.")
 
@@ -91,34 +101,58 @@ class ServingSettings(BaseSettings):
 
     model_config = _config()
 
-    alias: str = Field("champion", validation_alias=_env("serve_alias"),
-                       description="Registry alias the service follows (and hot-swaps to when it moves).")
-    alias_poll_seconds: float = Field(5.0, gt=0, description="How often each serving worker asks the registry where the alias points.")
-    review_threshold: float = Field(0.7, ge=0, le=1, description="Predictions whose confidence is below this are flagged needs_review.")
+    alias: str = Field(
+        "champion",
+        validation_alias=_env("serve_alias"),
+        description="Registry alias the service follows (and hot-swaps to when it moves).",
+    )
+    alias_poll_seconds: float = Field(
+        5.0, gt=0, description="How often each serving worker asks the registry where the alias points."
+    )
+    review_threshold: float = Field(
+        0.7, ge=0, le=1, description="Predictions whose confidence is below this are flagged needs_review."
+    )
     max_request_bytes: int = Field(
-        64 * 1024 * 1024, gt=0, description="Largest prediction request body accepted (413 above); bounds memory per request."
+        64 * 1024 * 1024,
+        gt=0,
+        description="Largest prediction request body accepted (413 above); bounds memory per request.",
     )
     threads: int = Field(
-        32, gt=0, validation_alias=_env("serve_threads"),
+        32,
+        gt=0,
+        validation_alias=_env("serve_threads"),
         description="Requests one serving worker handles at once; they share model calls through the batcher (BentoML's default of 1 would serialise them).",
     )
-    max_batch_images: int = Field(32, gt=0, description="Most images one model call takes when concurrent requests are batched together.")
+    max_batch_images: int = Field(
+        32, gt=0, description="Most images one model call takes when concurrent requests are batched together."
+    )
     model_calls: int = Field(
-        2, gt=0, description="Model calls one serving worker runs at once, each on cores / model_calls TensorFlow "
+        2,
+        gt=0,
+        description="Model calls one serving worker runs at once, each on cores / model_calls TensorFlow "
         "threads. On few cores one call spread over all of them stalls whenever request threads (decode, "
-        "localisation, logging) take a core; independent calls keep every core busy (benchmarks/serving.py)."
+        "localisation, logging) take a core; independent calls keep every core busy (benchmarks/serving.py).",
     )
     batch_wait_ms: float = Field(
-        5.0, ge=0, description="How long a request waits for others to share its model call (adaptive batching; "
-        "compare values with benchmarks/serving.py --batch-wait-ms)."
+        5.0,
+        ge=0,
+        description="How long a request waits for others to share its model call (adaptive batching; "
+        "compare values with benchmarks/serving.py --batch-wait-ms).",
     )
     predictions_db: Path = Field(
-        Path("monitoring/predictions.sqlite"), description="The prediction log (sqlite, WAL; shared by all serving workers)."
+        Path("monitoring/predictions.sqlite"),
+        description="The prediction log (sqlite, WAL; shared by all serving workers).",
     )
-    retain_images_days: int = Field(0, ge=0, description="Keep request images this many days under images_dir (0: never store images).")
-    images_dir: Path = Field(Path("monitoring/images"), description="Retained request images, content-addressed by sha256.")
+    retain_images_days: int = Field(
+        0, ge=0, description="Keep request images this many days under images_dir (0: never store images)."
+    )
+    images_dir: Path = Field(
+        Path("monitoring/images"), description="Retained request images, content-addressed by sha256."
+    )
     review_image_days: int = Field(
-        30, ge=0, description="Keep the images of predictions flagged needs_review this many days: the review queue shows them (0: never)."
+        30,
+        ge=0,
+        description="Keep the images of predictions flagged needs_review this many days: the review queue shows them (0: never).",
     )
 
 
@@ -127,15 +161,20 @@ class LabSettings(BaseSettings):
 
     model_config = _config()
 
-    lab_db: Path = Field(Path("monitoring/lab.sqlite"), description="Accounts, sessions, corrections and the audit log (sqlite, WAL).")
+    lab_db: Path = Field(
+        Path("monitoring/lab.sqlite"), description="Accounts, sessions, corrections and the audit log (sqlite, WAL)."
+    )
     corrections_images_dir: Path = Field(
-        Path("monitoring/corrections"), description="Images of corrected predictions, content-addressed (kept: a correction needs its image)."
+        Path("monitoring/corrections"),
+        description="Images of corrected predictions, content-addressed (kept: a correction needs its image).",
     )
     session_hours: float = Field(12.0, gt=0, description="How long a browser sign-in lasts.")
     predict_requires_token: bool = Field(
         False, description="Require a signed-in user or an API token for /predict, /predict_batch and /explain."
     )
-    login_attempts: int = Field(5, gt=0, description="Failed sign-ins allowed per user and address within login_window_seconds.")
+    login_attempts: int = Field(
+        5, gt=0, description="Failed sign-ins allowed per user and address within login_window_seconds."
+    )
     login_window_seconds: float = Field(300.0, gt=0, description="Window of the sign-in rate limit.")
 
 
@@ -144,25 +183,60 @@ class MonitoringSettings(BaseSettings):
 
     model_config = _config(ENV_PREFIX + "MONITOR_")
 
-    state_db: Path = Field(Path("monitoring/monitor.sqlite"), description="Monitoring state: windows checked, drift status, alerts (sqlite).")
-    workspace: Path = Field(Path("monitoring/workspace"), description="Evidently workspace holding every window's snapshot (`hematovision monitor ui`).")
-    reports_dir: Path = Field(Path("monitoring/reports"), description="Each window's Evidently report as HTML, linked from the ops page.")
-    keep_reports: int = Field(500, gt=0, description="Newest window reports kept as HTML (each inlines Evidently's viewer; every window's snapshot stays in the workspace).")
-    references_dir: Path = Field(Path("monitoring/references"), description="Local copies of each model version's reference profile (fetched from MLflow).")
-    window: Literal["count", "time"] = Field("count", description="Windows of the prediction log: consecutive blocks of window_size predictions, or of window_minutes.")
+    state_db: Path = Field(
+        Path("monitoring/monitor.sqlite"),
+        description="Monitoring state: windows checked, drift status, alerts (sqlite).",
+    )
+    workspace: Path = Field(
+        Path("monitoring/workspace"),
+        description="Evidently workspace holding every window's snapshot (`hematovision monitor ui`).",
+    )
+    reports_dir: Path = Field(
+        Path("monitoring/reports"), description="Each window's Evidently report as HTML, linked from the ops page."
+    )
+    keep_reports: int = Field(
+        500,
+        gt=0,
+        description="Newest window reports kept as HTML (each inlines Evidently's viewer; every window's snapshot stays in the workspace).",
+    )
+    references_dir: Path = Field(
+        Path("monitoring/references"),
+        description="Local copies of each model version's reference profile (fetched from MLflow).",
+    )
+    window: Literal["count", "time"] = Field(
+        "count",
+        description="Windows of the prediction log: consecutive blocks of window_size predictions, or of window_minutes.",
+    )
     window_size: int = Field(50, ge=10, description="Predictions per window (count windows).")
     window_minutes: float = Field(60.0, gt=0, description="Length of a window (time windows).")
-    min_window_size: int = Field(30, ge=10, description="A time window with fewer predictions is skipped (too few to judge).")
-    max_windows_per_run: int = Field(20, gt=0, description="Most windows one monitoring run checks (the newest; older backlog is skipped).")
-    reference_max_images: int = Field(400, gt=0, validation_alias=_env("reference_max_images"),
-                                      description="Images of the validation split profiled as a model version's reference.")
-    retrain_min_corrections: int = Field(200, gt=0, validation_alias=_env("retrain_min_corrections"),
-                                         description="New corrections since the champion was registered that raise a retraining alert.")
+    min_window_size: int = Field(
+        30, ge=10, description="A time window with fewer predictions is skipped (too few to judge)."
+    )
+    max_windows_per_run: int = Field(
+        20, gt=0, description="Most windows one monitoring run checks (the newest; older backlog is skipped)."
+    )
+    reference_max_images: int = Field(
+        400,
+        gt=0,
+        validation_alias=_env("reference_max_images"),
+        description="Images of the validation split profiled as a model version's reference.",
+    )
+    retrain_min_corrections: int = Field(
+        200,
+        gt=0,
+        validation_alias=_env("retrain_min_corrections"),
+        description="New corrections since the champion was registered that raise a retraining alert.",
+    )
     retrain_trigger: Literal["auto", "approval", "off"] = Field(
-        "approval", validation_alias=_env("retrain_trigger"),
-        description="On an alert: auto = run the retraining flow, approval = wait for an engineer's approval, off = only alert.")
-    alert_webhook_url: str | None = Field(None, validation_alias=_env("alert_webhook_url"),
-                                          description="If set, every alert is POSTed there as JSON (never called when unset).")
+        "approval",
+        validation_alias=_env("retrain_trigger"),
+        description="On an alert: auto = run the retraining flow, approval = wait for an engineer's approval, off = only alert.",
+    )
+    alert_webhook_url: str | None = Field(
+        None,
+        validation_alias=_env("alert_webhook_url"),
+        description="If set, every alert is POSTed there as JSON (never called when unset).",
+    )
 
 
 class DriftSettings(BaseSettings):
@@ -171,19 +245,41 @@ class DriftSettings(BaseSettings):
     model_config = _config(ENV_PREFIX + "DRIFT_")
 
     persistence: int = Field(2, gt=0, description="Consecutive drifting windows that raise a drift alert.")
-    stats_threshold: float = Field(1.0, gt=0, description="Normed Wasserstein distance (in reference standard deviations) above which an image statistic drifted.")
-    stats_share: float = Field(0.5, gt=0, le=1, description="Share of image statistics that must drift for the image-statistics signal.")
-    embedding_threshold: float = Field(0.05, gt=0, description="MMD (PCA of the embeddings, fitted on the reference) above which the embeddings drifted.")
+    stats_threshold: float = Field(
+        1.0,
+        gt=0,
+        description="Normed Wasserstein distance (in reference standard deviations) above which an image statistic drifted.",
+    )
+    stats_share: float = Field(
+        0.5, gt=0, le=1, description="Share of image statistics that must drift for the image-statistics signal."
+    )
+    embedding_threshold: float = Field(
+        0.05,
+        gt=0,
+        description="MMD (PCA of the embeddings, fitted on the reference) above which the embeddings drifted.",
+    )
     embedding_components: int = Field(20, gt=0, description="PCA components of the embeddings the MMD compares.")
-    prediction_threshold: float = Field(0.3, gt=0, le=1, description="Jensen-Shannon distance of the predicted-class mix above which predictions drifted.")
-    confidence_threshold: float = Field(0.5, gt=0, description="Normed Wasserstein distance of the confidence above which confidence drifted.")
+    prediction_threshold: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Jensen-Shannon distance of the predicted-class mix above which predictions drifted.",
+    )
+    confidence_threshold: float = Field(
+        0.5, gt=0, description="Normed Wasserstein distance of the confidence above which confidence drifted."
+    )
     signals: list[Literal["image_stats", "embeddings", "prediction", "confidence"]] = Field(
-        ["image_stats", "embeddings"], description="Signals that make a window drifting (the others are reported only).")
+        ["image_stats", "embeddings"], description="Signals that make a window drifting (the others are reported only)."
+    )
 
 
 GROUPS: dict[str, type[BaseSettings]] = {
-    "paths": PathSettings, "registry": RegistrySettings, "serving": ServingSettings, "lab": LabSettings,
-    "monitoring": MonitoringSettings, "drift": DriftSettings,
+    "paths": PathSettings,
+    "registry": RegistrySettings,
+    "serving": ServingSettings,
+    "lab": LabSettings,
+    "monitoring": MonitoringSettings,
+    "drift": DriftSettings,
 }
 
 
@@ -205,7 +301,7 @@ class Settings(BaseModel):
     def tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.registry.mlflow_tracking_uri
 
-    def with_changes(self, **groups: dict[str, Any]) -> "Settings":
+    def with_changes(self, **groups: dict[str, Any]) -> Settings:
         """A copy with some fields changed, e.g. ``with_changes(monitoring={"window_size": 20})``."""
         update = {}
         for group, values in groups.items():

@@ -55,8 +55,12 @@ def prediction_log(settings: Settings | None = None) -> PredictionStore:
     """The prediction log, with the retention the settings ask for; shared within the process."""
     settings = settings or get_settings()
     serving = settings.serving
-    key = (settings.path(serving.predictions_db), settings.path(serving.images_dir), serving.retain_images_days > 0,
-           serving.review_image_days > 0)
+    key = (
+        settings.path(serving.predictions_db),
+        settings.path(serving.images_dir),
+        serving.retain_images_days > 0,
+        serving.review_image_days > 0,
+    )
     with _prediction_logs_lock:
         if key not in _prediction_logs:
             _prediction_logs[key] = PredictionStore(*key[:2], retain_images=key[2], retain_review_images=key[3])

@@ -6,7 +6,6 @@ and `bentoml build`."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -22,21 +21,23 @@ import requests
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES, SERVICE_REVIEW_THRESHOLD
 from hematovision import CLASSES
 from hematovision.params import PromoteParams
 from hematovision.registry.gate import promote
-from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.registry.registry import CHAMPION, Registry
-from hematovision.settings import get_settings
 from hematovision.registry.tracking import configure_mlflow
+from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
+from hematovision.settings import get_settings
+
+from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES, SERVICE_REVIEW_THRESHOLD
 
 CELL_IMAGES = {c: sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[:3] for c in CLASSES}
 A_CELL = CELL_IMAGES["neutrophil"][0]
 
 
-def post_image(url: str, data: bytes, name: str = "cell.jpeg", route: str = "/predict", field: str = "image",
-               **extra) -> requests.Response:
+def post_image(
+    url: str, data: bytes, name: str = "cell.jpeg", route: str = "/predict", field: str = "image", **extra
+) -> requests.Response:
     return requests.post(f"{url}{route}", files={field: (name, data)}, timeout=120, **extra)
 
 
@@ -59,6 +60,7 @@ def wait_for_version(url: str, version: str, timeout: float = 90) -> float:
 
 
 # --- predictions ---------------------------------------------------------------------------------
+
 
 @pytest.mark.e2e
 def test_predict_answers_with_every_field_and_logs_the_prediction(project, service_url):
@@ -139,18 +141,27 @@ def test_explain_returns_a_grad_cam_overlay_of_the_whole_image(service_url):
     assert overlay.size == Image.open(io.BytesIO(data)).size
     assert response.headers["x-hematovision-label"] in CLASSES
 
-    other = requests.post(f"{service_url}/explain", files={"image": ("c.jpeg", data)}, data={"class_name": "Monocyte"}, timeout=120)
+    other = requests.post(
+        f"{service_url}/explain", files={"image": ("c.jpeg", data)}, data={"class_name": "Monocyte"}, timeout=120
+    )
     assert other.status_code == 200 and other.headers["x-hematovision-class"] == "monocyte"
     assert other.content != response.content
 
-    bad_class = requests.post(f"{service_url}/explain", files={"image": ("c.jpeg", data)}, data={"class_name": "basophil"}, timeout=60)
+    bad_class = requests.post(
+        f"{service_url}/explain", files={"image": ("c.jpeg", data)}, data={"class_name": "basophil"}, timeout=60
+    )
     assert bad_class.status_code == 422 and bad_class.json()["error"] == "unknown_class"
-    unknown = requests.post(f"{service_url}/explain", data={"prediction_id": "nope"},
-                            files={"unused": ("x", b"")}, timeout=60)
+    unknown = requests.post(
+        f"{service_url}/explain", data={"prediction_id": "nope"}, files={"unused": ("x", b"")}, timeout=60
+    )
     assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_prediction"
     prediction = post_image(service_url, data).json()
-    by_id = requests.post(f"{service_url}/explain", data={"prediction_id": prediction["prediction_id"]},
-                          files={"unused": ("x", b"")}, timeout=60)
+    by_id = requests.post(
+        f"{service_url}/explain",
+        data={"prediction_id": prediction["prediction_id"]},
+        files={"unused": ("x", b"")},
+        timeout=60,
+    )
     if prediction["needs_review"]:  # its image is kept for the review queue
         assert by_id.status_code == 200 and by_id.content == response.content
     else:
@@ -179,6 +190,7 @@ def test_model_health_metrics_docs_and_page(service_url):
 
 
 # --- bad input ----------------------------------------------------------------------------------
+
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
@@ -239,13 +251,46 @@ def test_every_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(service_
 
     jpeg = A_CELL.read_bytes()
     requests_ = {
-        "wrong field name": (lambda: requests.post(f"{service_url}/predict", files={"file": ("c.jpeg", jpeg)}, timeout=30), 400, "missing_field"),
-        "text instead of a file": (lambda: requests.post(f"{service_url}/predict", files={"image": (None, "hello")}, timeout=30), 400, "not_a_file"),
-        "JSON body": (lambda: requests.post(f"{service_url}/predict", json={"image": "x"}, timeout=30), 415, "unsupported_media_type"),
-        "raw JPEG body": (lambda: requests.post(f"{service_url}/predict", data=jpeg, headers={"content-type": "image/jpeg"}, timeout=30), 415, "unsupported_media_type"),
+        "wrong field name": (
+            lambda: requests.post(f"{service_url}/predict", files={"file": ("c.jpeg", jpeg)}, timeout=30),
+            400,
+            "missing_field",
+        ),
+        "text instead of a file": (
+            lambda: requests.post(f"{service_url}/predict", files={"image": (None, "hello")}, timeout=30),
+            400,
+            "not_a_file",
+        ),
+        "JSON body": (
+            lambda: requests.post(f"{service_url}/predict", json={"image": "x"}, timeout=30),
+            415,
+            "unsupported_media_type",
+        ),
+        "raw JPEG body": (
+            lambda: requests.post(
+                f"{service_url}/predict", data=jpeg, headers={"content-type": "image/jpeg"}, timeout=30
+            ),
+            415,
+            "unsupported_media_type",
+        ),
         "GET": (lambda: requests.get(f"{service_url}/predict", timeout=30), 405, "method_not_allowed"),
-        "too many files": (lambda: requests.post(f"{service_url}/predict_batch", files=[("images", ("c.jpeg", b"x"))] * 65, timeout=30), 413, "too_many_files"),
-        "broken multipart": (lambda: requests.post(f"{service_url}/predict", data=b"--xx\r\ngarbage", headers={"content-type": "multipart/form-data; boundary=xx"}, timeout=30), 400, None),
+        "too many files": (
+            lambda: requests.post(
+                f"{service_url}/predict_batch", files=[("images", ("c.jpeg", b"x"))] * 65, timeout=30
+            ),
+            413,
+            "too_many_files",
+        ),
+        "broken multipart": (
+            lambda: requests.post(
+                f"{service_url}/predict",
+                data=b"--xx\r\ngarbage",
+                headers={"content-type": "multipart/form-data; boundary=xx"},
+                timeout=30,
+            ),
+            400,
+            None,
+        ),
     }
     for name, (send, status, code) in requests_.items():
         response = send()
@@ -261,6 +306,7 @@ def test_every_bad_input_gets_a_clear_4xx_and_the_service_keeps_serving(service_
 
 # --- hot swap -----------------------------------------------------------------------------------
 
+
 def register_copy_of_champion(reg: Registry) -> str:
     source = reg.version_by_alias(CHAMPION).source
     return str(mlflow.register_model(source, reg.name, tags={"data_hash": "copy"}).version)
@@ -269,7 +315,10 @@ def register_copy_of_champion(reg: Registry) -> str:
 def register_broken_version(reg: Registry, tmp_path: Path) -> str:
     from hematovision.registry.packaging import log_classifier
 
-    champion_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.name}@{CHAMPION}", dst_path=str(tmp_path))) / "artifacts"
+    champion_dir = (
+        Path(mlflow.artifacts.download_artifacts(f"models:/{reg.name}@{CHAMPION}", dst_path=str(tmp_path)))
+        / "artifacts"
+    )
     broken = tmp_path / "broken"
     shutil.copytree(next(champion_dir.iterdir()), broken)
     (broken / "classifier.keras").write_bytes(b"this is not a keras archive")
@@ -354,6 +403,7 @@ def test_unreachable_registry_keeps_the_loaded_model_serving(project, trained):
 
 # --- prediction log retention, CLI, packaging -----------------------------------------------------
 
+
 def test_images_are_kept_only_with_retention_and_purged_after_it(tmp_path):
     def record() -> PredictionRecord:
         return PredictionRecord("1", "monocyte", 0.9, {"monocyte": 0.9}, False, "ab" * 32, 1.0)
@@ -397,8 +447,15 @@ def test_predict_command_writes_csv_for_files_and_folders(project, trained, tmp_
 
     table = pd.read_csv(out)
     assert len(table) == 4
-    assert set(table.columns) >= {"file", "label", "confidence", "needs_review", "cell_in_view", "error",
-                                  *(f"p_{c}" for c in CLASSES)}
+    assert set(table.columns) >= {
+        "file",
+        "label",
+        "confidence",
+        "needs_review",
+        "cell_in_view",
+        "error",
+        *(f"p_{c}" for c in CLASSES),
+    }
     assert set(table.cell_in_view.dropna()) <= {"whole", "cut", "none"}
     assert table.error.notna().sum() == 1 and "broken.jpg" in table[table.error.notna()].file.iloc[0]
     assert set(table.label.dropna()) <= set(CLASSES)
@@ -411,14 +468,27 @@ def test_predict_command_writes_csv_for_files_and_folders(project, trained, tmp_
 def test_bento_builds_with_the_locked_requirements(tmp_path):
     uv = shutil.which("uv")
     assert uv, "uv is needed to export the lock (CI installs it)"
-    exported = subprocess.run([uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project", "--no-header"],
-                              cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert exported == (REPO / "requirements-serving.txt").read_text(), \
+    exported = subprocess.run(
+        [uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project", "--no-header"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert exported == (REPO / "requirements-serving.txt").read_text(), (
         "requirements-serving.txt is stale: re-run the uv export command in bentofile.yaml"
+    )
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-    build = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "build", str(REPO), "--output", "tag"],
-                           cwd=REPO, capture_output=True, text=True, env=env)
+    build = subprocess.run(
+        [str(Path(sys.executable).parent / "bentoml"), "build", str(REPO), "--output", "tag"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     bento = next((tmp_path / "bentoml" / "bentos" / "hematovision").glob("*/bento.yaml"))
-    included = {p.relative_to(bento.parent / "src").as_posix() for p in (bento.parent / "src").rglob("*") if p.is_file()}
+    included = {
+        p.relative_to(bento.parent / "src").as_posix() for p in (bento.parent / "src").rglob("*") if p.is_file()
+    }
     assert "src/hematovision/api/service.py" in included and "src/hematovision/web/docs.html" in included

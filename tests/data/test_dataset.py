@@ -83,7 +83,10 @@ def _real_images() -> list[Path]:
         (
             "animated_gif",
             lambda: _encode(
-                Image.new("RGB", (64, 64), "red"), "GIF", save_all=True, append_images=[Image.new("RGB", (64, 64), "blue")]
+                Image.new("RGB", (64, 64), "red"),
+                "GIF",
+                save_all=True,
+                append_images=[Image.new("RGB", (64, 64), "blue")],
             ),
             "animated",
         ),
@@ -185,7 +188,11 @@ def _purple(a: np.ndarray) -> np.ndarray:
 
 
 @needs_data
-@pytest.mark.parametrize("path", _real_images() if KAGGLE_IMAGES.is_dir() and PBC.is_dir() else [], ids=lambda p: f"{p.parent.parent.name}-{p.parent.name}-{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    _real_images() if KAGGLE_IMAGES.is_dir() and PBC.is_dir() else [],
+    ids=lambda p: f"{p.parent.parent.name}-{p.parent.name}-{p.name}",
+)
 def test_locate_wbc_finds_the_nucleus_on_both_sites(path: Path) -> None:
     a = np.asarray(load_rgb(path))
     box = locate_wbc(a)
@@ -199,7 +206,14 @@ def test_locate_wbc_finds_the_nucleus_on_both_sites(path: Path) -> None:
     rng = np.random.default_rng(0)
     rand = np.mean(
         [
-            _purple(crop_box(a, WbcBox(rng.uniform(inner / 2, w - inner / 2), rng.uniform(inner / 2, h - inner / 2), inner, True, 0))).mean()
+            _purple(
+                crop_box(
+                    a,
+                    WbcBox(
+                        rng.uniform(inner / 2, w - inner / 2), rng.uniform(inner / 2, h - inner / 2), inner, True, 0
+                    ),
+                )
+            ).mean()
             for _ in range(16)
         ]
     )
@@ -282,7 +296,12 @@ def test_grouped_split_keeps_cells_whole_and_every_class_in_val() -> None:
 
 
 def test_grouped_split_tiny_class_still_validated() -> None:
-    rows = [{"split": "train", "label": c, "group": f"{c}/{g}", "path": f"{c}/{g}/{i}"} for c, n in [("a", 3), ("b", 40)] for g in range(n) for i in range(4)]
+    rows = [
+        {"split": "train", "label": c, "group": f"{c}/{g}", "path": f"{c}/{g}/{i}"}
+        for c, n in [("a", 3), ("b", 40)]
+        for g in range(n)
+        for i in range(4)
+    ]
     df = pd.DataFrame(rows)
     split = grouped_split(df, val_fraction=0.1, seed=0)
     val_groups = df[split == "val"].groupby("label")["group"].nunique()
@@ -294,7 +313,11 @@ def test_grouped_split_tiny_class_still_validated() -> None:
 def test_grouped_split_holds_out_a_share_of_images_not_of_groups() -> None:
     # Cells found by content vary in size: one holds 40% of the class, the others 2-8 pictures each.
     sizes = [160] + [2, 8] * 30
-    rows = [{"split": "train", "label": "a", "group": f"a/{g}", "path": f"a/{g}/{i}"} for g, n in enumerate(sizes) for i in range(n)]
+    rows = [
+        {"split": "train", "label": "a", "group": f"a/{g}", "path": f"a/{g}/{i}"}
+        for g, n in enumerate(sizes)
+        for i in range(n)
+    ]
     df = pd.DataFrame(rows)
     for seed in range(5):
         split = grouped_split(df, val_fraction=0.2, seed=seed)
@@ -305,7 +328,12 @@ def test_grouped_split_holds_out_a_share_of_images_not_of_groups() -> None:
 
 def test_scan_class_folders_case_insensitive_with_unknown_folders(tmp_path: Path) -> None:
     png = _encode(_noise_rgb(64, 64), "PNG")
-    for folder, name in [("EOSINOPHIL", "a.PNG"), ("Lymphocyte", "b.png"), ("monocyte", "c.Jpg"), ("monocyte/sub", "d.tif")]:
+    for folder, name in [
+        ("EOSINOPHIL", "a.PNG"),
+        ("Lymphocyte", "b.png"),
+        ("monocyte", "c.Jpg"),
+        ("monocyte/sub", "d.tif"),
+    ]:
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
         (tmp_path / folder / name).write_bytes(png)
     (tmp_path / "basophil").mkdir()
@@ -330,7 +358,11 @@ def test_validate_images_never_crashes_on_bad_files(tmp_path: Path) -> None:
     df = pd.DataFrame({"path": ["good.png", "empty.jpg", "text.jpg", "missing.jpg"], "label": "monocyte"})
     ok, bad = validate_images(df, tmp_path)
     assert ok["path"].tolist() == ["good.png"] and ok[["width", "height"]].iloc[0].tolist() == [64, 48]
-    assert dict(zip(bad["path"], bad["error_code"])) == {"empty.jpg": "empty", "text.jpg": "not_an_image", "missing.jpg": "unreadable"}
+    assert dict(zip(bad["path"], bad["error_code"])) == {
+        "empty.jpg": "empty",
+        "text.jpg": "not_an_image",
+        "missing.jpg": "unreadable",
+    }
 
 
 @needs_data
@@ -352,7 +384,10 @@ def test_prepare_on_a_kaggle_subset_reports_bad_images(tmp_path: Path) -> None:
     summary = prepare(src, out, val_fraction=0.3, seed=1)
 
     bad = pd.read_csv(out / "bad_images.csv")
-    assert dict(zip(bad["path"].map(lambda p: Path(p).name), bad["error_code"])) == {"_99_1.jpeg": "truncated", "_98_1.jpeg": "empty"}
+    assert dict(zip(bad["path"].map(lambda p: Path(p).name), bad["error_code"])) == {
+        "_99_1.jpeg": "truncated",
+        "_98_1.jpeg": "empty",
+    }
     manifest = pd.read_csv(out / "manifest.csv")
     assert list(manifest.columns) == ["path", "split", "label", "group", "name_group", "width", "height"]
     assert manifest["group"].equals(manifest["name_group"])  # no embedding function: the names decide

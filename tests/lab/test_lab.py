@@ -7,20 +7,21 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import requests
 import yaml
 from typer.testing import CliRunner
 
-from conftest import BLOOD_CELLS, add_user, service_env, start_service, stop_service
 from hematovision import CLASSES
 from hematovision.cli import app
 from hematovision.lab.corrections import Corrections
 from hematovision.registry.registry import CHAMPION, Registry
-from hematovision.settings import get_settings
 from hematovision.registry.tracking import configure_mlflow
+from hematovision.settings import get_settings
+
+from conftest import BLOOD_CELLS, add_user, service_env, start_service, stop_service
 
 PASSWORD = "correct horse battery"
 IMAGES = [p for c in CLASSES for p in sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[3:6]]
@@ -58,47 +59,72 @@ def predict_some(url: str) -> list[dict]:
 def test_users_command_lists_and_refuses_bad_accounts(people):
     listing = CliRunner().invoke(app, ["users", "list"])
     assert "paula" in listing.output and "pathologist" in listing.output
-    weak = CliRunner().invoke(app, ["users", "add", "weak", "--role", "pathologist", "--password-stdin"], input="short\n")
+    weak = CliRunner().invoke(
+        app, ["users", "add", "weak", "--role", "pathologist", "--password-stdin"], input="short\n"
+    )
     assert weak.exit_code == 1 and "at least" in weak.output
-    bad_role = CliRunner().invoke(app, ["users", "add", "x1", "--role", "wizard", "--password-stdin"], input=PASSWORD + "\n")
+    bad_role = CliRunner().invoke(
+        app, ["users", "add", "x1", "--role", "wizard", "--password-stdin"], input=PASSWORD + "\n"
+    )
     assert bad_role.exit_code == 1
 
 
 @pytest.mark.e2e
 def test_roles_csrf_and_sign_in_limits(service_url, people):
-    anonymous = requests.post(f"{service_url}/feedback", files={"image": ("c.jpeg", IMAGES[0].read_bytes())},
-                              data={"true_class": "eosinophil"}, timeout=30)
+    anonymous = requests.post(
+        f"{service_url}/feedback",
+        files={"image": ("c.jpeg", IMAGES[0].read_bytes())},
+        data={"true_class": "eosinophil"},
+        timeout=30,
+    )
     assert anonymous.status_code == 401 and anonymous.json()["error"] == "unauthorized"
 
     paula = sign_in(service_url, "paula")
     assert paula.get(f"{service_url}/me", timeout=10).json()["roles"] == ["pathologist"]
-    no_csrf = requests.post(f"{service_url}/feedback", cookies=paula.cookies, timeout=30,
-                            files={"image": ("c.jpeg", IMAGES[0].read_bytes())}, data={"true_class": "eosinophil"})
+    no_csrf = requests.post(
+        f"{service_url}/feedback",
+        cookies=paula.cookies,
+        timeout=30,
+        files={"image": ("c.jpeg", IMAGES[0].read_bytes())},
+        data={"true_class": "eosinophil"},
+    )
     assert no_csrf.status_code == 403 and no_csrf.json()["error"] == "csrf"
-    champion = str(Registry(get_settings().registry.registered_model, configure_mlflow()).version_by_alias(CHAMPION).version)
+    champion = str(
+        Registry(get_settings().registry.registered_model, configure_mlflow()).version_by_alias(CHAMPION).version
+    )
     assert paula.post(f"{service_url}/models/{champion}/promote", timeout=30).status_code == 403  # not an engineer
     assert paula.get(f"{service_url}/audit", timeout=10).status_code == 403
 
     erin = {"Authorization": f"Bearer {people['erin_token']}"}
     promoted = requests.post(f"{service_url}/models/{champion}/promote", headers=erin, timeout=60)
     assert promoted.status_code == 200, promoted.text  # already the champion: nothing moves
-    assert requests.post(f"{service_url}/models/{champion}/promote", headers={"Authorization": "Bearer hv_forged"},
-                         timeout=30).status_code == 401
+    assert (
+        requests.post(
+            f"{service_url}/models/{champion}/promote", headers={"Authorization": "Bearer hv_forged"}, timeout=30
+        ).status_code
+        == 401
+    )
 
     for _ in range(get_settings().lab.login_attempts):
-        assert requests.post(f"{service_url}/login", data={"username": "olga", "password": "wrong password!"},
-                             timeout=30).status_code == 401
+        assert (
+            requests.post(
+                f"{service_url}/login", data={"username": "olga", "password": "wrong password!"}, timeout=30
+            ).status_code
+            == 401
+        )
     limited = requests.post(f"{service_url}/login", data={"username": "olga", "password": PASSWORD}, timeout=30)
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
-    assert requests.post(f"{service_url}/login", data={"username": "paula", "password": PASSWORD},
-                         timeout=30).status_code == 200  # another account is not locked out
+    assert (
+        requests.post(f"{service_url}/login", data={"username": "paula", "password": PASSWORD}, timeout=30).status_code
+        == 200
+    )  # another account is not locked out
 
 
 @pytest.mark.e2e
 def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, people):
     # The queue from this test's own predictions on: other tests fill the shared service's queue too
     # (a load test can flag hundreds), and the queue answers at most 500.
-    since = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    since = datetime.now(UTC).isoformat(timespec="milliseconds")
     predicted = predict_some(service_url)
     paula, peter = sign_in(service_url, "paula"), sign_in(service_url, "peter")
     queue = paula.get(f"{service_url}/review/queue", params={"limit": 500, "since": since}, timeout=30).json()["items"]
@@ -110,24 +136,43 @@ def test_review_queue_corrections_and_what_the_lab_learns(project, service_url, 
     assert paula.get(f"{service_url}{ours[0]['image_url']}", timeout=30).content == sent[ours[0]["id"]].read_bytes()
     assert requests.get(f"{service_url}{ours[0]['image_url']}", timeout=30).status_code == 401
     label = ours[0]["label"]
-    filtered = paula.get(f"{service_url}/review/queue", params={"label": label, "limit": 500, "since": since}, timeout=30).json()["items"]
+    filtered = paula.get(
+        f"{service_url}/review/queue", params={"label": label, "limit": 500, "since": since}, timeout=30
+    ).json()["items"]
     assert filtered and all(item["label"] == label for item in filtered)
 
     # Paula confirms one and corrects two; Peter disagrees with her on the first.
-    answers = [(ours[0], ours[0]["label"]), (ours[1], next(c for c in CLASSES if c != ours[1]["label"])),
-               (ours[2], next(c for c in CLASSES if c != ours[2]["label"]))]
+    answers = [
+        (ours[0], ours[0]["label"]),
+        (ours[1], next(c for c in CLASSES if c != ours[1]["label"])),
+        (ours[2], next(c for c in CLASSES if c != ours[2]["label"])),
+    ]
     for item, true_class in answers:
-        response = paula.post(f"{service_url}/feedback", data={"prediction_id": item["id"], "true_class": true_class,
-                                                                "comment": "checked at 100x"}, timeout=30)
+        response = paula.post(
+            f"{service_url}/feedback",
+            data={"prediction_id": item["id"], "true_class": true_class, "comment": "checked at 100x"},
+            timeout=30,
+        )
         assert response.status_code == 201, response.text
         assert response.json()["reviewer"] == "paula" and response.json()["model_version"] == item["model_version"]
     other = next(c for c in CLASSES if c != ours[0]["label"])
-    assert peter.post(f"{service_url}/feedback", data={"prediction_id": ours[0]["id"], "true_class": other},
-                      timeout=30).status_code == 201
-    bad = paula.post(f"{service_url}/feedback", data={"prediction_id": ours[3]["id"], "true_class": "basophil"}, timeout=30)
+    assert (
+        peter.post(
+            f"{service_url}/feedback", data={"prediction_id": ours[0]["id"], "true_class": other}, timeout=30
+        ).status_code
+        == 201
+    )
+    bad = paula.post(
+        f"{service_url}/feedback", data={"prediction_id": ours[3]["id"], "true_class": "basophil"}, timeout=30
+    )
     assert bad.status_code == 422
 
-    remaining = {item["id"] for item in paula.get(f"{service_url}/review/queue", params={"limit": 500, "since": since}, timeout=30).json()["items"]}
+    remaining = {
+        item["id"]
+        for item in paula.get(f"{service_url}/review/queue", params={"limit": 500, "since": since}, timeout=30).json()[
+            "items"
+        ]
+    }
     assert not remaining & {item["id"] for item, _ in answers}
 
     otto = sign_in(service_url, "otto")
@@ -151,10 +196,21 @@ def test_feedback_export_is_a_dvc_version_and_idempotent(project, service_url, p
     agreed = {c: sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[9] for c in ("eosinophil", "lymphocyte")}
     contested = sorted((BLOOD_CELLS / "TEST" / "MONOCYTE").glob("*.jpeg"))[9]
     paula, peter = sign_in(service_url, "paula"), sign_in(service_url, "peter")
-    for reviewer, path, true_class in [(paula, agreed["eosinophil"], "eosinophil"), (paula, agreed["lymphocyte"], "lymphocyte"),
-                                       (paula, contested, "monocyte"), (peter, contested, "neutrophil")]:
-        assert reviewer.post(f"{service_url}/feedback", files={"image": (path.name, path.read_bytes())},
-                             data={"true_class": true_class}, timeout=30).status_code == 201
+    for reviewer, path, true_class in [
+        (paula, agreed["eosinophil"], "eosinophil"),
+        (paula, agreed["lymphocyte"], "lymphocyte"),
+        (paula, contested, "monocyte"),
+        (peter, contested, "neutrophil"),
+    ]:
+        assert (
+            reviewer.post(
+                f"{service_url}/feedback",
+                files={"image": (path.name, path.read_bytes())},
+                data={"true_class": true_class},
+                timeout=30,
+            ).status_code
+            == 201
+        )
     first = CliRunner().invoke(app, ["feedback", "export"])
     assert first.exit_code == 0, first.output
     dvc_file = project / "corrections.dvc"
@@ -174,7 +230,9 @@ def test_feedback_export_is_a_dvc_version_and_idempotent(project, service_url, p
 
 @pytest.mark.e2e
 def test_no_acknowledged_correction_is_lost_when_the_server_is_killed(project, trained, people, tmp_path_factory):
-    server, url = start_service(project, tmp_path_factory.mktemp("killed") / "service.log", service_env(tmp_path_factory))
+    server, url = start_service(
+        project, tmp_path_factory.mktemp("killed") / "service.log", service_env(tmp_path_factory)
+    )
     acknowledged: list[str] = []
     stop = threading.Event()
     data = IMAGES[-1].read_bytes()
@@ -183,8 +241,12 @@ def test_no_acknowledged_correction_is_lost_when_the_server_is_killed(project, t
         session = sign_in(url, name)
         while not stop.is_set():
             try:
-                response = session.post(f"{url}/feedback", files={"image": ("c.jpeg", data)},
-                                        data={"true_class": "neutrophil", "comment": "stream"}, timeout=10)
+                response = session.post(
+                    f"{url}/feedback",
+                    files={"image": ("c.jpeg", data)},
+                    data={"true_class": "neutrophil", "comment": "stream"},
+                    timeout=10,
+                )
             except requests.RequestException:
                 return  # the server is gone
             if response.status_code == 201:
@@ -202,11 +264,15 @@ def test_no_acknowledged_correction_is_lost_when_the_server_is_killed(project, t
         t.join()
     assert len(acknowledged) >= 20
 
-    server, url = start_service(project, tmp_path_factory.mktemp("restarted") / "service.log", service_env(tmp_path_factory))
+    server, url = start_service(
+        project, tmp_path_factory.mktemp("restarted") / "service.log", service_env(tmp_path_factory)
+    )
     try:
-        stored = {row["id"] for row in Corrections(project / "monitoring" / "lab.sqlite",
-                                                   project / "monitoring" / "corrections").all()
-                  if row["comment"] == "stream"}
+        stored = {
+            row["id"]
+            for row in Corrections(project / "monitoring" / "lab.sqlite", project / "monitoring" / "corrections").all()
+            if row["comment"] == "stream"
+        }
         assert set(acknowledged) <= stored
         otto = sign_in(url, "otto")
         assert otto.get(f"{url}/feedback/stats", timeout=30).json()["corrections"] >= len(stored)
@@ -220,14 +286,18 @@ def test_predicting_can_be_restricted_to_signed_in_users_and_tokens(project, peo
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from hematovision.api.guard import RequestGuard, Upload
     from hematovision.api.auth import may_predict
+    from hematovision.api.guard import RequestGuard, Upload
 
     async def answered(_request):
         return PlainTextResponse("predicted")
 
-    guarded = RequestGuard(Starlette(routes=[Route("/predict", answered, methods=["POST"])]),
-                           routes={"/predict": Upload("image")}, max_bytes=1 << 20, authorize=may_predict)
+    guarded = RequestGuard(
+        Starlette(routes=[Route("/predict", answered, methods=["POST"])]),
+        routes={"/predict": Upload("image")},
+        max_bytes=1 << 20,
+        authorize=may_predict,
+    )
     client = TestClient(guarded)
     files = {"image": ("c.jpeg", IMAGES[0].read_bytes())}
     assert client.post("/predict", files=files).status_code == 200  # open by default

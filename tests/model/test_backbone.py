@@ -57,6 +57,7 @@ def _top(probs: np.ndarray, k: int = 3) -> list[str]:
 
 # --- the conversion is right ------------------------------------------------------------------------
 
+
 def test_cat_is_an_egyptian_cat(predictions: np.ndarray) -> None:
     assert _top(predictions[0]) == ["Egyptian cat", "tiger cat", "tabby, tabby cat"]
 
@@ -80,6 +81,7 @@ def test_feature_map_for_grad_cam(classifier: keras.Model) -> None:
 
 # --- fine-tuning switches ---------------------------------------------------------------------------
 
+
 def test_trainable_top_unfreezes_only_the_last_blocks_and_head_conv() -> None:
     backbone = build_lite0(input_size=64, weights=False)
     backbone.trainable = False
@@ -97,6 +99,7 @@ def test_trainable_top_unfreezes_only_the_last_blocks_and_head_conv() -> None:
 
 
 # --- the weights file -------------------------------------------------------------------------------
+
 
 def test_weights_path_is_verified() -> None:
     path = lite0_weights_path()
@@ -123,6 +126,7 @@ def test_state_dict_reads_with_numpy_alone() -> None:
 
 
 # --- the reader is a security boundary --------------------------------------------------------------
+
 
 class _RunsACommand:
     """Unpickling this would call os.system: what a hostile checkpoint does."""

@@ -16,8 +16,9 @@ from hematovision.model import gradcam as gradcam_module
 from hematovision.model.classifier import Classifier, ClassifierConfig
 from hematovision.model.gradcam import box_bounds, explain_image, gradcam, overlay_crop
 
-NEUTROPHILS = (Path(__file__).resolve().parents[2].parent
-               / "shared/datasets/blood-cells/dataset2-master/images/TEST/NEUTROPHIL")
+NEUTROPHILS = (
+    Path(__file__).resolve().parents[2].parent / "shared/datasets/blood-cells/dataset2-master/images/TEST/NEUTROPHIL"
+)
 SIZE = 96
 
 

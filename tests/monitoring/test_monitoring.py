@@ -13,22 +13,24 @@ import re
 import sys
 import threading
 from collections import defaultdict
+from datetime import UTC
 from pathlib import Path
 
 import pytest
 import requests
 from typer.testing import CliRunner
 
-from conftest import BLOOD_CELLS, PBC, free_port
 from hematovision import CLASSES
 from hematovision.cli import app
 from hematovision.lab.corrections import Corrections
 from hematovision.monitoring.drift import REFERENCE_FILE, build_reference, fetch_reference, save_reference
 from hematovision.monitoring.monitor import MonitorState, decide, run_monitoring, should_retrain, start_retraining
-from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.registry.registry import CHAMPION, Registry
-from hematovision.settings import get_settings
 from hematovision.registry.tracking import configure_mlflow
+from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
+from hematovision.settings import get_settings
+
+from conftest import BLOOD_CELLS, PBC, free_port
 
 WINDOW = 25
 PASSWORD = "correct horse battery"
@@ -63,10 +65,20 @@ def log_images(store: PredictionStore, classifier, version: str, paths: list[Pat
     records = []
     for image, probs, embedding in zip(prepared, probabilities, embeddings):
         best = int(probs.argmax())
-        records.append(PredictionRecord(version, classifier.classes[best], float(probs[best]),
-                                        dict(zip(classifier.classes, map(float, probs))), bool(probs[best] < 0.7),
-                                        image.sha256, 1.0, image.stats, embedding,
-                                        **({"created_at": at.isoformat(timespec="milliseconds")} if at else {})))
+        records.append(
+            PredictionRecord(
+                version,
+                classifier.classes[best],
+                float(probs[best]),
+                dict(zip(classifier.classes, map(float, probs))),
+                bool(probs[best] < 0.7),
+                image.sha256,
+                1.0,
+                image.stats,
+                embedding,
+                **({"created_at": at.isoformat(timespec="milliseconds")} if at else {}),
+            )
+        )
     store.log_many(records)
 
 
@@ -77,7 +89,7 @@ class Webhook:
         received = self.received = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - the name http.server calls
+            def do_POST(self):
                 received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
                 self.send_response(204)
                 self.end_headers()
@@ -98,7 +110,9 @@ def champion(trained):
     from hematovision.registry.packaging import load_classifier
 
     settings = get_settings()
-    version = str(Registry(settings.registry.registered_model, configure_mlflow(settings)).version_by_alias(CHAMPION).version)
+    version = str(
+        Registry(settings.registry.registered_model, configure_mlflow(settings)).version_by_alias(CHAMPION).version
+    )
     return version, load_classifier(f"models:/{settings.registry.registered_model}@{CHAMPION}")
 
 
@@ -135,13 +149,20 @@ def test_should_retrain_on_persistent_drift_or_enough_corrections():
 
 
 @pytest.mark.e2e
-def test_monitoring_flow_flags_the_new_site_once_and_tells_ops(project, champion, references, prefect_harness,
-                                                                service_url, tmp_path, monkeypatch):
+def test_monitoring_flow_flags_the_new_site_once_and_tells_ops(
+    project, champion, references, prefect_harness, service_url, tmp_path, monkeypatch
+):
     version, classifier = champion
     hook = Webhook()
-    for key, value in {"PREDICTIONS_DB": tmp_path / "predictions.sqlite", "MONITOR_REFERENCES_DIR": references,
-                       "MONITOR_WINDOW": "count", "MONITOR_WINDOW_SIZE": WINDOW, "DRIFT_PERSISTENCE": 2,
-                       "RETRAIN_TRIGGER": "approval", "ALERT_WEBHOOK_URL": hook.url}.items():
+    for key, value in {
+        "PREDICTIONS_DB": tmp_path / "predictions.sqlite",
+        "MONITOR_REFERENCES_DIR": references,
+        "MONITOR_WINDOW": "count",
+        "MONITOR_WINDOW_SIZE": WINDOW,
+        "DRIFT_PERSISTENCE": 2,
+        "RETRAIN_TRIGGER": "approval",
+        "ALERT_WEBHOOK_URL": hook.url,
+    }.items():
         monkeypatch.setenv(f"HEMATOVISION_{key}", str(value))
     get_settings.cache_clear()
     from flows.monitoring import monitoring_flow
@@ -191,8 +212,15 @@ def add_user(name: str, *roles: str) -> str:
 
 
 def check_ops_page(url: str, alert_id: int, report_url: str) -> None:
-    tokens = {name: add_user(name, role) for name, role in
-              (("ops-oscar", "ops"), ("eng-ella", "engineer"), ("path-pia", "pathologist"), ("adm-ada", "admin"))}
+    tokens = {
+        name: add_user(name, role)
+        for name, role in (
+            ("ops-oscar", "ops"),
+            ("eng-ella", "engineer"),
+            ("path-pia", "pathologist"),
+            ("adm-ada", "admin"),
+        )
+    }
     auth = {name: {"Authorization": f"Bearer {token}"} for name, token in tokens.items()}
     assert requests.get(f"{url}/ops/status", timeout=30).status_code == 401
     assert requests.get(f"{url}/ops/status", headers=auth["path-pia"], timeout=30).status_code == 403
@@ -207,8 +235,13 @@ def check_ops_page(url: str, alert_id: int, report_url: str) -> None:
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     assert "sandbox" in report.headers["content-security-policy"] and len(report.content) > 10_000
     assert requests.get(f"{url}{report_url}", timeout=30).status_code == 401
-    for bad in ("..%2Fmonitor.sqlite", "..%2F..%2Fmonitoring%2Fmonitor.sqlite", "window-000001.html%00.txt",
-                "%2Fetc%2Fpasswd", "window-1.html"):
+    for bad in (
+        "..%2Fmonitor.sqlite",
+        "..%2F..%2Fmonitoring%2Fmonitor.sqlite",
+        "window-000001.html%00.txt",
+        "%2Fetc%2Fpasswd",
+        "window-1.html",
+    ):
         assert requests.get(f"{url}/ops/reports/{bad}", headers=auth["ops-oscar"], timeout=30).status_code == 404, bad
 
     approve = f"{url}/ops/alerts/{alert_id}/approve"
@@ -228,8 +261,13 @@ def test_corrections_raise_one_alert_and_auto_trigger_calls_retraining(project, 
     version, _ = champion
     settings = get_settings().with_changes(
         lab={"lab_db": tmp_path / "lab.sqlite", "corrections_images_dir": tmp_path / "corrections"},
-        monitoring={"state_db": tmp_path / "monitor.sqlite", "retrain_min_corrections": 2, "retrain_trigger": "auto",
-                    "alert_webhook_url": None})
+        monitoring={
+            "state_db": tmp_path / "monitor.sqlite",
+            "retrain_min_corrections": 2,
+            "retrain_trigger": "auto",
+            "alert_webhook_url": None,
+        },
+    )
     corrections = Corrections(settings.lab.lab_db, settings.lab.corrections_images_dir)
     state = MonitorState(settings.monitoring.state_db)
     corrections.submit("pia", "monocyte", b"first image")
@@ -254,30 +292,43 @@ def test_corrections_raise_one_alert_and_auto_trigger_calls_retraining(project, 
 
 @pytest.mark.e2e
 def test_time_windows_judge_only_elapsed_windows_with_enough_predictions(project, champion, references, tmp_path):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     version, classifier = champion
     settings = get_settings().with_changes(
-        serving={"predictions_db": tmp_path / "predictions.sqlite"}, lab={"lab_db": tmp_path / "lab.sqlite"},
-        monitoring={"state_db": tmp_path / "monitor.sqlite", "references_dir": references,
-                    "reports_dir": tmp_path / "reports", "workspace": tmp_path / "workspace", "window": "time",
-                    "window_minutes": 60.0, "min_window_size": 10, "retrain_trigger": "off"})
+        serving={"predictions_db": tmp_path / "predictions.sqlite"},
+        lab={"lab_db": tmp_path / "lab.sqlite"},
+        monitoring={
+            "state_db": tmp_path / "monitor.sqlite",
+            "references_dir": references,
+            "reports_dir": tmp_path / "reports",
+            "workspace": tmp_path / "workspace",
+            "window": "time",
+            "window_minutes": 60.0,
+            "min_window_size": 10,
+            "retrain_trigger": "off",
+        },
+    )
     store = PredictionStore(settings.serving.predictions_db)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     hour = now.replace(minute=0, second=0, microsecond=0)
     images = one_per_cell("TEST", 10)  # 30 cells
     log_images(store, classifier, version, images[:12], hour - timedelta(hours=2) + timedelta(minutes=5))  # judged
     log_images(store, classifier, version, images[12:17], hour - timedelta(minutes=30))  # too few: skipped
     log_images(store, classifier, version, images[17:24], now)  # this hour is still filling
     [window] = run_monitoring(settings, now=now)["windows"]
-    assert window["n"] == 12 and not window["drifting"] and (settings.monitoring.reports_dir / window["report"]).exists()
+    assert (
+        window["n"] == 12 and not window["drifting"] and (settings.monitoring.reports_dir / window["report"]).exists()
+    )
     assert run_monitoring(settings, now=now)["windows"] == []
 
     log_images(store, classifier, version, images[24:29], now)
     settings = settings.with_changes(monitoring={"keep_reports": 1})
     [next_hour] = run_monitoring(settings, now=now + timedelta(hours=1))["windows"]  # this hour, once elapsed
     assert next_hour["n"] == 12
-    assert sorted(p.name for p in settings.monitoring.reports_dir.iterdir()) == [next_hour["report"]]  # older HTML pruned
+    assert sorted(p.name for p in settings.monitoring.reports_dir.iterdir()) == [
+        next_hour["report"]
+    ]  # older HTML pruned
     assert [w["report"] for w in MonitorState(settings.monitoring.state_db).windows()] == [next_hour["report"], None]
 
 
@@ -291,8 +342,13 @@ def test_monitor_ui_serves_the_workspace_on_localhost_without_telemetry(project,
     port = free_port()
     env = {**os.environ, "HEMATOVISION_MONITOR_WORKSPACE": str(tmp_path / "workspace")}
     env.pop("DO_NOT_TRACK", None)  # the command itself must switch evidently's telemetry off
-    ui = subprocess.Popen([str(Path(sys.executable).parent / "hematovision"), "monitor", "ui", "--port", str(port)],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    ui = subprocess.Popen(
+        [str(Path(sys.executable).parent / "hematovision"), "monitor", "ui", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline, projects = time.monotonic() + 90, None
         while time.monotonic() < deadline and ui.poll() is None:
@@ -303,7 +359,9 @@ def test_monitor_ui_serves_the_workspace_on_localhost_without_telemetry(project,
                 time.sleep(0.5)
         assert projects is not None, ui.stdout.read().decode()[-3000:] if ui.poll() is not None else "no answer"
         assert [p["name"] for p in projects] == ["HematoVision drift"]
-        environ = dict(item.split("=", 1) for item in Path(f"/proc/{ui.pid}/environ").read_text().split("\0") if "=" in item)
+        environ = dict(
+            item.split("=", 1) for item in Path(f"/proc/{ui.pid}/environ").read_text().split("\0") if "=" in item
+        )
         assert environ.get("DO_NOT_TRACK") == "true"  # evidently's telemetry is off when DO_NOT_TRACK is set
         listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening

@@ -8,8 +8,8 @@ import pytest
 from hematovision.params import PromoteParams
 from hematovision.registry.gate import gate, promote
 from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry, RegistryError
-from hematovision.settings import get_settings
 from hematovision.registry.tracking import configure_mlflow
+from hematovision.settings import get_settings
 
 POLICY = PromoteParams(metric="val_macro_f1", min_improvement=0.0, per_class_tolerance=0.02, floor=0.8)
 

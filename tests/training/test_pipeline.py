@@ -17,11 +17,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import true_cell
 from hematovision.cli import app
 from hematovision.registry.registry import CHAMPION, Registry
-from hematovision.settings import get_settings
 from hematovision.registry.tracking import configure_mlflow
+from hematovision.settings import get_settings
+
+from conftest import true_cell
 
 runner = CliRunner()
 
@@ -41,7 +42,13 @@ def test_main_job_registers_a_champion_with_its_lineage(project, trained):
     assert "PASSED" in champion.tags["gate"]
 
     run = mlflow.get_run(champion.run_id)
-    for metric in ("val_macro_f1", "test_accuracy", "test_cell_accuracy_ci95_low", "new_site_accuracy", "test_f1_monocyte"):
+    for metric in (
+        "val_macro_f1",
+        "test_accuracy",
+        "test_cell_accuracy_ci95_low",
+        "new_site_accuracy",
+        "test_f1_monocyte",
+    ):
         assert metric in run.data.metrics, metric
     assert run.data.params["model.image_size"] == "96"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(champion.run_id, "evaluation")}
@@ -88,7 +95,9 @@ def test_evaluate_command_prints_json_for_any_class_folder(project, trained, tmp
     shutil.copytree(source / "lymphocyte", tmp_path / "Lymphocyte")
     (tmp_path / "platelets").mkdir()
     (tmp_path / "MONOCYTE" / "broken.jpg").write_bytes(b"not an image")
-    result = runner.invoke(app, ["evaluate", "--model", "models:/hematovision@champion", "--data", str(tmp_path), "--json"])
+    result = runner.invoke(
+        app, ["evaluate", "--model", "models:/hematovision@champion", "--data", str(tmp_path), "--json"]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["n_images"] == 6
@@ -96,7 +105,9 @@ def test_evaluate_command_prints_json_for_any_class_folder(project, trained, tmp
     assert metrics["unknown_folders"] == ["platelets"]
     assert metrics["unreadable_images"][0]["path"].endswith("broken.jpg")
 
-    missing = runner.invoke(app, ["evaluate", "--model", "models:/hematovision@champion", "--data", str(tmp_path / "nope")])
+    missing = runner.invoke(
+        app, ["evaluate", "--model", "models:/hematovision@champion", "--data", str(tmp_path / "nope")]
+    )
     assert missing.exit_code == 1 and "not a folder" in missing.output
 
 
@@ -105,8 +116,8 @@ def test_evaluation_through_the_cache_scores_the_model_as_it_answers(project, tr
     """The flow evaluates through the embedding cache; it must score every test-time view the
     service averages, not only the plain crop (it once did: recorded figures were one view's)."""
     from hematovision.model.embeddings import EmbeddingCache
-    from hematovision.training.evaluate import evaluate_folder
     from hematovision.registry.packaging import load_classifier
+    from hematovision.training.evaluate import evaluate_folder
 
     configure_mlflow()
     classifier = load_classifier("models:/hematovision@champion")
@@ -138,8 +149,11 @@ def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, tra
     settings = get_settings()
     registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
     logged = registry.metrics_of(trained["version"])
-    rescored = scored_on_validation(settings, load_params(project / "params.yaml"),
-                                    f"models:/{settings.registry.registered_model}/{trained['version']}")
+    rescored = scored_on_validation(
+        settings,
+        load_params(project / "params.yaml"),
+        f"models:/{settings.registry.registered_model}/{trained['version']}",
+    )
     assert rescored["val_macro_f1"] == pytest.approx(logged["val_macro_f1"], abs=0.02)
     for name in ("eosinophil", "lymphocyte", "monocyte", "neutrophil"):
         assert rescored[f"val_f1_{name}"] == pytest.approx(logged[f"val_f1_{name}"], abs=0.05)
@@ -158,7 +172,9 @@ def test_the_gate_will_not_compare_a_champion_on_cells_it_trained_on(project, tr
     manifest = load_manifest(settings)
     champion = trained["version"]
     assert registry.trained_on(champion) == set(manifest.path[manifest.split == "train"])
-    assert champion_saw_validation(registry.trained_on(champion), champion, manifest, "99") is None  # this run's own split
+    assert (
+        champion_saw_validation(registry.trained_on(champion), champion, manifest, "99") is None
+    )  # this run's own split
 
     one_train_cell = manifest.group[manifest.split == "train"].iloc[0]
     moved = manifest.assign(split=manifest.split.mask(manifest.group == one_train_cell, "val"))

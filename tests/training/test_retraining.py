@@ -4,23 +4,23 @@ only through the gate. The session's registry is shared: every test leaves the c
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import PBC
 from hematovision import CLASSES
+from hematovision.data.dvc import dvc_data_hash
 from hematovision.lab.corrections import Corrections
 from hematovision.monitoring.drift import fetch_reference
 from hematovision.monitoring.monitor import MonitorState
 from hematovision.params import PromoteParams
 from hematovision.registry.gate import gate
 from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry
-from hematovision.training.retrain import export_step, is_holdout, load_retrain_manifest
-from hematovision.settings import get_settings
-from hematovision.data.dvc import dvc_data_hash
 from hematovision.registry.tracking import configure_mlflow
+from hematovision.settings import get_settings
+from hematovision.training.retrain import export_step, is_holdout, load_retrain_manifest
+
+from conftest import PBC
 
 PER_CLASS = 14  # new-site images corrected per class
 
@@ -47,7 +47,7 @@ def corrected(project, trained):
     """A pathologist's corrections of new-site images (labels from the folder names)."""
     store = Corrections(project / "monitoring" / "lab.sqlite", project / "monitoring" / "corrections")
     for cls in CLASSES:
-        for path in sorted((PBC / cls).iterdir())[10:10 + PER_CLASS]:
+        for path in sorted((PBC / cls).iterdir())[10 : 10 + PER_CLASS]:
             store.submit("rita", cls, path.read_bytes(), comment="retraining test")
     return store
 
@@ -57,7 +57,9 @@ def test_gate_guards_a_metric_the_challenger_may_not_lose_on():
     champion = {"holdout_accuracy": 0.50, "test_accuracy": 0.80}
     wins = gate({"holdout_accuracy": 0.90, "test_accuracy": 0.795}, champion, policy, guards={"test_accuracy": 0.01})
     assert wins.passed and any("within the tolerance" in r for r in wins.reasons)
-    loses_test = gate({"holdout_accuracy": 0.90, "test_accuracy": 0.70}, champion, policy, guards={"test_accuracy": 0.01})
+    loses_test = gate(
+        {"holdout_accuracy": 0.90, "test_accuracy": 0.70}, champion, policy, guards={"test_accuracy": 0.01}
+    )
     assert not loses_test.passed and any("MORE than the tolerance" in r for r in loses_test.reasons)
     missing = gate({"holdout_accuracy": 0.90}, champion, policy, guards={"test_accuracy": 0.01})
     assert not missing.passed
@@ -81,7 +83,9 @@ def test_exporting_twice_changes_nothing(project, corrected):
 
 
 @pytest.mark.e2e
-def test_retraining_promotes_a_winner_with_its_lineage_and_never_trains_on_the_holdout(project, corrected, prefect_harness):
+def test_retraining_promotes_a_winner_with_its_lineage_and_never_trains_on_the_holdout(
+    project, corrected, prefect_harness
+):
     from flows.retraining import retraining_flow
 
     parent = champion_version()
@@ -160,15 +164,33 @@ def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefec
     # raise its corrections alert: the demo approves it and the monitor starts the retraining.
     monitored = tmp_path_factory.mktemp("demo-monitor")
     log = monitored / "predictions.sqlite"  # the demo's traffic alone, not the other tests'
-    settings = get_settings().with_changes(serving={"predictions_db": log}, monitoring={
-        "window_size": 10, "retrain_min_corrections": 20, "retrain_trigger": "approval",
-        "state_db": monitored / "monitor.sqlite", "reports_dir": monitored / "reports",
-        "workspace": monitored / "workspace", "references_dir": monitored / "references"})
-    config = DemoConfig(params_file=params_file(project, "demo", guard_tolerance=1.0, per_class_tolerance=1.0),
-                        test_images=16, new_site_images=40, corrections=40, eval_images=16, new_site_dir=PBC, swap_timeout_s=90,
-                        service_env={"HEMATOVISION_ALIAS_POLL_SECONDS": "1", "HEMATOVISION_PREDICTIONS_DB": str(log),
-                                     "HEMATOVISION_IMAGES_DIR": str(monitored / "images"),
-                                     "BENTOML_HOME": str(tmp_path_factory.mktemp("demo-bentoml"))})
+    settings = get_settings().with_changes(
+        serving={"predictions_db": log},
+        monitoring={
+            "window_size": 10,
+            "retrain_min_corrections": 20,
+            "retrain_trigger": "approval",
+            "state_db": monitored / "monitor.sqlite",
+            "reports_dir": monitored / "reports",
+            "workspace": monitored / "workspace",
+            "references_dir": monitored / "references",
+        },
+    )
+    config = DemoConfig(
+        params_file=params_file(project, "demo", guard_tolerance=1.0, per_class_tolerance=1.0),
+        test_images=16,
+        new_site_images=40,
+        corrections=40,
+        eval_images=16,
+        new_site_dir=PBC,
+        swap_timeout_s=90,
+        service_env={
+            "HEMATOVISION_ALIAS_POLL_SECONDS": "1",
+            "HEMATOVISION_PREDICTIONS_DB": str(log),
+            "HEMATOVISION_IMAGES_DIR": str(monitored / "images"),
+            "BENTOML_HOME": str(tmp_path_factory.mktemp("demo-bentoml")),
+        },
+    )
     try:
         result = run_demo(settings, config, say=lines.append)
         assert result["version_before"] == parent

@@ -15,31 +15,45 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import BLOOD_CELLS, add_user, service_env, start_service, stop_service
 from hematovision import CLASSES
 from hematovision.serving.prediction_log import PredictionStore
 
+from conftest import BLOOD_CELLS, add_user, service_env, start_service, stop_service
+
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager: no statistics, and it is never run (paths given)
 
-from selenium import webdriver  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
-from selenium.webdriver.chrome.service import Service  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
-from selenium.webdriver.common.by import By  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
-from selenium.webdriver.common.keys import Keys  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402 - after SE_AVOID_STATS, which Selenium reads when imported
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PASSWORD = "web pages need a long one"
-UPLOADS = [sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[6] for c in ("eosinophil", "lymphocyte", "monocyte")]
+UPLOADS = [
+    sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[6] for c in ("eosinophil", "lymphocyte", "monocyte")
+]
 TO_REVIEW = [p for c in CLASSES for p in sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[7:9]]
-CSV_COLUMNS = ["filename", "label", "confidence", *(f"p_{c}" for c in CLASSES), "needs_review", "cell_in_view",
-               "model_version", "prediction_id", "error"]
+CSV_COLUMNS = [
+    "filename",
+    "label",
+    "confidence",
+    *(f"p_{c}" for c in CLASSES),
+    "needs_review",
+    "cell_in_view",
+    "model_version",
+    "prediction_id",
+    "error",
+]
 WAIT = 60
 
 # Skipped on a developer's machine without them; never in CI, which installs them (.ci/run).
-pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not os.environ.get("CI"),
-                                reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and not os.environ.get("CI"),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +73,26 @@ def downloads(tmp_path_factory) -> Path:
 def browser(downloads):
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1366,900",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1366,900",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+    ):
         options.add_argument(arg)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False,
-                                              # a second CSV from the same page is not held for a permission prompt
-                                              "profile.default_content_setting_values.automatic_downloads": 1})
+    options.add_experimental_option(
+        "prefs",
+        {
+            "download.default_directory": str(downloads),
+            "download.prompt_for_download": False,
+            # a second CSV from the same page is not held for a permission prompt
+            "profile.default_content_setting_values.automatic_downloads": 1,
+        },
+    )
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     yield driver
@@ -75,11 +102,14 @@ def browser(downloads):
 def wait(driver, condition, timeout: float = WAIT, message: str = ""):
     try:
         # A page that re-renders (after a click, a refresh) replaces elements between find and read.
-        return WebDriverWait(driver, timeout, poll_frequency=0.2,
-                             ignored_exceptions=[StaleElementReferenceException]).until(condition, message)
+        return WebDriverWait(
+            driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
+        ).until(condition, message)
     except TimeoutException:
         page = driver.execute_script("return document.body ? document.body.innerText : ''")
-        raise AssertionError(f"timed out waiting for {message or 'the page'} on {driver.current_url}:\n{page[:3000]}") from None
+        raise AssertionError(
+            f"timed out waiting for {message or 'the page'} on {driver.current_url}:\n{page[:3000]}"
+        ) from None
 
 
 def snap(driver, name: str) -> None:
@@ -91,8 +121,11 @@ def snap(driver, name: str) -> None:
 
 def loaded(driver, css: str) -> bool:
     """Whether the image matched by ``css`` exists and decoded (naturalWidth > 0)."""
-    return bool(driver.execute_script(
-        "const i = document.querySelector(arguments[0]); return !!i && i.complete && i.naturalWidth > 0;", css))
+    return bool(
+        driver.execute_script(
+            "const i = document.querySelector(arguments[0]); return !!i && i.complete && i.naturalWidth > 0;", css
+        )
+    )
 
 
 def sign_in_browser(driver, url: str, name: str, password: str = PASSWORD, then: str | None = None) -> None:
@@ -114,9 +147,14 @@ def download_csv(driver, downloads: Path) -> list[dict]:
     # Chromium may show the file under its final name before its bytes are written (CI once read it
     # empty), so wait for the page's CSV to be complete: it always ends with a line break.
     deadline = time.monotonic() + 20
-    while not ((saved := list(downloads.glob("*.csv"))) and saved[0].read_bytes().endswith(b"\r\n")
-               and not list(downloads.glob("*.crdownload"))):
-        assert time.monotonic() < deadline, f"no complete CSV was downloaded into {downloads}: {list(downloads.iterdir())}"
+    while not (
+        (saved := list(downloads.glob("*.csv")))
+        and saved[0].read_bytes().endswith(b"\r\n")
+        and not list(downloads.glob("*.crdownload"))
+    ):
+        assert time.monotonic() < deadline, (
+            f"no complete CSV was downloaded into {downloads}: {list(downloads.iterdir())}"
+        )
         time.sleep(0.2)
     reader = csv.DictReader(io.StringIO(saved[0].read_text(encoding="utf-8")))
     assert reader.fieldnames == CSV_COLUMNS
@@ -124,7 +162,9 @@ def download_csv(driver, downloads: Path) -> list[dict]:
 
 
 @pytest.mark.e2e
-def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, service_url, browser, downloads, tmp_path):
+def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(
+    project, service_url, browser, downloads, tmp_path
+):
     browser.get(f"{service_url}/")
     assert browser.current_url.endswith("/ui/")
     model = requests.get(f"{service_url}/model", timeout=10).json()
@@ -135,14 +175,19 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
 
     browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in UPLOADS))
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result.done")) == 3, message="3 results")
-    wait(browser, lambda d: all(loaded(d, f'.result[data-name="{p.name}"] img.gradcam') for p in UPLOADS),
-         message="every Grad-CAM overlay loaded")
+    wait(
+        browser,
+        lambda d: all(loaded(d, f'.result[data-name="{p.name}"] img.gradcam') for p in UPLOADS),
+        message="every Grad-CAM overlay loaded",
+    )
     snap(browser, "predict")
 
     store = PredictionStore(project / "monitoring" / "predictions.sqlite")
     for path in UPLOADS:
         card = browser.find_element(By.CSS_SELECTOR, f'.result[data-name="{path.name}"]')
-        expected = requests.post(f"{service_url}/predict", files={"image": (path.name, path.read_bytes())}, timeout=60).json()
+        expected = requests.post(
+            f"{service_url}/predict", files={"image": (path.name, path.read_bytes())}, timeout=60
+        ).json()
         assert card.get_attribute("data-label") == expected["label"]
         assert card.find_element(By.CSS_SELECTOR, ".label").text.lower() == expected["label"]
         assert card.find_element(By.CSS_SELECTOR, ".confidence").text == f"{100 * expected['confidence']:.1f} %"
@@ -174,8 +219,14 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
     broken.write_bytes(b"\xff\xd8\xff this is not really a jpeg")
     good = sorted((BLOOD_CELLS / "TEST" / "NEUTROPHIL").glob("*.jpeg"))[6]
     browser.find_element(By.ID, "files").send_keys(f"{broken}\n{good}")
-    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result.done")) == 4
-         and len(d.find_elements(By.CSS_SELECTOR, ".result.failed")) == 1, message="one failed, four done")
+    wait(
+        browser,
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, ".result.done")) == 4
+            and len(d.find_elements(By.CSS_SELECTOR, ".result.failed")) == 1
+        ),
+        message="one failed, four done",
+    )
     failed = browser.find_element(By.CSS_SELECTOR, ".result.failed")
     assert failed.get_attribute("data-name") == "broken.jpg"
     refused = requests.post(f"{service_url}/predict", files={"image": ("broken.jpg", broken.read_bytes())}, timeout=60)
@@ -191,8 +242,12 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(project, 
 @pytest.mark.e2e
 def test_review_page_corrects_three_with_the_keyboard(project, service_url, browser, web_people):
     for path in TO_REVIEW:  # fill the queue (the test service flags nearly every answer needs_review)
-        assert requests.post(f"{service_url}/predict", files={"image": (path.name, path.read_bytes())},
-                             timeout=60).status_code == 200
+        assert (
+            requests.post(
+                f"{service_url}/predict", files={"image": (path.name, path.read_bytes())}, timeout=60
+            ).status_code
+            == 200
+        )
     api = requests.Session()
     login = api.post(f"{service_url}/login", data={"username": "wendy", "password": PASSWORD}, timeout=30)
     assert login.status_code == 200
@@ -207,8 +262,11 @@ def test_review_page_corrects_three_with_the_keyboard(project, service_url, brow
 
     chosen: dict[str, tuple[str, str]] = {}  # prediction id -> (predicted, corrected)
     for n in range(3):
-        wait(browser, lambda d: d.find_element(By.ID, "item").get_attribute("data-prediction-id") not in (None, "", *chosen),
-             message="the next item")
+        wait(
+            browser,
+            lambda d: d.find_element(By.ID, "item").get_attribute("data-prediction-id") not in (None, "", *chosen),
+            message="the next item",
+        )
         wait(browser, lambda d: loaded(d, "img.image") and loaded(d, "img.gradcam"), message="image and Grad-CAM")
         if n == 0:
             snap(browser, "review")
@@ -224,21 +282,30 @@ def test_review_page_corrects_three_with_the_keyboard(project, service_url, brow
             comment.send_keys(Keys.ESCAPE)
         ActionChains(browser).send_keys(str(CLASSES.index(corrected) + 1)).perform()
         chosen[prediction_id] = (predicted, corrected)
-        wait(browser, lambda d, k=n + 1: d.find_element(By.ID, "reviewed-count").text == str(k), message=f"count {n + 1}")
+        wait(
+            browser, lambda d, k=n + 1: d.find_element(By.ID, "reviewed-count").text == str(k), message=f"count {n + 1}"
+        )
     assert browser.find_element(By.ID, "reviewed-split").text == "0 confirmed · 3 corrected"
 
     after = api.get(f"{service_url}/feedback/stats", timeout=30).json()
     assert after["corrections"] == before["corrections"] + 3
     assert after["overall"]["confirmed"] == before["overall"]["confirmed"]
     classes = after["confusion"]["classes"]
-    added = {(classes[i], classes[j]): a - b for i, (ra, rb) in enumerate(zip(after["confusion"]["matrix"], before["confusion"]["matrix"]))
-             for j, (a, b) in enumerate(zip(ra, rb)) if a != b}
+    added = {
+        (classes[i], classes[j]): a - b
+        for i, (ra, rb) in enumerate(zip(after["confusion"]["matrix"], before["confusion"]["matrix"]))
+        for j, (a, b) in enumerate(zip(ra, rb))
+        if a != b
+    }
     expected: dict[tuple[str, str], int] = {}
     for pair in chosen.values():
         expected[pair] = expected.get(pair, 0) + 1
     assert added == expected
-    exported = [r for r in csv.DictReader(io.StringIO(api.get(f"{service_url}/feedback/export.csv", timeout=30).text))
-                if r["reviewer"] == "wendy"]
+    exported = [
+        r
+        for r in csv.DictReader(io.StringIO(api.get(f"{service_url}/feedback/export.csv", timeout=30).text))
+        if r["reviewer"] == "wendy"
+    ]
     assert {r["prediction_id"]: (r["predicted_class"], r["true_class"]) for r in exported} == chosen
     assert sorted(r["comment"] for r in exported) == ["", "", "smudged, checked at 100x"]
     queue = {i["id"] for i in api.get(f"{service_url}/review/queue", params={"limit": 500}, timeout=30).json()["items"]}
@@ -251,13 +318,24 @@ def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web
     login = api.post(f"{service_url}/login", data={"username": "wendy", "password": PASSWORD}, timeout=30)
     assert login.status_code == 200
     image = TO_REVIEW[0].read_bytes()  # at least one review, whichever tests ran before
-    assert api.post(f"{service_url}/feedback", files={"image": ("cell.jpeg", image)}, data={"true_class": "monocyte"},
-                    headers={"X-CSRF-Token": login.json()["csrf_token"]}, timeout=30).status_code == 201
+    assert (
+        api.post(
+            f"{service_url}/feedback",
+            files={"image": ("cell.jpeg", image)},
+            data={"true_class": "monocyte"},
+            headers={"X-CSRF-Token": login.json()["csrf_token"]},
+            timeout=30,
+        ).status_code
+        == 201
+    )
     stats = api.get(f"{service_url}/feedback/stats", timeout=30).json()
 
     sign_in_browser(browser, service_url, "wendy", then="lab.html")
-    wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#tile-corrections .value").text == str(stats["corrections"]),
-         message="the number of reviews")
+    wait(
+        browser,
+        lambda d: d.find_element(By.CSS_SELECTOR, "#tile-corrections .value").text == str(stats["corrections"]),
+        message="the number of reviews",
+    )
     snap(browser, "lab")
     overall = stats["overall"]
     assert browser.find_element(By.CSS_SELECTOR, "#tile-agreement .value").text == f"{100 * overall['agreement']:.1f} %"
@@ -270,7 +348,9 @@ def test_lab_page_shows_the_statistics_and_signing_out(service_url, browser, web
     matrix = stats["confusion"]["matrix"]
     for i, predicted in enumerate(CLASSES):
         for j, corrected in enumerate(CLASSES):
-            cell = browser.find_element(By.CSS_SELECTOR, f'td[data-predicted="{predicted}"][data-corrected="{corrected}"]')
+            cell = browser.find_element(
+                By.CSS_SELECTOR, f'td[data-predicted="{predicted}"][data-corrected="{corrected}"]'
+            )
             assert cell.text == str(matrix[i][j])
     assert browser.find_element(By.ID, "export-csv").get_attribute("href").endswith("/feedback/export.csv")
     assert browser.find_element(By.ID, "report-pdf").get_attribute("href").endswith("/feedback/report.pdf")
@@ -287,11 +367,19 @@ def test_ops_page_shows_the_drift_status_and_an_engineer_approves_an_alert(proje
     from hematovision.monitoring.monitor import MonitorState
 
     state = MonitorState(project / "monitoring" / "monitor.sqlite")  # the service's monitoring state
-    alert = state.add_alert("drift", "1", "images drift from model v1's reference (browser test)",
-                            {"signals": ["embeddings"]}, "awaiting_approval")
+    alert = state.add_alert(
+        "drift",
+        "1",
+        "images drift from model v1's reference (browser test)",
+        {"signals": ["embeddings"]},
+        "awaiting_approval",
+    )
     browser.get(f"{service_url}/ui/ops.html")
-    wait(browser, lambda d: "for ops, engineers and admins" in d.find_element(By.ID, "message").text,
-         message="the sign-in notice")
+    wait(
+        browser,
+        lambda d: "for ops, engineers and admins" in d.find_element(By.ID, "message").text,
+        message="the sign-in notice",
+    )
     sign_in_browser(browser, service_url, "ellie", then="ops.html")
     row = f'#alerts tr[data-alert="{alert["id"]}"]'
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), message="the alert")
@@ -330,7 +418,9 @@ def test_every_page_links_the_shared_style_and_nothing_external():
 
 
 @pytest.mark.e2e
-def test_predict_page_asks_to_sign_in_where_predicting_requires_it(project, trained, browser, web_people, tmp_path_factory):
+def test_predict_page_asks_to_sign_in_where_predicting_requires_it(
+    project, trained, browser, web_people, tmp_path_factory
+):
     env = {**service_env(tmp_path_factory), "HEMATOVISION_PREDICT_REQUIRES_TOKEN": "true"}
     server, url = start_service(project, tmp_path_factory.mktemp("signed-in-only") / "service.log", env)
     try:
@@ -340,7 +430,9 @@ def test_predict_page_asks_to_sign_in_where_predicting_requires_it(project, trai
         wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".result.failed"), message="the refused image")
         message = browser.find_element(By.ID, "message")
         assert "signed-in users" in message.text
-        assert message.find_element(By.LINK_TEXT, "Sign in").get_attribute("href").endswith("login.html?next=index.html")
+        assert (
+            message.find_element(By.LINK_TEXT, "Sign in").get_attribute("href").endswith("login.html?next=index.html")
+        )
         assert browser.find_element(By.CSS_SELECTOR, ".result.failed .err").text == "sign-in required"
 
         sign_in_browser(browser, url, "wendy", then="index.html")

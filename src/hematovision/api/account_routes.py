@@ -29,8 +29,12 @@ async def login(request: Request) -> JSONResponse:
     key = (username, request.client.host if request.client else "")
     wait = login_limiter.retry_after(key)
     if wait > 0:
-        raise ApiError(429, "too_many_attempts", f"too many failed sign-ins; try again in {wait:.0f} s",
-                       {"retry-after": str(int(wait) + 1)})
+        raise ApiError(
+            429,
+            "too_many_attempts",
+            f"too many failed sign-ins; try again in {wait:.0f} s",
+            {"retry-after": str(int(wait) + 1)},
+        )
     settings = get_settings()
     accounts = stores.accounts(settings)
     user = accounts.authenticate(username, password) if username and password else None
@@ -41,8 +45,15 @@ async def login(request: Request) -> JSONResponse:
     secret, session = accounts.start_session(user)
     stores.corrections(settings).audit(user.username, "login")
     response = JSONResponse({"username": user.username, "roles": sorted(user.roles), "csrf_token": session.csrf_token})
-    response.set_cookie(COOKIE, secret, httponly=True, samesite="strict", secure=request.url.scheme == "https",
-                        max_age=int(settings.lab.session_hours * 3600), path="/")
+    response.set_cookie(
+        COOKIE,
+        secret,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        max_age=int(settings.lab.session_hours * 3600),
+        path="/",
+    )
     return response
 
 
@@ -63,4 +74,8 @@ def me(request: Request) -> dict:
     user, session = identify(request)
     if user is None:
         raise ApiError(401, "unauthorized", "not signed in")
-    return {"username": user.username, "roles": sorted(user.roles), "csrf_token": session.csrf_token if session else None}
+    return {
+        "username": user.username,
+        "roles": sorted(user.roles),
+        "csrf_token": session.csrf_token if session else None,
+    }

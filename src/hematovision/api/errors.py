@@ -20,8 +20,14 @@ from hematovision.serving.predictor import NotReady
 
 ERROR_HEADER = "x-hematovision-error"
 # HTTP status per ImageRejected code; codes not listed are 422 (well-formed request, unusable image).
-IMAGE_STATUS = {"too_large": 413, "decompression_bomb": 413, "unsupported_format": 415, "missing_image": 400,
-                "unknown_prediction": 404, "image_not_retained": 404}
+IMAGE_STATUS = {
+    "too_large": 413,
+    "decompression_bomb": 413,
+    "unsupported_format": 415,
+    "missing_image": 400,
+    "unknown_prediction": 404,
+    "image_not_retained": 404,
+}
 
 
 class ApiError(Exception):
@@ -41,8 +47,12 @@ def error_body(code: str, detail: str) -> bytes:
 
 def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> Response:
     """The error shape as a response, marked with the ``x-hematovision-error`` header."""
-    return Response(error_body(code, detail), status_code=status, media_type="application/json",
-                    headers={ERROR_HEADER: code, **(headers or {})})
+    return Response(
+        error_body(code, detail),
+        status_code=status,
+        media_type="application/json",
+        headers={ERROR_HEADER: code, **(headers or {})},
+    )
 
 
 def from_serving(error: ImageRejected | NotReady) -> ApiError:

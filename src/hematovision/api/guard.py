@@ -17,9 +17,10 @@ Responses the service already shaped carry the ``x-hematovision-error`` header a
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
@@ -29,9 +30,19 @@ from hematovision.api.errors import ERROR_HEADER, error_body
 
 _ERROR_HEADER = ERROR_HEADER.encode()
 _DRAIN_LIMIT = 1 << 30  # read and discard at most this much of a refused body, so the client sees the answer
-_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large",
-          415: "unsupported_media_type", 422: "unprocessable", 429: "overloaded", 500: "internal",
-          503: "unavailable", 504: "timeout"}
+_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "overloaded",
+    500: "internal",
+    503: "unavailable",
+    504: "timeout",
+}
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -49,8 +60,14 @@ class Upload:
 
 
 class RequestGuard:
-    def __init__(self, app, routes: dict[str, Upload], max_bytes: int,
-                 ready: Callable[[], bool] | None = None, authorize: Callable[[Scope], bool] | None = None) -> None:
+    def __init__(
+        self,
+        app,
+        routes: dict[str, Upload],
+        max_bytes: int,
+        ready: Callable[[], bool] | None = None,
+        authorize: Callable[[Scope], bool] | None = None,
+    ) -> None:
         self.app, self.routes, self.max_bytes, self.ready, self.authorize = app, routes, max_bytes, ready, authorize
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -65,8 +82,12 @@ class RequestGuard:
             return await _respond(send, 405, "method_not_allowed", "use POST", [(b"allow", b"POST")])
         if upload.public and self.authorize is not None and not self.authorize(scope):
             await _drain(receive)
-            return await _respond(send, 401, "unauthorized", "this service requires signing in or an API token "
-                                  "('Authorization: Bearer <token>')")
+            return await _respond(
+                send,
+                401,
+                "unauthorized",
+                "this service requires signing in or an API token ('Authorization: Bearer <token>')",
+            )
         if self.ready is not None and not self.ready():
             await _drain(receive)
             return await _respond(send, 503, "not_ready", "no model loaded yet; retry shortly (see /readyz)")
@@ -159,9 +180,18 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 async def _respond(send: Send, status: int, code: str, detail: str, extra: list | None = None) -> None:
     body = error_body(code, detail)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (_ERROR_HEADER, code.encode()), *(extra or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (_ERROR_HEADER, code.encode()),
+                *(extra or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -186,9 +216,18 @@ def _enveloping(send: Send) -> Send:
             body = error_body(code, detail)
             keep = [(k, v) for k, v in held.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
             held = None
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [*keep, (b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()), (_ERROR_HEADER, code.encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        *keep,
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (_ERROR_HEADER, code.encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         await send(message)
@@ -210,6 +249,8 @@ def _describe(status: int, body: bytes) -> tuple[str, str]:
     if isinstance(data, dict):
         detail = data.get("detail") or data.get("error") or text
         if isinstance(detail, list):  # pydantic errors
-            detail = "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in detail if isinstance(e, dict))
+            detail = "; ".join(
+                f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in detail if isinstance(e, dict)
+            )
         text = str(detail)
     return code, (text or HTTPStatus(status).phrase)[:500]

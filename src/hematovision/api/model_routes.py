@@ -36,8 +36,12 @@ async def promote(request: Request, version: str) -> dict:
         decision = promote_step(settings, load_params(settings.path(Path("params.yaml")), None), version, force)
     except RegistryError as error:
         raise ApiError(404, "unknown_version", str(error)) from None
-    stores.corrections(settings).audit(user.username, "promote" if decision.passed else "promote_refused", version,
-                                       {"reasons": decision.reasons, "force": force})
+    stores.corrections(settings).audit(
+        user.username,
+        "promote" if decision.passed else "promote_refused",
+        version,
+        {"reasons": decision.reasons, "force": force},
+    )
     if not decision.passed:
         raise ApiError(409, "gate_refused", "; ".join(decision.reasons))
     return {"champion": version, "reasons": decision.reasons}

@@ -75,6 +75,12 @@ def report(request: Request, name: str) -> FileResponse:
     path = (folder / name).resolve()
     if path.parent != folder or not path.is_file():
         raise ApiError(404, "unknown_report", "no such report")
-    return FileResponse(path, media_type="text/html; charset=utf-8", headers={
-        "content-security-policy": "sandbox allow-scripts", "x-content-type-options": "nosniff",
-        "cache-control": "private, max-age=300"})
+    return FileResponse(
+        path,
+        media_type="text/html; charset=utf-8",
+        headers={
+            "content-security-policy": "sandbox allow-scripts",
+            "x-content-type-options": "nosniff",
+            "cache-control": "private, max-age=300",
+        },
+    )

@@ -25,17 +25,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(project_dir: Path, log: Path, env: dict | None = None, timeout: float = 180,
-                  host: str = "127.0.0.1", port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_service(
+    project_dir: Path,
+    log: Path,
+    env: dict | None = None,
+    timeout: float = 180,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+) -> tuple[subprocess.Popen, str]:
     """Start ``bentoml serve`` in ``project_dir`` (its own process group, output to ``log``) and wait
     until ``/readyz`` answers 200; returns the process and the base URL."""
     port = port or free_port()
     bentoml = str(Path(sys.executable).parent / "bentoml")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        server = subprocess.Popen([bentoml, "serve", "hematovision.api.service:HematoVision", "--host", host,
-                                   "--port", str(port)], cwd=project_dir, env=env if env is not None else dict(os.environ),
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [bentoml, "serve", "hematovision.api.service:HematoVision", "--host", host, "--port", str(port)],
+            cwd=project_dir,
+            env=env if env is not None else dict(os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout
     while True:

@@ -34,17 +34,26 @@ router = APIRouter()
 
 
 @router.get("/review/queue")
-def review_queue(request: Request, limit: int = 50, label: str | None = None, model_version: str | None = None,
-                 since: str | None = None, until: str | None = None) -> dict:
+def review_queue(
+    request: Request,
+    limit: int = 50,
+    label: str | None = None,
+    model_version: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+) -> dict:
     """Predictions awaiting review, least certain first (filters: predicted label, model version,
     ISO time range)."""
     require(request, "pathologist")
     settings = get_settings()
     corrections = stores.corrections(settings)
-    items = stores.prediction_log(settings).review_queue(corrections.reviewed_prediction_ids(), max(1, min(limit, 500)),
-                                                         label, model_version, since, until)
-    return {"items": [{**item, "image_url": f"/review/image/{item['id']}"} for item in items],
-            "classes": list(corrections.classes)}
+    items = stores.prediction_log(settings).review_queue(
+        corrections.reviewed_prediction_ids(), max(1, min(limit, 500)), label, model_version, since, until
+    )
+    return {
+        "items": [{**item, "image_url": f"/review/image/{item['id']}"} for item in items],
+        "classes": list(corrections.classes),
+    }
 
 
 @router.get("/review/image/{prediction_id}")
@@ -53,8 +62,11 @@ def review_image(request: Request, prediction_id: str) -> Response:
     record = stores.prediction_log(get_settings()).get(prediction_id)
     if record is None or record["image_path"] is None:
         raise ApiError(404, "image_not_retained", "no kept image for this prediction")
-    return Response(Path(record["image_path"]).read_bytes(), media_type="application/octet-stream",
-                    headers={"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"})
+    return Response(
+        Path(record["image_path"]).read_bytes(),
+        media_type="application/octet-stream",
+        headers={"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"},
+    )
 
 
 @router.post("/feedback", status_code=201)
@@ -76,8 +88,9 @@ async def feedback(request: Request) -> dict:
     if not isinstance(image, (bytes, bytearray)) or not image:
         raise ApiError(400, "missing_image", "send 'prediction_id' of a kept prediction or the 'image' file")
     try:
-        return stores.corrections(settings).submit(user.username, str(form.get("true_class", "")), bytes(image),
-                                                   prediction, str(form.get("comment", "")))
+        return stores.corrections(settings).submit(
+            user.username, str(form.get("true_class", "")), bytes(image), prediction, str(form.get("comment", ""))
+        )
     except CorrectionError as error:
         raise ApiError(422, "bad_correction", str(error)) from None
 
@@ -94,22 +107,39 @@ def feedback_stats(request: Request) -> dict:
 def feedback_csv(request: Request) -> Response:
     require(request, *READERS)
     buffer = io.StringIO()
-    columns = ["created_at", "reviewer", "prediction_id", "model_version", "predicted_class", "true_class",
-               "confirmed", "image_sha256", "comment"]
+    columns = [
+        "created_at",
+        "reviewer",
+        "prediction_id",
+        "model_version",
+        "predicted_class",
+        "true_class",
+        "confirmed",
+        "image_sha256",
+        "comment",
+    ]
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
     writer.writeheader()
     for row in stores.corrections(get_settings()).all():
-        writer.writerow({**row, "confirmed": row["predicted_class"] == row["true_class"] if row["predicted_class"] else ""})
-    return Response(buffer.getvalue(), media_type="text/csv",
-                    headers={"content-disposition": 'attachment; filename="hematovision-reviews.csv"'})
+        writer.writerow(
+            {**row, "confirmed": row["predicted_class"] == row["true_class"] if row["predicted_class"] else ""}
+        )
+    return Response(
+        buffer.getvalue(),
+        media_type="text/csv",
+        headers={"content-disposition": 'attachment; filename="hematovision-reviews.csv"'},
+    )
 
 
 @router.get("/feedback/report.pdf")
 def feedback_pdf(request: Request) -> Response:
     """The reviewed results as a PDF report (agreement, confusion, disputed images)."""
     require(request, *READERS)
-    return Response(report_pdf(stores.corrections(get_settings()).stats()), media_type="application/pdf",
-                    headers={"content-disposition": 'attachment; filename="hematovision-reviews.pdf"'})
+    return Response(
+        report_pdf(stores.corrections(get_settings()).stats()),
+        media_type="application/pdf",
+        headers={"content-disposition": 'attachment; filename="hematovision-reviews.pdf"'},
+    )
 
 
 @router.get("/audit")

@@ -106,10 +106,17 @@ class HematoVision:
             result = await run_in_threadpool(self.predictor.explain, data, prediction_id, class_name)
         except (ImageRejected, NotReady) as error:
             return errors.from_serving(error).response()
-        return Response(result["png"], media_type="image/png", headers={
-            "x-hematovision-label": result["label"], "x-hematovision-class": result["explained_class"],
-            "x-hematovision-confidence": f"{result['confidence']:.4f}",
-            "x-hematovision-model-version": str(result["model_version"]), "cache-control": "no-store"})
+        return Response(
+            result["png"],
+            media_type="image/png",
+            headers={
+                "x-hematovision-label": result["label"],
+                "x-hematovision-class": result["explained_class"],
+                "x-hematovision-confidence": f"{result['confidence']:.4f}",
+                "x-hematovision-model-version": str(result["model_version"]),
+                "cache-control": "no-store",
+            },
+        )
 
     @app.get("/model")
     def model(self) -> dict:
@@ -134,9 +141,12 @@ class FrontDoor:
 HematoVision.add_asgi_middleware(FrontDoor)
 HematoVision.add_asgi_middleware(
     RequestGuard,
-    routes={"/predict": Upload("image"), "/predict_batch": Upload("images", MAX_BATCH_FILES),
-            "/explain": Upload("image", required=False),
-            "/feedback": Upload("image", required=False, public=False)},  # review_routes checks the role
+    routes={
+        "/predict": Upload("image"),
+        "/predict_batch": Upload("images", MAX_BATCH_FILES),
+        "/explain": Upload("image", required=False),
+        "/feedback": Upload("image", required=False, public=False),
+    },  # review_routes checks the role
     max_bytes=get_settings().serving.max_request_bytes,
     ready=lambda: _models is not None and _models.ready,
     authorize=may_predict,

@@ -30,8 +30,9 @@ def cluster_cells(embeddings: np.ndarray, max_distance: float) -> np.ndarray:
     n = len(embeddings)
     if n < 2:
         return np.zeros(n, dtype=int)
-    raw = AgglomerativeClustering(n_clusters=None, distance_threshold=max_distance, metric="cosine",
-                                  linkage="average").fit_predict(np.asarray(embeddings, dtype=np.float64))
+    raw = AgglomerativeClustering(
+        n_clusters=None, distance_threshold=max_distance, metric="cosine", linkage="average"
+    ).fit_predict(np.asarray(embeddings, dtype=np.float64))
     _, first, inverse = np.unique(raw, return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first))  # cluster -> its number by first appearance
     return rank[inverse]

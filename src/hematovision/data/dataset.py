@@ -14,16 +14,16 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from hematovision import CLASSES
-from hematovision.data.imaging import ImageError, load_rgb
 from hematovision.data.cells import group_by_content
+from hematovision.data.imaging import ImageError, load_rgb
 
 # Embeddings (one row each) of the images at these paths: how prepare() finds cells by content.
 Embedder = Callable[[list[Path]], np.ndarray]
@@ -89,9 +89,7 @@ def scan_kaggle(root: Path) -> pd.DataFrame:
                 else:
                     group = f"{prefix}/file:{f.stem}"
                     unmatched += 1
-                rows.append(
-                    {"path": f.relative_to(root).as_posix(), "split": split, "label": label, "group": group}
-                )
+                rows.append({"path": f.relative_to(root).as_posix(), "split": split, "label": label, "group": group})
     if unmatched:
         log.warning("%d files do not match _<k>_<n>; each is its own group", unmatched)
     return pd.DataFrame(rows, columns=["path", "split", "label", "group"])
@@ -160,9 +158,7 @@ def validate_images(df: pd.DataFrame, root: Path, workers: int | None = None) ->
     return ok, bad
 
 
-def grouped_split(
-    df: pd.DataFrame, val_fraction: float, seed: int, *, min_val_groups: int = 2
-) -> pd.Series:
+def grouped_split(df: pd.DataFrame, val_fraction: float, seed: int, *, min_val_groups: int = 2) -> pd.Series:
     """Assign each training row to "train" or "val", whole groups at a time, per class.
 
     Uses the rows whose ``split`` is "train" (all rows if there is no split column). Within each
@@ -220,8 +216,14 @@ def _counts(df: pd.DataFrame) -> dict:
     return {"images": _nested(by.size()), "groups": _nested(by["group"].nunique())}
 
 
-def prepare(source: Path, out_dir: Path, val_fraction: float, seed: int, embed: Embedder | None = None,
-            cell_max_distance: float = 0.25) -> dict:
+def prepare(
+    source: Path,
+    out_dir: Path,
+    val_fraction: float,
+    seed: int,
+    embed: Embedder | None = None,
+    cell_max_distance: float = 0.25,
+) -> dict:
     """Scan ``source``, validate every image, split train/val by group and write the outputs.
 
     With ``embed``, each image's group is the cell found by clustering the embeddings of its crop

@@ -42,7 +42,10 @@ def import_data(settings: Settings) -> dict[str, Any]:
     recorded_source = _dvc_import_source(dvc_file)
     wanted_source = _relative(source, dvc_file.parent)
     if pinned and recorded_source == wanted_source:
-        if not data_dir.exists() or run_dvc("status", str(dvc_file.name), cwd=dvc_file.parent).strip() not in ("", "Data and pipelines are up to date."):
+        if not data_dir.exists() or run_dvc("status", str(dvc_file.name), cwd=dvc_file.parent).strip() not in (
+            "",
+            "Data and pipelines are up to date.",
+        ):
             run_dvc("update", dvc_file.name, cwd=dvc_file.parent)
     else:
         run_dvc("import-url", "--force", wanted_source, data_dir.name, cwd=dvc_file.parent)

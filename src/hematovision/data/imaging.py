@@ -218,9 +218,7 @@ def image_stats(rgb: Image.Image | np.ndarray) -> dict[str, float]:
     mid.thumbnail((512, 512), Image.Resampling.BILINEAR)
     grey = np.asarray(mid.convert("L"), dtype=np.float32)
     if min(grey.shape) >= 3:
-        lap = (
-            grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4.0 * grey[1:-1, 1:-1]
-        )
+        lap = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4.0 * grey[1:-1, 1:-1]
         sharpness = float(lap.var())
     else:
         sharpness = 0.0

@@ -43,9 +43,11 @@ _CROP_MAX_SHARE = 1.0
 
 # Everything above that shapes a crop. Cached embeddings are keyed by it (model.py), so a change
 # here is never answered with vectors of the old crops.
-CROP_SIGNATURE = (f"{_WORK_SHORT_SIDE}:{_NUCLEUS_BG_DIFF}:{_NUCLEUS_MAX_VALUE}:{_MIN_NUCLEUS_FRACTION}:"
-                  f"{_CENTRE_PRIOR_SCALE}:{_LOBE_MIN_SHARE}:{_LOBE_MAX_GAP}:{_CROP_FACTOR}:{_CROP_MIN_SHARE}:"
-                  f"{_CROP_MAX_SHARE}")
+CROP_SIGNATURE = (
+    f"{_WORK_SHORT_SIDE}:{_NUCLEUS_BG_DIFF}:{_NUCLEUS_MAX_VALUE}:{_MIN_NUCLEUS_FRACTION}:"
+    f"{_CENTRE_PRIOR_SCALE}:{_LOBE_MIN_SHARE}:{_LOBE_MAX_GAP}:{_CROP_FACTOR}:{_CROP_MIN_SHARE}:"
+    f"{_CROP_MAX_SHARE}"
+)
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,10 @@ def locate_wbc(rgb: np.ndarray | Image.Image) -> WbcBox:
     ys, xs = np.nonzero(keep)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     wedge = small.max(axis=2) < _WEDGE_MAX_VALUE
-    at_edge = bool(min(y0, x0, sh - y1, sw - x1) <= _EDGE_MARGIN
-                   or (wedge & (ndi.distance_transform_edt(~keep) <= _EDGE_MARGIN)).any())
+    at_edge = bool(
+        min(y0, x0, sh - y1, sw - x1) <= _EDGE_MARGIN
+        or (wedge & (ndi.distance_transform_edt(~keep) <= _EDGE_MARGIN)).any()
+    )
     nuc_side = max(y1 - y0, x1 - x0) * f
     side = float(np.clip(_CROP_FACTOR * nuc_side, _CROP_MIN_SHARE * short, _CROP_MAX_SHARE * short))
     return WbcBox(

@@ -17,7 +17,7 @@ import re
 import secrets
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from argon2 import PasswordHasher
@@ -102,8 +102,10 @@ class Accounts:
             raise AccountError(f"roles must be among {', '.join(ROLES)} (got {', '.join(roles) or 'none'})")
         try:
             with transaction(self._db) as db:
-                db.execute("INSERT INTO users VALUES (?, ?, ?, 0, ?)",
-                           (username, _hasher.hash(password), ",".join(sorted(set(roles))), utc_now()))
+                db.execute(
+                    "INSERT INTO users VALUES (?, ?, ?, 0, ?)",
+                    (username, _hasher.hash(password), ",".join(sorted(set(roles))), utc_now()),
+                )
         except sqlite3.IntegrityError:
             raise AccountError(f"user {username!r} already exists") from None
         return User(username, frozenset(roles))
@@ -123,8 +125,9 @@ class Accounts:
 
     # --- signing in -------------------------------------------------------------------------
     def authenticate(self, username: str, password: str) -> User | None:
-        row = self._one("SELECT password_hash, roles, disabled FROM users WHERE username = ?",
-                        (username.strip().lower(),))
+        row = self._one(
+            "SELECT password_hash, roles, disabled FROM users WHERE username = ?", (username.strip().lower(),)
+        )
         try:
             _hasher.verify(row[0] if row else _DUMMY_HASH, password)
         except (VerificationError, InvalidHashError):
@@ -139,12 +142,19 @@ class Accounts:
     def start_session(self, user: User) -> tuple[str, Session]:
         """A new session: returns the secret for the cookie and the session (with its CSRF token)."""
         secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         with transaction(self._db) as db:
             db.execute("DELETE FROM sessions WHERE expires_at < ?", (now.isoformat(),))
-            db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
-                       (_sha256(secret), user.username, csrf, now.isoformat(),
-                        (now + timedelta(hours=self.session_hours)).isoformat()))
+            db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+                (
+                    _sha256(secret),
+                    user.username,
+                    csrf,
+                    now.isoformat(),
+                    (now + timedelta(hours=self.session_hours)).isoformat(),
+                ),
+            )
         return secret, Session(user, csrf)
 
     def session(self, secret: str | None) -> Session | None:
@@ -153,7 +163,8 @@ class Accounts:
         row = self._one(
             "SELECT s.username, u.roles, s.csrf_token FROM sessions s JOIN users u USING (username) "
             "WHERE s.id_sha256 = ? AND s.expires_at > ? AND u.disabled = 0",
-            (_sha256(secret), datetime.now(timezone.utc).isoformat()))
+            (_sha256(secret), datetime.now(UTC).isoformat()),
+        )
         return None if row is None else Session(User(row[0], frozenset(row[1].split(","))), row[2])
 
     def end_session(self, secret: str | None) -> None:
@@ -177,5 +188,7 @@ class Accounts:
             return None
         row = self._one(
             "SELECT u.username, u.roles FROM api_tokens t JOIN users u USING (username) "
-            "WHERE t.token_sha256 = ? AND u.disabled = 0", (_sha256(token),))
+            "WHERE t.token_sha256 = ? AND u.disabled = 0",
+            (_sha256(token),),
+        )
         return None if row is None else User(row[0], frozenset(row[1].split(",")))

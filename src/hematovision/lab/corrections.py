@@ -84,8 +84,9 @@ class Corrections:
         return self.images_dir / sha256[:2] / sha256
 
     # --- writing ----------------------------------------------------------------------------
-    def submit(self, reviewer: str, true_class: str, image: bytes, prediction: dict[str, Any] | None = None,
-               comment: str = "") -> dict[str, Any]:
+    def submit(
+        self, reviewer: str, true_class: str, image: bytes, prediction: dict[str, Any] | None = None, comment: str = ""
+    ) -> dict[str, Any]:
         """Record one correction (or confirmation); returns it as stored."""
         true_class = true_class.strip().lower()
         if true_class not in self.classes:
@@ -94,14 +95,28 @@ class Corrections:
             raise CorrectionError("a correction needs the image")
         sha = hashlib.sha256(image).hexdigest()
         write_durably(self.image_path(sha), image)
-        row = {"id": uuid.uuid4().hex, "created_at": utc_now(), "reviewer": reviewer, "image_sha256": sha,
-               "true_class": true_class, "predicted_class": (prediction or {}).get("label"),
-               "model_version": (prediction or {}).get("model_version"), "prediction_id": (prediction or {}).get("id"),
-               "comment": comment.strip()[:2000]}
+        row = {
+            "id": uuid.uuid4().hex,
+            "created_at": utc_now(),
+            "reviewer": reviewer,
+            "image_sha256": sha,
+            "true_class": true_class,
+            "predicted_class": (prediction or {}).get("label"),
+            "model_version": (prediction or {}).get("model_version"),
+            "prediction_id": (prediction or {}).get("id"),
+            "comment": comment.strip()[:2000],
+        }
         with transaction(self.db) as db:
-            db.execute(f"INSERT INTO corrections ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
-            _audit(db, reviewer, "confirm" if row["predicted_class"] == true_class else "correct", row["id"],
-                   {k: row[k] for k in ("true_class", "predicted_class", "model_version", "prediction_id")})
+            db.execute(
+                f"INSERT INTO corrections ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
+            _audit(
+                db,
+                reviewer,
+                "confirm" if row["predicted_class"] == true_class else "correct",
+                row["id"],
+                {k: row[k] for k in ("true_class", "predicted_class", "model_version", "prediction_id")},
+            )
         return row
 
     def audit(self, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None) -> None:
@@ -112,15 +127,18 @@ class Corrections:
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM corrections")[0][0])
 
-
     def count_since(self, since: str) -> int:
         """Corrections recorded after ``since`` (ISO time)."""
         return int(self.db.execute("SELECT COUNT(*) FROM corrections WHERE created_at > ?", (since,))[0][0])
+
     def all(self) -> list[dict[str, Any]]:
         return rows_as_dicts(self.db, "SELECT * FROM corrections ORDER BY created_at, id")
 
     def reviewed_prediction_ids(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT DISTINCT prediction_id FROM corrections WHERE prediction_id IS NOT NULL")}
+        return {
+            r[0]
+            for r in self.db.execute("SELECT DISTINCT prediction_id FROM corrections WHERE prediction_id IS NOT NULL")
+        }
 
     def audit_log(self, limit: int = 200) -> list[dict[str, Any]]:
         rows = rows_as_dicts(self.db, "SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
@@ -146,8 +164,11 @@ class Corrections:
 
         def agreement(group: list[dict]) -> dict[str, Any]:
             confirmed = sum(r["predicted_class"] == r["true_class"] for r in group)
-            return {"reviewed": len(group), "confirmed": confirmed,
-                    "agreement": round(confirmed / len(group), 4) if group else None}
+            return {
+                "reviewed": len(group),
+                "confirmed": confirmed,
+                "agreement": round(confirmed / len(group), 4) if group else None,
+            }
 
         def grouped(key) -> dict[str, Any]:
             groups: dict[str, list] = defaultdict(list)
@@ -163,9 +184,12 @@ class Corrections:
             "per_class": grouped(lambda r: r["predicted_class"]),
             "per_model_version": grouped(lambda r: str(r["model_version"])),
             "per_day": grouped(lambda r: r["created_at"][:10]),
-            "confusion": {"classes": list(self.classes),
-                          "matrix": [[confusion[(p, t)] for t in self.classes] for p in self.classes],
-                          "rows": "predicted", "columns": "corrected"},
+            "confusion": {
+                "classes": list(self.classes),
+                "matrix": [[confusion[(p, t)] for t in self.classes] for p in self.classes],
+                "rows": "predicted",
+                "columns": "corrected",
+            },
             "disputed_images": disputed,
         }
 
@@ -197,11 +221,17 @@ class Corrections:
         for cls in self.classes:
             (dest / cls).mkdir(exist_ok=True)
         counts = Counter(p.parent.name for p in wanted)
-        return {"images": len(wanted), "added": added, "removed": len(existing - set(wanted)),
-                "per_class": {c: counts.get(c, 0) for c in self.classes},
-                "disputed": sum(1 for v in self.labels_by_image().values() if v["agreed"] is None)}
+        return {
+            "images": len(wanted),
+            "added": added,
+            "removed": len(existing - set(wanted)),
+            "per_class": {c: counts.get(c, 0) for c in self.classes},
+            "disputed": sum(1 for v in self.labels_by_image().values() if v["agreed"] is None),
+        }
 
 
 def _audit(db, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
-    db.execute("INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
-               (utc_now(), actor, action, target, json.dumps(detail, sort_keys=True)))
+    db.execute(
+        "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+        (utc_now(), actor, action, target, json.dumps(detail, sort_keys=True)),
+    )

@@ -21,5 +21,7 @@ def export_corrections(settings: Settings) -> dict[str, Any]:
     result = store.export(dest)
     dvc_file = dest.with_name(dest.name + ".dvc")
     run_dvc("add", dest.name, cwd=dest.parent)
-    store.audit("cli", "feedback_export", str(dvc_file.name), {k: result[k] for k in ("images", "added", "removed", "disputed")})
+    store.audit(
+        "cli", "feedback_export", str(dvc_file.name), {k: result[k] for k in ("images", "added", "removed", "disputed")}
+    )
     return {**result, "path": str(dest), "dvc_file": str(dvc_file), "md5": dvc_data_hash(dvc_file)}

@@ -90,8 +90,19 @@ def lite0_weights_path() -> Path:
 _Mapping = list[tuple[str, str, str]]
 
 
-def _conv_bn_act(x, filters: int, kernel: int, stride: int, name: str, prefix: str, bn: str,
-                 mapping: _Mapping, *, depthwise: bool = False, activation: bool = True):
+def _conv_bn_act(
+    x,
+    filters: int,
+    kernel: int,
+    stride: int,
+    name: str,
+    prefix: str,
+    bn: str,
+    mapping: _Mapping,
+    *,
+    depthwise: bool = False,
+    activation: bool = True,
+):
     if depthwise:
         x = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=name)(x)
     else:
@@ -109,12 +120,15 @@ def _mbconv(x, index: int, kernel: int, stride: int, expand: int, filters: int, 
     name, prefix = f"block{index}", f"_blocks.{index}."
     inputs, in_filters = x, x.shape[-1]
     if expand != 1:
-        x = _conv_bn_act(x, in_filters * expand, 1, 1, f"{name}_expand_conv", f"{prefix}_expand_conv",
-                         f"{prefix}_bn0", mapping)
-    x = _conv_bn_act(x, 0, kernel, stride, f"{name}_dwconv", f"{prefix}_depthwise_conv", f"{prefix}_bn1",
-                     mapping, depthwise=True)
-    x = _conv_bn_act(x, filters, 1, 1, f"{name}_project_conv", f"{prefix}_project_conv", f"{prefix}_bn2",
-                     mapping, activation=False)
+        x = _conv_bn_act(
+            x, in_filters * expand, 1, 1, f"{name}_expand_conv", f"{prefix}_expand_conv", f"{prefix}_bn0", mapping
+        )
+    x = _conv_bn_act(
+        x, 0, kernel, stride, f"{name}_dwconv", f"{prefix}_depthwise_conv", f"{prefix}_bn1", mapping, depthwise=True
+    )
+    x = _conv_bn_act(
+        x, filters, 1, 1, f"{name}_project_conv", f"{prefix}_project_conv", f"{prefix}_bn2", mapping, activation=False
+    )
     if stride == 1 and in_filters == filters:
         x = layers.Add(name=f"{name}_add")([x, inputs])
     return x
@@ -182,6 +196,7 @@ def build_lite0(input_size: int = 224, include_top: bool = False, weights: bool 
 
 # --- fine-tuning ------------------------------------------------------------------------------------
 
+
 def _leaf_layers(model: keras.Model):
     """All layers of ``model``, looking inside nested models (a backbone used as one layer)."""
     for layer in model.layers:
@@ -221,7 +236,7 @@ def trainable_top(model: keras.Model, n_blocks: int) -> keras.Model:
     if not 0 <= n_blocks <= len(BLOCK_NAMES):
         raise ValueError(f"n_blocks must be in 0..{len(BLOCK_NAMES)}, got {n_blocks}")
     backbone = {id(layer) for layer in _find_backbone(model).layers}
-    tuned = tuple(f"{name}_" for name in BLOCK_NAMES[len(BLOCK_NAMES) - n_blocks:]) + ("head_",)
+    tuned = tuple(f"{name}_" for name in BLOCK_NAMES[len(BLOCK_NAMES) - n_blocks :]) + ("head_",)
     leaves = list(_leaf_layers(model))
     others = {id(layer): layer.trainable for layer in leaves if id(layer) not in backbone}
     # A frozen container hides every weight inside it, so open all containers, then decide per layer.

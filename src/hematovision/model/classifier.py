@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -60,6 +60,7 @@ def build_keras_model(config: ClassifierConfig, pretrained: bool = True):
 
 def read_crops(sources: Sequence[str | Path | bytes], image_size: int, workers: int = 2) -> np.ndarray:
     """Decode and crop many images (the localisation is numpy work that threads overlap well)."""
+
     def one(source):
         return crop_wbc(np.asarray(load_rgb(source)), image_size)
 
@@ -84,7 +85,7 @@ class Classifier:
         return self.config.classes
 
     @classmethod
-    def new(cls, config: ClassifierConfig) -> "Classifier":
+    def new(cls, config: ClassifierConfig) -> Classifier:
         return cls(build_keras_model(config), config)
 
     # --- inference -----------------------------------------------------------------------------
@@ -115,7 +116,9 @@ class Classifier:
             probabilities.append(self.classify_embeddings(emb).reshape(views, len(chunk), -1).mean(axis=0))
             embeddings.append(emb[: len(chunk)])
         if not probabilities:
-            return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, self.backbone.output_shape[-1]), np.float32)
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros(
+                (0, self.backbone.output_shape[-1]), np.float32
+            )
         return np.concatenate(probabilities), np.concatenate(embeddings)
 
     def predict_images(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
@@ -141,7 +144,7 @@ class Classifier:
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> "Classifier":
+    def load(cls, directory: Path) -> Classifier:
         import keras
 
         config = ClassifierConfig(**json.loads((Path(directory) / CONFIG_FILE).read_text()))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
 from hematovision.model.classifier import dihedral_view
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ class EmbeddingCache:
     def close(self) -> None:
         self.db.close()
 
-    def __enter__(self) -> "EmbeddingCache":
+    def __enter__(self) -> EmbeddingCache:
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -87,7 +89,7 @@ class EmbeddingCache:
 
 
 def cached_embeddings(
-    classifier: "Classifier",
+    classifier: Classifier,
     paths: list[Path],
     cache: EmbeddingCache,
     crops: np.ndarray | None = None,

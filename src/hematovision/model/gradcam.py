@@ -135,8 +135,9 @@ def overlay_image(rgb: np.ndarray, box: WbcBox, heatmap: np.ndarray) -> np.ndarr
         out[sy0:sy1, sx0:sx1] = _blend(rgb[sy0:sy1, sx0:sx1], heat[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0])
     image = Image.fromarray(out)
     # Drawn inward from the box's edge, so the outline too stays inside the box.
-    ImageDraw.Draw(image).rectangle((x0, y0, x0 + side - 1, y0 + side - 1), outline=_OUTLINE,
-                                    width=max(1, min(width, height) // 160))
+    ImageDraw.Draw(image).rectangle(
+        (x0, y0, x0 + side - 1, y0 + side - 1), outline=_OUTLINE, width=max(1, min(width, height) // 160)
+    )
     return np.asarray(image)
 
 

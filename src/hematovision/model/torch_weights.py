@@ -73,8 +73,9 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> _TensorRef:
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+) -> _TensorRef:
     # Same signature as torch._utils._rebuild_tensor_v2; the data is materialised later.
     if not isinstance(storage, _Storage):
         raise TorchCheckpointError("tensor rebuilt from something that is not a storage")
@@ -138,7 +139,7 @@ def _materialise(ref: _TensorRef) -> np.ndarray:
     if ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= flat.size:
         raise TorchCheckpointError("tensor view lies outside its storage")
     view = np.lib.stride_tricks.as_strided(
-        flat[ref.offset:], shape=ref.shape, strides=[s * flat.itemsize for s in ref.stride], writeable=False
+        flat[ref.offset :], shape=ref.shape, strides=[s * flat.itemsize for s in ref.stride], writeable=False
     )
     array = np.array(view, order="C")  # copy: detach from the file buffer
     if flat.dtype == _BFLOAT16:

@@ -41,11 +41,12 @@ import json
 import shutil
 import threading
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,8 +68,13 @@ def embedding_columns(dim: int) -> list[str]:
     return [f"emb_{i}" for i in range(dim)]
 
 
-def profile_frame(stats: Sequence[dict[str, float]], labels: Sequence[str], confidences: Sequence[float],
-                  embeddings: np.ndarray, extra: dict[str, Sequence] | None = None) -> pd.DataFrame:
+def profile_frame(
+    stats: Sequence[dict[str, float]],
+    labels: Sequence[str],
+    confidences: Sequence[float],
+    embeddings: np.ndarray,
+    extra: dict[str, Sequence] | None = None,
+) -> pd.DataFrame:
     """The one row layout of references and windows: statistics, label, confidence, emb_0..emb_n."""
     frame = pd.DataFrame([{c: float(s.get(c, np.nan)) for c in STAT_COLUMNS} for s in stats])
     frame["label"] = list(labels)
@@ -87,7 +93,7 @@ def build_reference(classifier, image_paths: Sequence[Path], batch_size: int = 3
     stats, labels, confidences, embeddings = [], [], [], []
     for start in range(0, len(image_paths), batch_size):
         crops = []
-        for path in image_paths[start:start + batch_size]:
+        for path in image_paths[start : start + batch_size]:
             rgb = load_rgb(path)
             stats.append(image_stats(rgb))
             crops.append(crop_wbc(np.asarray(rgb), size))
@@ -115,13 +121,22 @@ def summarize(reference: pd.DataFrame) -> dict[str, Any]:
     norms = np.linalg.norm(emb, axis=1) if len(emb) else np.zeros(0)
     return {
         "n_images": int(len(reference)),
-        "image_stats": {c: {"mean": float(reference[c].mean()), "std": float(reference[c].std(ddof=0)),
-                            "p05": float(reference[c].quantile(0.05)), "p95": float(reference[c].quantile(0.95))}
-                        for c in STAT_COLUMNS},
+        "image_stats": {
+            c: {
+                "mean": float(reference[c].mean()),
+                "std": float(reference[c].std(ddof=0)),
+                "p05": float(reference[c].quantile(0.05)),
+                "p95": float(reference[c].quantile(0.95)),
+            }
+            for c in STAT_COLUMNS
+        },
         "class_mix": {k: float(v) for k, v in reference.label.value_counts(normalize=True).sort_index().items()},
         "confidence": {"mean": float(reference.confidence.mean()), "p05": float(reference.confidence.quantile(0.05))},
-        "embedding": {"dim": int(emb.shape[1]) if emb.ndim == 2 else 0, "norm_mean": float(norms.mean()) if len(norms) else 0.0,
-                      "norm_std": float(norms.std()) if len(norms) else 0.0},
+        "embedding": {
+            "dim": int(emb.shape[1]) if emb.ndim == 2 else 0,
+            "norm_mean": float(norms.mean()) if len(norms) else 0.0,
+            "norm_std": float(norms.std()) if len(norms) else 0.0,
+        },
     }
 
 
@@ -136,8 +151,9 @@ def load_reference(directory: Path) -> pd.DataFrame:
     return pd.read_parquet(Path(directory) / REFERENCE_FILE)
 
 
-def log_reference(classifier, manifest: pd.DataFrame, image_root: Path, work_dir: Path, max_images: int,
-                  seed: int) -> dict[str, Any]:
+def log_reference(
+    classifier, manifest: pd.DataFrame, image_root: Path, work_dir: Path, max_images: int, seed: int
+) -> dict[str, Any]:
     """Profile the validation split and log it to the active MLflow run (``monitoring/reference``)."""
     import mlflow
 
@@ -155,11 +171,16 @@ def fetch_reference(settings: Settings, version: str) -> pd.DataFrame:
         import mlflow
 
         run_id = stores.registry(settings).get_version(version).run_id
-        downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_ARTIFACT,
-                                                              tracking_uri=settings.tracking_uri))
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=REFERENCE_ARTIFACT, tracking_uri=settings.tracking_uri
+            )
+        )
         if not (downloaded / REFERENCE_FILE).exists():
-            raise FileNotFoundError(f"model version {version} (run {run_id}) has no {REFERENCE_ARTIFACT}: "
-                                    "it was trained before references were recorded; re-run its evaluate step")
+            raise FileNotFoundError(
+                f"model version {version} (run {run_id}) has no {REFERENCE_ARTIFACT}: "
+                "it was trained before references were recorded; re-run its evaluate step"
+            )
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(local.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,10 +204,16 @@ class DriftPolicy:
     signals: tuple[str, ...] = ("image_stats", "embeddings")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "DriftPolicy":
-        return cls(settings.drift.stats_threshold, settings.drift.stats_share, settings.drift.embedding_threshold,
-                   settings.drift.embedding_components, settings.drift.prediction_threshold,
-                   settings.drift.confidence_threshold, tuple(settings.drift.signals))
+    def from_settings(cls, settings: Settings) -> DriftPolicy:
+        return cls(
+            settings.drift.stats_threshold,
+            settings.drift.stats_share,
+            settings.drift.embedding_threshold,
+            settings.drift.embedding_components,
+            settings.drift.prediction_threshold,
+            settings.drift.confidence_threshold,
+            tuple(settings.drift.signals),
+        )
 
 
 @dataclass
@@ -199,9 +226,14 @@ class WindowCheck:
         return {"drifting": self.drifting, "signals": self.signals}
 
 
-def check_window(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPolicy,
-                 timestamp: datetime | None = None, name: str | None = None,
-                 tags: Sequence[str] = ()) -> WindowCheck:
+def check_window(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    policy: DriftPolicy,
+    timestamp: datetime | None = None,
+    name: str | None = None,
+    tags: Sequence[str] = (),
+) -> WindowCheck:
     """Run the Evidently report of ``current`` against ``reference``; decide each signal."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import EmbeddingsDrift, ValueDrift
@@ -214,24 +246,38 @@ def check_window(reference: pd.DataFrame, current: pd.DataFrame, policy: DriftPo
     # The projection is fitted on the reference alone, so every window is seen in the same
     # coordinates; Evidently then gets a few components instead of 1280 columns, which it is far
     # slower on.
-    ref_pcs, cur_pcs = project_embeddings(reference[emb_cols].to_numpy(np.float32), current[emb_cols].to_numpy(np.float32),
-                                          policy.embedding_components)
+    ref_pcs, cur_pcs = project_embeddings(
+        reference[emb_cols].to_numpy(np.float32), current[emb_cols].to_numpy(np.float32), policy.embedding_components
+    )
     pc_cols = [f"pc_{i}" for i in range(ref_pcs.shape[1])]
     columns = [*STAT_COLUMNS, "label", "confidence"]
-    definition = DataDefinition(numerical_columns=[*STAT_COLUMNS, "confidence"], categorical_columns=["label"],
-                                embeddings={EMBEDDING: pc_cols})
-    ref = Dataset.from_pandas(pd.concat([reference[columns].reset_index(drop=True), pd.DataFrame(ref_pcs, columns=pc_cols)], axis=1),
-                              data_definition=definition)
-    cur = Dataset.from_pandas(pd.concat([current[columns].reset_index(drop=True), pd.DataFrame(cur_pcs, columns=pc_cols)], axis=1),
-                              data_definition=definition)
-    report = Report([
-        DataDriftPreset(columns=list(STAT_COLUMNS), method="wasserstein", threshold=policy.stats_threshold,
-                        drift_share=policy.stats_share),
-        EmbeddingsDrift(embeddings_name=EMBEDDING,
-                        drift_method=MMDDriftMethod(threshold=policy.embedding_threshold)),
-        ValueDrift(column="label", method="jensenshannon", threshold=policy.prediction_threshold),
-        ValueDrift(column="confidence", method="wasserstein", threshold=policy.confidence_threshold),
-    ], include_tests=True)
+    definition = DataDefinition(
+        numerical_columns=[*STAT_COLUMNS, "confidence"], categorical_columns=["label"], embeddings={EMBEDDING: pc_cols}
+    )
+    ref = Dataset.from_pandas(
+        pd.concat([reference[columns].reset_index(drop=True), pd.DataFrame(ref_pcs, columns=pc_cols)], axis=1),
+        data_definition=definition,
+    )
+    cur = Dataset.from_pandas(
+        pd.concat([current[columns].reset_index(drop=True), pd.DataFrame(cur_pcs, columns=pc_cols)], axis=1),
+        data_definition=definition,
+    )
+    report = Report(
+        [
+            DataDriftPreset(
+                columns=list(STAT_COLUMNS),
+                method="wasserstein",
+                threshold=policy.stats_threshold,
+                drift_share=policy.stats_share,
+            ),
+            EmbeddingsDrift(
+                embeddings_name=EMBEDDING, drift_method=MMDDriftMethod(threshold=policy.embedding_threshold)
+            ),
+            ValueDrift(column="label", method="jensenshannon", threshold=policy.prediction_threshold),
+            ValueDrift(column="confidence", method="wasserstein", threshold=policy.confidence_threshold),
+        ],
+        include_tests=True,
+    )
     with _first_components_plot():
         snapshot = report.run(cur, ref, timestamp=timestamp, name=name, tags=list(tags))
     signals = signals_of(snapshot.dict(), policy)
@@ -288,18 +334,34 @@ def signals_of(snapshot: dict[str, Any], policy: DriftPolicy) -> dict[str, dict[
         kind = config["type"].rsplit(":", 1)[-1]
         if kind == "DriftedColumnsCount":
             share = float(value["share"])
-            signals["image_stats"] = {"score": share, "threshold": policy.stats_share, "drift": share >= policy.stats_share,
-                                      "method": f"share of statistics with normed Wasserstein >= {policy.stats_threshold}"}
+            signals["image_stats"] = {
+                "score": share,
+                "threshold": policy.stats_share,
+                "drift": share >= policy.stats_share,
+                "method": f"share of statistics with normed Wasserstein >= {policy.stats_threshold}",
+            }
         elif kind == "EmbeddingsDrift":
             score = float(value)
-            signals["embeddings"] = {"score": score, "threshold": policy.embedding_threshold,
-                                     "drift": score > policy.embedding_threshold, "method": "MMD on PCA of the reference"}
+            signals["embeddings"] = {
+                "score": score,
+                "threshold": policy.embedding_threshold,
+                "drift": score > policy.embedding_threshold,
+                "method": "MMD on PCA of the reference",
+            }
         elif kind == "ValueDrift" and config["column"] == "label":
-            signals["prediction"] = {"score": float(value), "threshold": policy.prediction_threshold,
-                                     "drift": float(value) >= policy.prediction_threshold, "method": "Jensen-Shannon distance"}
+            signals["prediction"] = {
+                "score": float(value),
+                "threshold": policy.prediction_threshold,
+                "drift": float(value) >= policy.prediction_threshold,
+                "method": "Jensen-Shannon distance",
+            }
         elif kind == "ValueDrift" and config["column"] == "confidence":
-            signals["confidence"] = {"score": float(value), "threshold": policy.confidence_threshold,
-                                     "drift": float(value) >= policy.confidence_threshold, "method": "normed Wasserstein"}
+            signals["confidence"] = {
+                "score": float(value),
+                "threshold": policy.confidence_threshold,
+                "drift": float(value) >= policy.confidence_threshold,
+                "method": "normed Wasserstein",
+            }
         elif kind == "ValueDrift":
             per_column[config["column"]] = float(value)
     if "image_stats" in signals:

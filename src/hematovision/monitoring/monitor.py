@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
-from datetime import datetime, timezone
-from typing import Any, Callable, Collection
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,13 +52,21 @@ logger = logging.getLogger("hematovision.monitoring.monitor")
 PROJECT_NAME = "HematoVision drift"
 # Starts retraining and returns what it did (the flow's summary, or a deployment run's id).
 RetrainingTrigger = Callable[[], Any]
+
+
 class MonitoringError(RuntimeError):
     """A run that cannot check anything (no champion, no reference)."""
 
 
 # --- the decision, as plain code ---------------------------------------------------------------
-def should_retrain(drift_streak: int, new_corrections: int, *, persistence: int, min_corrections: int,
-                   already_alerted: Collection[str] = ()) -> list[str]:
+def should_retrain(
+    drift_streak: int,
+    new_corrections: int,
+    *,
+    persistence: int,
+    min_corrections: int,
+    already_alerted: Collection[str] = (),
+) -> list[str]:
     """The reasons that newly call for retraining: ``"drift"`` when the last ``drift_streak``
     windows all drifted and that reaches ``persistence``, ``"corrections"`` when
     ``new_corrections`` reaches ``min_corrections``; a reason in ``already_alerted`` (an alert of
@@ -77,9 +86,13 @@ def read_log(log: PredictionStore, model_version: str, after_rowid: int) -> pd.D
     if not rows:
         return pd.DataFrame()
     embeddings = np.stack([decode_embedding(r["embedding"]) for r in rows])
-    return profile_frame([json.loads(r["image_stats"]) for r in rows], [r["label"] for r in rows],
-                         [r["confidence"] for r in rows], embeddings,
-                         {"rowid": [r["rowid"] for r in rows], "created_at": [r["created_at"] for r in rows]})
+    return profile_frame(
+        [json.loads(r["image_stats"]) for r in rows],
+        [r["label"] for r in rows],
+        [r["confidence"] for r in rows],
+        embeddings,
+        {"rowid": [r["rowid"] for r in rows], "created_at": [r["created_at"] for r in rows]},
+    )
 
 
 def complete_windows(rows: pd.DataFrame, settings: Settings, now: datetime | None = None) -> list[pd.DataFrame]:
@@ -89,9 +102,9 @@ def complete_windows(rows: pd.DataFrame, settings: Settings, now: datetime | Non
         return []
     if settings.monitoring.window == "count":
         size = settings.monitoring.window_size
-        return [rows.iloc[i:i + size] for i in range(0, len(rows) - size + 1, size)]
+        return [rows.iloc[i : i + size] for i in range(0, len(rows) - size + 1, size)]
     minutes = settings.monitoring.window_minutes
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     times = pd.to_datetime(rows.created_at, utc=True, format="ISO8601")
     bucket = (times.astype("int64") // int(minutes * 60e9)).to_numpy()
     current = int(pd.Timestamp(now).value // int(minutes * 60e9))
@@ -118,8 +131,9 @@ def post_webhook(url: str, alert: dict[str, Any], timeout: float = 5.0) -> str:
         return f"failed: {error}"
 
 
-def raise_alert(state: MonitorState, settings: Settings, kind: str, model_version: str, message: str,
-                detail: dict[str, Any]) -> dict[str, Any]:
+def raise_alert(
+    state: MonitorState, settings: Settings, kind: str, model_version: str, message: str, detail: dict[str, Any]
+) -> dict[str, Any]:
     status = {"auto": "approved", "approval": "awaiting_approval", "off": "open"}[settings.monitoring.retrain_trigger]
     alert = state.add_alert(kind, model_version, message, detail, status)
     if status == "approved":
@@ -130,7 +144,9 @@ def raise_alert(state: MonitorState, settings: Settings, kind: str, model_versio
     return state.alert(alert["id"])
 
 
-def retrain_approved(settings: Settings, state: MonitorState, trigger: RetrainingTrigger | None) -> list[dict[str, Any]]:
+def retrain_approved(
+    settings: Settings, state: MonitorState, trigger: RetrainingTrigger | None
+) -> list[dict[str, Any]]:
     """One retraining run for every alert approved so far (a drift alert and a corrections alert
     approved together ask for the same thing: a model trained on the corrections)."""
     if settings.monitoring.retrain_trigger == "off":
@@ -140,8 +156,9 @@ def retrain_approved(settings: Settings, state: MonitorState, trigger: Retrainin
         return []
     first = start_retraining(state, approved[0], trigger)
     for alert in approved[1:]:
-        state.update_alert(alert["id"], status=first["status"],
-                           detail={**alert["detail"], "retraining_of_alert": first["id"]})
+        state.update_alert(
+            alert["id"], status=first["status"], detail={**alert["detail"], "retraining_of_alert": first["id"]}
+        )
     return [first] + [state.alert(a["id"]) for a in approved[1:]]
 
 
@@ -155,12 +172,15 @@ def start_retraining(state: MonitorState, alert: dict[str, Any], trigger: Retrai
     state.update_alert(alert["id"], status="retraining")
     try:
         result = trigger()
-    except Exception as error:  # noqa: BLE001 - recorded on the alert, the monitor keeps running
+    except Exception as error:
         logger.exception("retraining for alert %s failed", alert["id"])
         state.update_alert(alert["id"], status="retraining_failed", detail={**alert["detail"], "error": str(error)})
     else:
-        state.update_alert(alert["id"], status="retrained",
-                           detail={**alert["detail"], "retraining": json.loads(json.dumps(result, default=str))})
+        state.update_alert(
+            alert["id"],
+            status="retrained",
+            detail={**alert["detail"], "retraining": json.loads(json.dumps(result, default=str))},
+        )
     return state.alert(alert["id"])
 
 
@@ -181,9 +201,13 @@ def workspace_project(settings: Settings):
     found = workspace.search_project(PROJECT_NAME)
     if found:
         return workspace, found[0]
-    project = workspace.create_project(PROJECT_NAME, description="Each window of the champion's predictions against its reference profile.")
+    project = workspace.create_project(
+        PROJECT_NAME, description="Each window of the champion's predictions against its reference profile."
+    )
     dashboard = project.dashboard
-    dashboard.add_panel(text_panel("HematoVision drift", "One point per window of the prediction log; thresholds in settings.py"))
+    dashboard.add_panel(
+        text_panel("HematoVision drift", "One point per window of the prediction log; thresholds in settings.py")
+    )
     panels = [
         ("Image statistics: share of drifted statistics", "DriftedColumnsCount", {"value_type": "share"}, "share"),
         ("Embeddings: MMD on PCA of the reference", "EmbeddingsDrift", {}, "MMD"),
@@ -191,10 +215,18 @@ def workspace_project(settings: Settings):
         ("Confidence (normed Wasserstein distance)", "ValueDrift", {"column": "confidence"}, "Wasserstein"),
     ]
     for title, metric, labels, legend in panels:
-        dashboard.add_panel(line_plot_panel(title, [PanelMetric(legend=legend, metric=metric, metric_labels=labels)], size="half"))
-    dashboard.add_panel(line_plot_panel("Image statistics, each (normed Wasserstein distance)", [
-        PanelMetric(legend=column, metric="ValueDrift", metric_labels={"column": column})
-        for column in ("brightness", "saturation", "hue", "sharpness", "dark_fraction")]))
+        dashboard.add_panel(
+            line_plot_panel(title, [PanelMetric(legend=legend, metric=metric, metric_labels=labels)], size="half")
+        )
+    dashboard.add_panel(
+        line_plot_panel(
+            "Image statistics, each (normed Wasserstein distance)",
+            [
+                PanelMetric(legend=column, metric="ValueDrift", metric_labels={"column": column})
+                for column in ("brightness", "saturation", "hue", "sharpness", "dark_fraction")
+            ],
+        )
+    )
     return workspace, project
 
 
@@ -204,18 +236,22 @@ def champion(settings: Settings) -> tuple[str, str]:
     version = stores.registry(settings).version_by_alias(CHAMPION)
     if version is None:
         raise MonitoringError("there is no champion to monitor: train one (`hematovision run`)")
-    created = datetime.fromtimestamp(int(version.creation_timestamp) / 1000, tz=timezone.utc)
+    created = datetime.fromtimestamp(int(version.creation_timestamp) / 1000, tz=UTC)
     return str(version.version), created.isoformat(timespec="milliseconds")
 
 
-def check_windows(settings: Settings, state: MonitorState, version: str, now: datetime | None = None) -> list[dict[str, Any]]:
+def check_windows(
+    settings: Settings, state: MonitorState, version: str, now: datetime | None = None
+) -> list[dict[str, Any]]:
     """Judge every new complete window of the champion's predictions; returns the recorded windows."""
     checkpoint_key = f"checkpoint:v{version}"
     rows = read_log(stores.prediction_log(settings), version, state.get(checkpoint_key, 0))
     windows = complete_windows(rows, settings, now)
     if len(windows) > settings.monitoring.max_windows_per_run:
-        logger.warning("%d windows waiting; checking the newest %d", len(windows), settings.monitoring.max_windows_per_run)
-        windows = windows[-settings.monitoring.max_windows_per_run:]
+        logger.warning(
+            "%d windows waiting; checking the newest %d", len(windows), settings.monitoring.max_windows_per_run
+        )
+        windows = windows[-settings.monitoring.max_windows_per_run :]
     if not windows:
         return []
     reference = fetch_reference(settings, version)
@@ -227,16 +263,34 @@ def check_windows(settings: Settings, state: MonitorState, version: str, now: da
     for window in windows:
         if settings.monitoring.window == "time" and len(window) < settings.monitoring.min_window_size:
             state.put(checkpoint_key, int(window.rowid.iloc[-1]))
-            logger.info("window of %d predictions ending %s skipped (fewer than %d)", len(window),
-                        window.created_at.iloc[-1], settings.monitoring.min_window_size)
+            logger.info(
+                "window of %d predictions ending %s skipped (fewer than %d)",
+                len(window),
+                window.created_at.iloc[-1],
+                settings.monitoring.min_window_size,
+            )
             continue
         end_at = str(window.created_at.iloc[-1])
-        result = check_window(reference, window, policy, timestamp=pd.Timestamp(end_at).to_pydatetime(),
-                              name=f"v{version} {window.created_at.iloc[0]} .. {end_at}", tags=[f"v{version}"])
-        row = {"checked_at": utc_now(), "model_version": version, "mode": settings.monitoring.window,
-               "first_rowid": int(window.rowid.iloc[0]), "last_rowid": int(window.rowid.iloc[-1]),
-               "start_at": str(window.created_at.iloc[0]), "end_at": end_at, "n": int(len(window)),
-               "drifting": result.drifting, "signals": result.signals}
+        result = check_window(
+            reference,
+            window,
+            policy,
+            timestamp=pd.Timestamp(end_at).to_pydatetime(),
+            name=f"v{version} {window.created_at.iloc[0]} .. {end_at}",
+            tags=[f"v{version}"],
+        )
+        row = {
+            "checked_at": utc_now(),
+            "model_version": version,
+            "mode": settings.monitoring.window,
+            "first_rowid": int(window.rowid.iloc[0]),
+            "last_rowid": int(window.rowid.iloc[-1]),
+            "start_at": str(window.created_at.iloc[0]),
+            "end_at": end_at,
+            "n": int(len(window)),
+            "drifting": result.drifting,
+            "signals": result.signals,
+        }
         window_id = state.add_window(row)
         report = f"window-{window_id:06d}.html"
         result.snapshot.save_html(str(reports_dir / report))
@@ -245,8 +299,15 @@ def check_windows(settings: Settings, state: MonitorState, version: str, now: da
         state.put(checkpoint_key, row["last_rowid"])
         drifted = [name for name, signal in result.signals.items() if signal["drift"]]
         (logger.warning if result.drifting else logger.info)(
-            "window %d (v%s, %d predictions, %s .. %s): %s%s", window_id, version, row["n"], row["start_at"], end_at,
-            "DRIFTING" if result.drifting else "no drift", f" (signals: {', '.join(drifted)})" if drifted else "")
+            "window %d (v%s, %d predictions, %s .. %s): %s%s",
+            window_id,
+            version,
+            row["n"],
+            row["start_at"],
+            end_at,
+            "DRIFTING" if result.drifting else "no drift",
+            f" (signals: {', '.join(drifted)})" if drifted else "",
+        )
         recorded.append({**row, "id": window_id, "report": report})
     prune_reports(settings, state)
     return recorded
@@ -271,16 +332,25 @@ def decide(settings: Settings, state: MonitorState, version: str, champion_since
     for alert in state.alerts(200):
         if alert["model_version"] != version:
             continue
-        if alert["kind"] == "corrections" or (alert["kind"] == "drift" and since and alert["detail"].get("since") == since):
+        if alert["kind"] == "corrections" or (
+            alert["kind"] == "drift" and since and alert["detail"].get("since") == since
+        ):
             alerted.add(alert["kind"])
     raised = []
-    for reason in should_retrain(streak, new, persistence=settings.drift.persistence,
-                                 min_corrections=settings.monitoring.retrain_min_corrections, already_alerted=alerted):
+    for reason in should_retrain(
+        streak,
+        new,
+        persistence=settings.drift.persistence,
+        min_corrections=settings.monitoring.retrain_min_corrections,
+        already_alerted=alerted,
+    ):
         if reason == "drift":
             latest = state.windows(1, version)[0]
             signals = [name for name, s in latest["signals"].items() if s["drift"]]
-            message = (f"images drift from model v{version}'s reference for {streak} consecutive windows "
-                       f"since {since} (signals: {', '.join(signals)})")
+            message = (
+                f"images drift from model v{version}'s reference for {streak} consecutive windows "
+                f"since {since} (signals: {', '.join(signals)})"
+            )
             detail = {"since": since, "windows": streak, "signals": signals, "report": latest["report"]}
         else:
             message = f"{new} new corrections since model v{version} was registered ({champion_since})"
@@ -289,8 +359,9 @@ def decide(settings: Settings, state: MonitorState, version: str, champion_since
     return raised
 
 
-def run_monitoring(settings: Settings | None = None, now: datetime | None = None,
-                   trigger: RetrainingTrigger | None = None) -> dict[str, Any]:
+def run_monitoring(
+    settings: Settings | None = None, now: datetime | None = None, trigger: RetrainingTrigger | None = None
+) -> dict[str, Any]:
     """One monitoring run: check new windows, raise alerts, start approved retraining with
     ``trigger`` (none given: alerts only). ``flows/monitoring.py`` runs the same steps as tasks."""
     settings = settings or get_settings()
@@ -301,8 +372,13 @@ def run_monitoring(settings: Settings | None = None, now: datetime | None = None
     alerts = decide(settings, state, version, champion_since)
     retraining = retrain_approved(settings, state, trigger) if trigger is not None else []
     state.put("last_run", {"at": utc_now(), "windows": len(windows), "alerts": [a["id"] for a in alerts]})
-    return {"model_version": version, "windows": windows, "alerts": alerts, "retraining": retraining,
-            "status": ops_status(settings, state)}
+    return {
+        "model_version": version,
+        "windows": windows,
+        "alerts": alerts,
+        "retraining": retraining,
+        "status": ops_status(settings, state),
+    }
 
 
 def ops_status(settings: Settings | None = None, state: MonitorState | None = None, limit: int = 10) -> dict[str, Any]:
@@ -327,9 +403,13 @@ def ops_status(settings: Settings | None = None, state: MonitorState | None = No
         "last_run": state.get("last_run"),
         "retrain_trigger": settings.monitoring.retrain_trigger,
         "persistence": settings.drift.persistence,
-        "alerts": [{**a, "report_url": f"/ops/reports/{a['detail']['report']}" if a["detail"].get("report") else None}
-                   for a in state.alerts(limit)],
-        "windows": [{k: w[k] for k in ("id", "start_at", "end_at", "n", "drifting", "signals")}
-                    | {"report_url": f"/ops/reports/{w['report']}" if w["report"] else None} for w in latest],
+        "alerts": [
+            {**a, "report_url": f"/ops/reports/{a['detail']['report']}" if a["detail"].get("report") else None}
+            for a in state.alerts(limit)
+        ],
+        "windows": [
+            {k: w[k] for k in ("id", "start_at", "end_at", "n", "drifting", "signals")}
+            | {"report_url": f"/ops/reports/{w['report']}" if w["report"] else None}
+            for w in latest
+        ],
     }
-

@@ -7,8 +7,9 @@ page reads, so showing the drift status never touches MLflow or Evidently.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hematovision.database import connect, rows_as_dicts, transaction, utc_now
 
@@ -52,13 +53,17 @@ class MonitorState:
         return json.loads(rows[0][0]) if rows else default
 
     def put(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT INTO monitor_kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                        (key, json.dumps(value)))
+        self.db.execute(
+            "INSERT INTO monitor_kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
 
     def add_window(self, row: dict[str, Any]) -> int:
         row = {**row, "signals": json.dumps(row["signals"]), "drifting": int(row["drifting"])}
         with transaction(self.db) as db:
-            cursor = db.execute(f"INSERT INTO windows ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            cursor = db.execute(
+                f"INSERT INTO windows ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
             return int(cursor.lastrowid)
 
     def set_report(self, window_id: int, report: str) -> None:
@@ -80,11 +85,21 @@ class MonitorState:
             streak, since = streak + 1, window["start_at"]
         return streak, since
 
-    def add_alert(self, kind: str, model_version: str, message: str, detail: dict[str, Any], status: str) -> dict[str, Any]:
-        row = {"created_at": utc_now(), "kind": kind, "model_version": model_version, "message": message,
-               "detail": json.dumps(detail), "status": status}
+    def add_alert(
+        self, kind: str, model_version: str, message: str, detail: dict[str, Any], status: str
+    ) -> dict[str, Any]:
+        row = {
+            "created_at": utc_now(),
+            "kind": kind,
+            "model_version": model_version,
+            "message": message,
+            "detail": json.dumps(detail),
+            "status": status,
+        }
         with transaction(self.db) as db:
-            cursor = db.execute(f"INSERT INTO alerts ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            cursor = db.execute(
+                f"INSERT INTO alerts ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+            )
         return self.alert(int(cursor.lastrowid))
 
     def alert(self, alert_id: int) -> dict[str, Any] | None:
@@ -96,7 +111,10 @@ class MonitorState:
         if status:
             sql += f" WHERE status IN ({', '.join('?' * len(status))})"
             params = list(status)
-        return [{**r, "detail": json.loads(r["detail"])} for r in rows_as_dicts(self.db, sql + " ORDER BY id DESC LIMIT ?", (*params, limit))]
+        return [
+            {**r, "detail": json.loads(r["detail"])}
+            for r in rows_as_dicts(self.db, sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        ]
 
     def update_alert(self, alert_id: int, **values: Any) -> None:
         if "detail" in values:
@@ -112,14 +130,17 @@ class MonitorState:
                 raise KeyError(alert_id)
             if rows[0][0] != "awaiting_approval":
                 raise ValueError(f"alert {alert_id} is {rows[0][0]}, not awaiting approval")
-            db.execute("UPDATE alerts SET status = 'approved', decided_by = ?, decided_at = ? WHERE id = ?",
-                       (user, utc_now(), alert_id))
+            db.execute(
+                "UPDATE alerts SET status = 'approved', decided_by = ?, decided_at = ? WHERE id = ?",
+                (user, utc_now(), alert_id),
+            )
         return self.alert(alert_id)
 
     def reports_beyond(self, keep: int) -> list[tuple[int, str]]:
         """(window id, report file) of every window with an HTML report but the newest ``keep``."""
-        rows = self.db.execute("SELECT id, report FROM windows WHERE report IS NOT NULL ORDER BY id DESC LIMIT -1 OFFSET ?",
-                               (keep,))
+        rows = self.db.execute(
+            "SELECT id, report FROM windows WHERE report IS NOT NULL ORDER BY id DESC LIMIT -1 OFFSET ?", (keep,)
+        )
         return [(int(window_id), str(report)) for window_id, report in rows]
 
     def clear_report(self, window_id: int) -> None:

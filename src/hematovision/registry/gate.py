@@ -8,8 +8,8 @@ service or the CLI. A decision carries its reasons; they are printed, written on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import pandas as pd
 
@@ -79,13 +79,17 @@ def gate(
     for key, tolerance in (guards or {}).items():
         if key not in challenger or key not in champion:
             passed = False
-            reasons.append(f"guard {key} cannot be checked: missing for the {'challenger' if key not in challenger else 'champion'}")
+            reasons.append(
+                f"guard {key} cannot be checked: missing for the {'challenger' if key not in challenger else 'champion'}"
+            )
             continue
         drop = champion[key] - challenger[key]
         within = drop <= tolerance
         passed = passed and within
-        reasons.append(f"{key} {challenger[key]:.4f} vs champion {champion[key]:.4f}: drop {max(drop, 0.0):.4f} "
-                       f"{'within' if within else 'MORE than'} the tolerance {tolerance:.4f}")
+        reasons.append(
+            f"{key} {challenger[key]:.4f} vs champion {champion[key]:.4f}: drop {max(drop, 0.0):.4f} "
+            f"{'within' if within else 'MORE than'} the tolerance {tolerance:.4f}"
+        )
     return GateDecision(passed, reasons)
 
 
@@ -118,7 +122,8 @@ def promote(
         decision = gate(
             dict(challenger_metrics) if challenger_metrics is not None else registry.metrics_of(version),
             (dict(champion_metrics) if champion_metrics is not None else registry.metrics_of(champion.version))
-            if champion is not None else None,
+            if champion is not None
+            else None,
             policy,
             guards=guards,
         )
@@ -132,8 +137,9 @@ def promote(
     return decision
 
 
-def champion_saw_validation(trained_on: set[str] | None, champion: str, manifest: pd.DataFrame,
-                            challenger: str) -> str | None:
+def champion_saw_validation(
+    trained_on: set[str] | None, champion: str, manifest: pd.DataFrame, challenger: str
+) -> str | None:
     """Why the champion cannot be compared on this run's validation split, or None if it can.
 
     A champion trained on pictures of a validation cell scores that cell from memory (after the
@@ -145,27 +151,38 @@ def champion_saw_validation(trained_on: set[str] | None, champion: str, manifest
     seen = val.group[val.path.isin(trained_on)].nunique()
     if seen == 0:
         return None
-    return (f"champion v{champion} was trained on pictures of {seen} of this run's {val.group.nunique()} validation "
-            f"cells, so validation cannot compare the two; compare them on TEST and promote by hand if the "
-            f"challenger is better: hematovision promote {challenger} --force")
+    return (
+        f"champion v{champion} was trained on pictures of {seen} of this run's {val.group.nunique()} validation "
+        f"cells, so validation cannot compare the two; compare them on TEST and promote by hand if the "
+        f"challenger is better: hematovision promote {challenger} --force"
+    )
 
 
 def retraining_policy(rp: RetrainParams) -> tuple[PromoteParams, dict[str, float]]:
     """The gate of a retrained challenger: win on ``rp.metric`` (the new site's holdout), lose no more
     than ``rp.guard_tolerance`` on ``rp.guard_metric`` (TEST); no floor (the parent already passed one)."""
-    policy = PromoteParams(metric=rp.metric, min_improvement=rp.min_improvement,
-                           per_class_tolerance=rp.per_class_tolerance, floor=0.0)
+    policy = PromoteParams(
+        metric=rp.metric, min_improvement=rp.min_improvement, per_class_tolerance=rp.per_class_tolerance, floor=0.0
+    )
     return policy, {rp.guard_metric: rp.guard_tolerance}
 
 
-def retraining_refusal(n_holdout: int, rp: RetrainParams, champion: str | None, parent: str,
-                       promote: bool) -> GateDecision | None:
+def retraining_refusal(
+    n_holdout: int, rp: RetrainParams, champion: str | None, parent: str, promote: bool
+) -> GateDecision | None:
     """Why a retrained challenger cannot be judged at all, or None when it can."""
     if n_holdout < rp.min_holdout:
-        return GateDecision(False, [f"only {n_holdout} held-out corrections (retrain.min_holdout {rp.min_holdout}): "
-                                    "the new site cannot be judged"])
+        return GateDecision(
+            False,
+            [
+                f"only {n_holdout} held-out corrections (retrain.min_holdout {rp.min_holdout}): "
+                "the new site cannot be judged"
+            ],
+        )
     if champion is None or champion != parent:
-        return GateDecision(False, [f"the champion moved from v{parent} while retraining: compare again before promoting"])
+        return GateDecision(
+            False, [f"the champion moved from v{parent} while retraining: compare again before promoting"]
+        )
     if not promote:
         return GateDecision(False, ["promotion not asked for"])
     return None

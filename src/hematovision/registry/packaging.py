@@ -16,7 +16,6 @@ import pandas as pd
 
 import hematovision
 from hematovision.model.classifier import CONFIG_FILE, Classifier
-from hematovision.model.classifier import Classifier
 
 ARTIFACT_KEY = "classifier"
 MODEL_NAME = "model"  # the name of the logged model inside its run
@@ -49,8 +48,10 @@ def log_classifier(classifier_dir: Path) -> str:
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "confidence")]
-                       + [ColSpec("double", f"p_{c}") for c in hematovision.CLASSES]),
+        outputs=Schema(
+            [ColSpec("string", "label"), ColSpec("double", "confidence")]
+            + [ColSpec("double", f"p_{c}") for c in hematovision.CLASSES]
+        ),
     )
     info = mlflow.pyfunc.log_model(
         name=MODEL_NAME,
@@ -67,7 +68,17 @@ def log_classifier(classifier_dir: Path) -> str:
 def _pinned_requirements() -> list[str]:
     from importlib.metadata import version
 
-    names = ["tensorflow-cpu", "keras", "numpy", "pandas", "pillow", "scipy", "scikit-learn", "pydantic-settings", "pyyaml"]
+    names = [
+        "tensorflow-cpu",
+        "keras",
+        "numpy",
+        "pandas",
+        "pillow",
+        "scipy",
+        "scikit-learn",
+        "pydantic-settings",
+        "pyyaml",
+    ]
     return [f"{name}=={version(name)}" for name in names] + [f"mlflow=={version('mlflow')}"]
 
 

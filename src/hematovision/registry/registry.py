@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,7 +102,7 @@ class Registry:
         self.client.set_registered_model_alias(self.name, CHALLENGER, result.version)
         return str(result.version)
 
-    def record_gate(self, version: str | int, decision: "GateDecision") -> None:
+    def record_gate(self, version: str | int, decision: GateDecision) -> None:
         """Write the gate's decision and its reasons on the version (tag ``gate``)."""
         self.client.set_model_version_tag(self.name, str(version), "gate", decision.summary()[:5000])
 
@@ -141,4 +141,4 @@ class Registry:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from hematovision.progress import Progress
 from hematovision.serving.batcher import run_model
@@ -32,8 +33,9 @@ def collect_images(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def predict_files(classifier, files: Sequence[Path], review_threshold: float, batch_size: int = 32,
-                  progress: Progress | None = None) -> list[dict[str, Any]]:
+def predict_files(
+    classifier, files: Sequence[Path], review_threshold: float, batch_size: int = 32, progress: Progress | None = None
+) -> list[dict[str, Any]]:
     """One row per file: label, confidence, a probability per class, needs_review, cell_in_view,
     or error."""
     classes = list(classifier.classes)
@@ -54,10 +56,13 @@ def predict_files(classifier, files: Sequence[Path], review_threshold: float, ba
             probabilities, _ = run_model(classifier, [p for _, p in prepared])
             for (row, image), probs in zip(prepared, probabilities):
                 best = int(probs.argmax())
-                row.update(label=classes[best], confidence=round(float(probs[best]), 4),
-                           needs_review=needs_review(float(probs[best]), review_threshold, image.cell_in_view),
-                           cell_in_view=image.cell_in_view,
-                           **{f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)})
+                row.update(
+                    label=classes[best],
+                    confidence=round(float(probs[best]), 4),
+                    needs_review=needs_review(float(probs[best]), review_threshold, image.cell_in_view),
+                    cell_in_view=image.cell_in_view,
+                    **{f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)},
+                )
         rows.extend(chunk_rows)
         if progress:
             progress("predicting", len(rows), len(files))

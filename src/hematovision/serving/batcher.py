@@ -13,8 +13,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,8 +29,12 @@ def run_model(classifier, images: Sequence[PreparedImage]) -> tuple[np.ndarray, 
     """Probabilities and embeddings, one row per image (crop -> backbone -> head, test-time views
     as the model was configured)."""
     size = classifier.config.image_size
-    crops = np.stack([p.crop if p.crop is not None and p.crop.shape[0] == size else crop_wbc(np.asarray(p.rgb), size)
-                      for p in images])
+    crops = np.stack(
+        [
+            p.crop if p.crop is not None and p.crop.shape[0] == size else crop_wbc(np.asarray(p.rgb), size)
+            for p in images
+        ]
+    )
     return classifier.predict_with_embeddings(crops)
 
 
@@ -97,5 +102,7 @@ class Batcher:
                     continue
                 start = 0
                 for images, future in group:
-                    future.set_result((probabilities[start : start + len(images)], embeddings[start : start + len(images)]))
+                    future.set_result(
+                        (probabilities[start : start + len(images)], embeddings[start : start + len(images)])
+                    )
                     start += len(images)

@@ -19,8 +19,12 @@ from hematovision.data.localize import cell_in_view, locate_and_crop
 
 # The formats a microscope camera or LIS export produces; anything else is refused before any
 # decoder runs, which also keeps PIL's rarer (and less hardened) parsers away from request bytes.
-ACCEPTED_FORMATS = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",),
-                    "TIFF": (b"II*\x00", b"MM\x00*"), "BMP": (b"BM",)}
+ACCEPTED_FORMATS = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "BMP": (b"BM",),
+}
 _OTHER_IMAGE_MAGIC = (b"GIF87a", b"GIF89a", b"RIFF", b"\x00\x00\x01\x00", b"8BPS", b"\x00\x00\x00\x0cjP")
 
 

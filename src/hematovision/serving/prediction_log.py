@@ -32,10 +32,11 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,12 +59,24 @@ CREATE TABLE IF NOT EXISTS predictions (
 CREATE INDEX IF NOT EXISTS predictions_created_at ON predictions (created_at);
 CREATE INDEX IF NOT EXISTS predictions_model_version ON predictions (model_version);
 """
-_COLUMNS = ("id", "created_at", "model_version", "label", "confidence", "probabilities", "needs_review",
-            "embedding", "embedding_dim", "image_stats", "latency_ms", "image_sha256")
+_COLUMNS = (
+    "id",
+    "created_at",
+    "model_version",
+    "label",
+    "confidence",
+    "probabilities",
+    "needs_review",
+    "embedding",
+    "embedding_dim",
+    "image_stats",
+    "latency_ms",
+    "image_sha256",
+)
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -84,10 +97,20 @@ class PredictionRecord:
 
     def row(self) -> tuple:
         emb = None if self.embedding is None else np.asarray(self.embedding, dtype="<f2").ravel()
-        return (self.id, self.created_at, str(self.model_version), self.label, float(self.confidence),
-                json.dumps({k: float(v) for k, v in self.probabilities.items()}), int(bool(self.needs_review)),
-                None if emb is None else emb.tobytes(), None if emb is None else int(emb.size),
-                json.dumps(self.image_stats), float(self.latency_ms), self.image_sha256)
+        return (
+            self.id,
+            self.created_at,
+            str(self.model_version),
+            self.label,
+            float(self.confidence),
+            json.dumps({k: float(v) for k, v in self.probabilities.items()}),
+            int(bool(self.needs_review)),
+            None if emb is None else emb.tobytes(),
+            None if emb is None else int(emb.size),
+            json.dumps(self.image_stats),
+            float(self.latency_ms),
+            self.image_sha256,
+        )
 
 
 def decode_embedding(blob: bytes | None) -> np.ndarray | None:
@@ -98,8 +121,13 @@ def decode_embedding(blob: bytes | None) -> np.ndarray | None:
 class PredictionStore:
     """Appends predictions to the sqlite log; safe to share between threads and processes."""
 
-    def __init__(self, db_path: Path, images_dir: Path | None = None, retain_images: bool = False,
-                 retain_review_images: bool = False) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        images_dir: Path | None = None,
+        retain_images: bool = False,
+        retain_review_images: bool = False,
+    ) -> None:
         self.db_path = Path(db_path)
         self.images_dir = Path(images_dir) if images_dir is not None else self.db_path.parent / "images"
         self.retain_images = retain_images
@@ -130,6 +158,7 @@ class PredictionStore:
         sql = f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
         rows = [r.row() for r in records]
         with self._lock:
+
             def write() -> None:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -138,6 +167,7 @@ class PredictionStore:
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
+
             _retry_locked(write)
         return [r.id for r in records]
 
@@ -186,24 +216,39 @@ class PredictionStore:
             rows = self._conn.execute(
                 "SELECT rowid, created_at, label, confidence, embedding, image_stats FROM predictions "
                 "WHERE model_version = ? AND rowid > ? AND embedding IS NOT NULL ORDER BY rowid",
-                (str(model_version), int(after_rowid))).fetchall()
-        return [dict(zip(("rowid", "created_at", "label", "confidence", "embedding", "image_stats"), row)) for row in rows]
+                (str(model_version), int(after_rowid)),
+            ).fetchall()
+        return [
+            dict(zip(("rowid", "created_at", "label", "confidence", "embedding", "image_stats"), row)) for row in rows
+        ]
 
     def review_image_hashes(self) -> set[str]:
         with self._lock:
             rows = self._conn.execute("SELECT DISTINCT image_sha256 FROM predictions WHERE needs_review = 1").fetchall()
         return {r[0] for r in rows}
 
-    def review_queue(self, exclude: set[str], limit: int = 50, label: str | None = None,
-                     model_version: str | None = None, since: str | None = None,
-                     until: str | None = None) -> list[dict[str, Any]]:
+    def review_queue(
+        self,
+        exclude: set[str],
+        limit: int = 50,
+        label: str | None = None,
+        model_version: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Predictions flagged needs_review whose image is kept and not yet reviewed (ids in
         ``exclude``), least certain first; filterable by predicted class, version, time."""
-        sql = ("SELECT id, created_at, model_version, label, confidence, probabilities, image_sha256 "
-               "FROM predictions WHERE needs_review = 1")
+        sql = (
+            "SELECT id, created_at, model_version, label, confidence, probabilities, image_sha256 "
+            "FROM predictions WHERE needs_review = 1"
+        )
         params: list[Any] = []
-        for column, op, value in (("label", "=", label), ("model_version", "=", model_version),
-                                  ("created_at", ">=", since), ("created_at", "<", until)):
+        for column, op, value in (
+            ("label", "=", label),
+            ("model_version", "=", model_version),
+            ("created_at", ">=", since),
+            ("created_at", "<", until),
+        ):
             if value:
                 sql += f" AND {column} {op} ?"
                 params.append(value)
@@ -224,8 +269,9 @@ class PredictionStore:
             self._conn.close()
 
 
-def _purge_dir(images_dir: Path, older_than_days: float, review: set[str] = frozenset(),
-               review_older_than_days: float = 0) -> int:
+def _purge_dir(
+    images_dir: Path, older_than_days: float, review: set[str] = frozenset(), review_older_than_days: float = 0
+) -> int:
     if not images_dir.exists():
         return 0
     now = time.time()

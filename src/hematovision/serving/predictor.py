@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,8 +38,13 @@ class Predictor:
     """Predictions and explanations with the model ``models`` serves, logged to the prediction log
     (``store``; default: the process' ``stores.prediction_log``)."""
 
-    def __init__(self, settings: Settings, models: ModelWatcher, batcher: Batcher | None = None,
-                 store: PredictionStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelWatcher,
+        batcher: Batcher | None = None,
+        store: PredictionStore | None = None,
+    ) -> None:
         self.settings, self.models = settings, models
         serving = self.settings.serving
         self.batcher = batcher or Batcher(serving.max_batch_images, serving.batch_wait_ms / 1000, serving.model_calls)
@@ -76,15 +82,21 @@ class Predictor:
             for (index, prepared), probs, embedding in zip(good, probabilities, embeddings):
                 record = _record(model, prepared, probs, embedding, latency_ms, self.settings.serving.review_threshold)
                 records.append(record)
-                results[index] = {"label": record.label, "confidence": record.confidence,
-                                  "probabilities": record.probabilities, "model_version": model.version,
-                                  "prediction_id": record.id, "needs_review": record.needs_review,
-                                  "cell_in_view": prepared.cell_in_view}
+                results[index] = {
+                    "label": record.label,
+                    "confidence": record.confidence,
+                    "probabilities": record.probabilities,
+                    "model_version": model.version,
+                    "prediction_id": record.id,
+                    "needs_review": record.needs_review,
+                    "cell_in_view": prepared.cell_in_view,
+                }
             self._log(records, [images[i] for i, _ in good])
         return results  # type: ignore[return-value]
 
-    def explain(self, data: bytes | None = None, prediction_id: str | None = None,
-                class_name: str | None = None) -> dict[str, Any]:
+    def explain(
+        self, data: bytes | None = None, prediction_id: str | None = None, class_name: str | None = None
+    ) -> dict[str, Any]:
         """Grad-CAM overlay (PNG bytes) for an image, or for a logged prediction whose image was
         retained; ``class_name`` explains that class instead of the predicted one."""
         model = self.models.current
@@ -100,8 +112,13 @@ class Predictor:
                 raise ImageRejected("unknown_class", f"class_name must be one of {', '.join(classes)}")
             class_index = classes.index(class_name.lower())
         explanation = explain_image(model.classifier, data, class_index)
-        return {"png": explanation.png, "label": explanation.label, "explained_class": classes[explanation.class_index],
-                "confidence": float(explanation.probabilities[explanation.label]), "model_version": model.version}
+        return {
+            "png": explanation.png,
+            "label": explanation.label,
+            "explained_class": classes[explanation.class_index],
+            "confidence": float(explanation.probabilities[explanation.label]),
+            "model_version": model.version,
+        }
 
     def _retained_image(self, prediction_id: str | None) -> bytes:
         if not prediction_id:
@@ -110,24 +127,39 @@ class Predictor:
         if record is None:
             raise ImageRejected("unknown_prediction", f"no prediction with id {prediction_id!r}")
         if record["image_path"] is None:
-            raise ImageRejected("image_not_retained", "this prediction's image was not kept (retain_images_days is 0 "
-                                "or it was purged); send the image itself")
+            raise ImageRejected(
+                "image_not_retained",
+                "this prediction's image was not kept (retain_images_days is 0 "
+                "or it was purged); send the image itself",
+            )
         return Path(record["image_path"]).read_bytes()
 
     def _log(self, records: list[PredictionRecord], images: list[bytes]) -> None:
         try:
             self.store.log_many(records, images)
-        except Exception:  # noqa: BLE001 - a full disk must not turn answers into errors
+        except Exception:
             logger.exception("could not log %d predictions", len(records))
 
 
-def _record(model: LoadedModel, prepared: PreparedImage, probs: np.ndarray, embedding: np.ndarray,
-            latency_ms: float, threshold: float) -> PredictionRecord:
+def _record(
+    model: LoadedModel,
+    prepared: PreparedImage,
+    probs: np.ndarray,
+    embedding: np.ndarray,
+    latency_ms: float,
+    threshold: float,
+) -> PredictionRecord:
     classes = model.classifier.classes
     best = int(np.argmax(probs))
     confidence = float(probs[best])
-    return PredictionRecord(model_version=model.version, label=classes[best], confidence=confidence,
-                            probabilities={c: float(p) for c, p in zip(classes, probs)},
-                            needs_review=needs_review(confidence, threshold, prepared.cell_in_view),
-                            image_sha256=prepared.sha256,
-                            latency_ms=latency_ms, image_stats=prepared.stats, embedding=embedding)
+    return PredictionRecord(
+        model_version=model.version,
+        label=classes[best],
+        confidence=confidence,
+        probabilities={c: float(p) for c, p in zip(classes, probs)},
+        needs_review=needs_review(confidence, threshold, prepared.cell_in_view),
+        image_sha256=prepared.sha256,
+        latency_ms=latency_ms,
+        image_stats=prepared.stats,
+        embedding=embedding,
+    )

@@ -16,8 +16,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -95,9 +96,16 @@ class RegistrySource:
     def describe(self, version: str) -> dict[str, Any]:
         registry = self.registry
         mv = registry.get_version(version)
-        return {"name": registry.name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source,
-                "tags": dict(mv.tags), "aliases": list(mv.aliases), "data_hash": mv.tags.get("data_hash"),
-                "metrics": registry.metrics_of(version)}
+        return {
+            "name": registry.name,
+            "version": str(mv.version),
+            "run_id": mv.run_id,
+            "source": mv.source,
+            "tags": dict(mv.tags),
+            "aliases": list(mv.aliases),
+            "data_hash": mv.tags.get("data_hash"),
+            "metrics": registry.metrics_of(version),
+        }
 
     def download(self, version: str, into: str) -> str:
         """Fetch the version's artifacts into ``into``; returns the saved classifier's folder."""
@@ -109,8 +117,12 @@ class RegistrySource:
 class ModelWatcher:
     """The model one serving worker answers with, and the thread that keeps it current."""
 
-    def __init__(self, settings: Settings | None = None, source: RegistrySource | None = None,
-                 load: Callable[[str], Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        source: RegistrySource | None = None,
+        load: Callable[[str], Any] | None = None,
+    ) -> None:
         self.settings = settings or get_settings()
         self.alias = self.settings.serving.alias
         self.source = source or RegistrySource(self.settings)
@@ -125,7 +137,7 @@ class ModelWatcher:
         self._poll_lock = threading.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> "ModelWatcher":
+    def start(self) -> ModelWatcher:
         """Start the watcher thread (its first poll loads the model); returns at once."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
@@ -141,7 +153,7 @@ class ModelWatcher:
         while not self._stop.is_set():
             try:
                 self.poll()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any single failure
+            except Exception:
                 logger.exception("model watcher: unexpected error")
             self._stop.wait(self.settings.serving.alias_poll_seconds)
 
@@ -207,8 +219,12 @@ class ModelWatcher:
             previous = self.version
             self._current = LoadedModel(classifier, version, utc_now(), info)  # the atomic swap
             self._last_error = None
-            logger.info("now serving model version %s (was %s); loaded and checked in %.1f s",
-                        version, previous, time.perf_counter() - started)
+            logger.info(
+                "now serving model version %s (was %s); loaded and checked in %.1f s",
+                version,
+                previous,
+                time.perf_counter() - started,
+            )
         finally:
             self._loading = None
             shutil.rmtree(workdir, ignore_errors=True)
@@ -223,25 +239,37 @@ class ModelWatcher:
         """What ``GET /model`` answers: the served version, its registry facts, refusals, polling."""
         current = self._current
         info = current.registry if current else {}
-        return {"ready": current is not None, "model": self.settings.registry.registered_model, "alias": self.alias,
-                "version": self.version, "loaded_at": current.loaded_at if current else None,
-                "data_hash": info.get("data_hash"), "run_id": info.get("run_id"),
-                "metrics": info.get("metrics", {}), "tags": info.get("tags", {}),
-                "classes": list(current.classifier.classes) if current else [],
-                "loading": self._loading, "refused": dict(self._refused), "last_error": self._last_error,
-                "last_poll_at": self._last_poll, "poll_seconds": self.settings.serving.alias_poll_seconds,
-                "review_threshold": self.settings.serving.review_threshold}
+        return {
+            "ready": current is not None,
+            "model": self.settings.registry.registered_model,
+            "alias": self.alias,
+            "version": self.version,
+            "loaded_at": current.loaded_at if current else None,
+            "data_hash": info.get("data_hash"),
+            "run_id": info.get("run_id"),
+            "metrics": info.get("metrics", {}),
+            "tags": info.get("tags", {}),
+            "classes": list(current.classifier.classes) if current else [],
+            "loading": self._loading,
+            "refused": dict(self._refused),
+            "last_error": self._last_error,
+            "last_poll_at": self._last_poll,
+            "poll_seconds": self.settings.serving.alias_poll_seconds,
+            "review_threshold": self.settings.serving.review_threshold,
+        }
 
     def prometheus(self) -> str:
         """Gauges appended to BentoML's /metrics (this worker's view)."""
         refused = len(self._refused)
         version = self.version
-        return ("# HELP hematovision_model_version Registry version of the model being served (0: none).\n"
-                "# TYPE hematovision_model_version gauge\n"
-                f"hematovision_model_version {int(version) if version and version.isdigit() else 0}\n"
-                "# HELP hematovision_model_ready 1 when a checked model is loaded.\n"
-                "# TYPE hematovision_model_ready gauge\n"
-                f"hematovision_model_ready {int(self.ready)}\n"
-                "# HELP hematovision_model_refused Versions this worker refused to serve.\n"
-                "# TYPE hematovision_model_refused gauge\n"
-                f"hematovision_model_refused {refused}\n")
+        return (
+            "# HELP hematovision_model_version Registry version of the model being served (0: none).\n"
+            "# TYPE hematovision_model_version gauge\n"
+            f"hematovision_model_version {int(version) if version and version.isdigit() else 0}\n"
+            "# HELP hematovision_model_ready 1 when a checked model is loaded.\n"
+            "# TYPE hematovision_model_ready gauge\n"
+            f"hematovision_model_ready {int(self.ready)}\n"
+            "# HELP hematovision_model_refused Versions this worker refused to serve.\n"
+            "# TYPE hematovision_model_refused gauge\n"
+            f"hematovision_model_refused {refused}\n"
+        )

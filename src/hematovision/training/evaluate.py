@@ -3,16 +3,17 @@ images, or any folder of class-named subfolders."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from hematovision.data.dataset import label_indices, scan_class_folders, validate_images
-from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
-from hematovision.training.metrics import classification_metrics, plot_confusion_matrix
 from hematovision.model.classifier import Classifier
+from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.progress import counting
+from hematovision.training.metrics import classification_metrics, plot_confusion_matrix
 
 
 def evaluate_rows(
@@ -31,8 +32,9 @@ def evaluate_rows(
     paths = [image_root / p for p in known.path]
     if cache is not None:  # the model as it answers: its test-time views, from the cache where possible
         views = classifier.config.tta_views
-        embeddings = cached_embeddings(classifier, paths, cache, progress=counting(progress, len(paths), views),
-                                       views=views)
+        embeddings = cached_embeddings(
+            classifier, paths, cache, progress=counting(progress, len(paths), views), views=views
+        )
         probabilities = classifier.classify_embeddings(embeddings).reshape(views, len(paths), -1).mean(axis=0)
     else:
         probabilities = classifier.predict_images(paths)
@@ -40,8 +42,12 @@ def evaluate_rows(
             progress(len(paths), len(paths))
     groups = list(known.group) if "group" in known and known.group.notna().all() else None
     metrics = classification_metrics(
-        label_indices(known.label, classifier.classes), probabilities, classifier.classes,
-        groups, bootstrap_samples, seed,
+        label_indices(known.label, classifier.classes),
+        probabilities,
+        classifier.classes,
+        groups,
+        bootstrap_samples,
+        seed,
     )
     metrics["n_skipped_unknown_label"] = int(len(rows) - len(known))
     return metrics
@@ -62,15 +68,18 @@ def evaluate_folder(
     rows, unknown = scan_class_folders(folder, tuple(classifier.classes))
     if max_images_per_class > 0:
         rows = rows.groupby("label", group_keys=False).apply(
-            lambda g: g.sample(min(len(g), max_images_per_class), random_state=seed))
+            lambda g: g.sample(min(len(g), max_images_per_class), random_state=seed)
+        )
     rows, bad = validate_images(rows, folder)
     if rows.empty:
         raise ValueError(f"{folder} holds no readable images in folders named after {', '.join(classifier.classes)}")
     metrics = evaluate_rows(classifier, rows, folder, cache, bootstrap_samples, seed, progress)
     metrics["unknown_folders"] = list(unknown)
-    metrics["unreadable_images"] = [
-        {"path": str(r.path), "error": f"{r.error_code}: {r.error_message}"} for r in bad.itertuples()
-    ] if not bad.empty else []
+    metrics["unreadable_images"] = (
+        [{"path": str(r.path), "error": f"{r.error_code}: {r.error_message}"} for r in bad.itertuples()]
+        if not bad.empty
+        else []
+    )
     return metrics
 
 

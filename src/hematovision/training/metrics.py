@@ -7,8 +7,9 @@ interval would pretend to 2,500 independent observations.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
@@ -29,9 +30,7 @@ def classification_metrics(
     probabilities = np.asarray(probabilities, dtype=float)
     y_pred = probabilities.argmax(axis=1)
     labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     out: dict[str, Any] = {
         "n_images": int(len(y_true)),
         "accuracy": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
@@ -72,9 +71,7 @@ def classification_metrics(
             "cell_accuracy": float(cell_correct.mean()),
             "cell_accuracy_ci95": wilson_interval(int(cell_correct.sum()), n_cells),
             "accuracy_ci95": _interval(boot_image),
-            "cells_per_class": {
-                name: int((cell_true == i).sum()) for i, name in enumerate(classes)
-            },
+            "cells_per_class": {name: int((cell_true == i).sum()) for i, name in enumerate(classes)},
         }
     )
     return out
@@ -132,8 +129,15 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     ax.set_title(title)
     for i in range(counts.shape[0]):
         for j in range(counts.shape[1]):
-            ax.text(j, i, f"{counts[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
-                    color="white" if share[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{counts[i, j]}\n{share[i, j]:.0%}",
+                ha="center",
+                va="center",
+                color="white" if share[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

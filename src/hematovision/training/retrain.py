@@ -26,26 +26,26 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from hematovision import stores
-from hematovision.data.dataset import label_indices, limit_per_cell, scan_class_folders
+from hematovision.data.dataset import limit_per_cell, scan_class_folders
 from hematovision.data.dvc import dvc_data_hash
 from hematovision.lab.export import export_corrections
 from hematovision.model.classifier import Classifier
-from hematovision.model.embeddings import cached_embeddings, file_sha256
+from hematovision.model.embeddings import file_sha256
 from hematovision.monitoring.drift import log_reference
 from hematovision.params import Params
-from hematovision.progress import counting
 from hematovision.registry import gate
 from hematovision.registry.registry import CHAMPION
 from hematovision.registry.tracking import configure_mlflow, git_commit
 from hematovision.settings import Settings
 from hematovision.training.evaluate import evaluate_rows
+from hematovision.training.head import train_head
 from hematovision.training.metrics import flatten_for_mlflow
 from hematovision.training.steps import load_manifest, official_test_rows
 
@@ -106,8 +106,16 @@ def corrections_rows(folder: Path, holdout_fraction: float) -> pd.DataFrame:
     for row in rows.itertuples():
         path = folder / row.path
         sha = path.stem if _SHA256.match(path.stem) else file_sha256(path)
-        out.append({"path": str(path), "split": HOLDOUT if is_holdout(sha, holdout_fraction) else "train",
-                    "label": row.label, "group": f"corrections/{sha}", "source": "corrections", "sha256": sha})
+        out.append(
+            {
+                "path": str(path),
+                "split": HOLDOUT if is_holdout(sha, holdout_fraction) else "train",
+                "label": row.label,
+                "group": f"corrections/{sha}",
+                "source": "corrections",
+                "sha256": sha,
+            }
+        )
     return pd.DataFrame(out, columns=columns)
 
 
@@ -130,8 +138,11 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
     if not (marker.exists() and marker.read_text() == wanted):  # versions are immutable: reuse a copy
         if parent_dir.exists():
             shutil.rmtree(parent_dir)
-        downloaded = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{settings.registry.registered_model}/{champion.version}"))
+        downloaded = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{settings.registry.registered_model}/{champion.version}"
+            )
+        )
         shutil.copytree(downloaded / "artifacts" / ARTIFACT_KEY, parent_dir)
         marker.write_text(wanted)
 
@@ -148,7 +159,8 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
     corrections_dir = settings.path(settings.paths.corrections_dataset_dir)
     corrections = corrections_rows(corrections_dir, rp.holdout_fraction)
     manifest = pd.concat([learn, test, corrections], ignore_index=True)[
-        ["path", "split", "label", "group", "source", "sha256"]]
+        ["path", "split", "label", "group", "source", "sha256"]
+    ]
     manifest.to_csv(out / MANIFEST, index=False)
     context = {
         "parent_version": str(champion.version),
@@ -167,23 +179,43 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
 def nothing_to_learn(context: dict[str, Any]) -> str | None:
     """Why retraining would be pointless (no corrections to train on), or None."""
     if context["n_corrections_train"] == 0:
-        return (f"nothing to retrain on: {context['n_corrections_train']} corrections to learn from "
-                f"({context['n_corrections_holdout']} held out)")
+        return (
+            f"nothing to retrain on: {context['n_corrections_train']} corrections to learn from "
+            f"({context['n_corrections_holdout']} held out)"
+        )
     return None
 
 
-def skipped_summary(context: dict[str, Any], exported: dict[str, Any], reason: str,
-                    timings: dict[str, float]) -> dict[str, Any]:
-    return {"version": None, "parent_version": context["parent_version"], "run_id": None, "promoted": False,
-            "skipped": reason, "gate": {"passed": False, "reasons": [reason], "summary": reason},
-            "mode": context["mode"], "data_hash": context["data_hash"], "corrections_hash": context["corrections_hash"],
-            "corrections": {"exported": exported.get("images"), "added": exported.get("added"),
-                            "train": context["n_corrections_train"], "holdout": context["n_corrections_holdout"]},
-            "champion": {}, "challenger": {}, "training": {}, "timings_s": timings}
+def skipped_summary(
+    context: dict[str, Any], exported: dict[str, Any], reason: str, timings: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "version": None,
+        "parent_version": context["parent_version"],
+        "run_id": None,
+        "promoted": False,
+        "skipped": reason,
+        "gate": {"passed": False, "reasons": [reason], "summary": reason},
+        "mode": context["mode"],
+        "data_hash": context["data_hash"],
+        "corrections_hash": context["corrections_hash"],
+        "corrections": {
+            "exported": exported.get("images"),
+            "added": exported.get("added"),
+            "train": context["n_corrections_train"],
+            "holdout": context["n_corrections_holdout"],
+        },
+        "champion": {},
+        "challenger": {},
+        "training": {},
+        "timings_s": timings,
+    }
 
 
 def load_retrain_manifest(settings: Settings) -> pd.DataFrame:
-    return pd.read_csv(settings.path(settings.paths.retrain_dir) / MANIFEST, dtype={"sha256": str}, keep_default_na=False)
+    return pd.read_csv(
+        settings.path(settings.paths.retrain_dir) / MANIFEST, dtype={"sha256": str}, keep_default_na=False
+    )
 
 
 # --- 3. train --------------------------------------------------------------------------------------
@@ -198,15 +230,18 @@ def train_challenger_step(settings: Settings, params: Params, progress: Progress
     with stores.embedding_cache(settings) as cache:
         if params.retrain.mode == "head":
             classifier = Classifier.load(out / PARENT_DIR)
-            result = _train_head(classifier, manifest, params, cache, report)
+            result = train_head(classifier, manifest, params, cache, report)
         else:
             from hematovision.training.train import train  # heavy: imports Keras
 
             rows = manifest[manifest.split.isin(["train", "val"])].copy()
             result_full = train(rows, Path("/"), params, cache, progress)
             classifier = result_full.classifier
-            result = {"val": result_full.val_metrics, "timings": result_full.timings,
-                      "n_train_images": result_full.n_train_images}
+            result = {
+                "val": result_full.val_metrics,
+                "timings": result_full.timings,
+                "n_train_images": result_full.n_train_images,
+            }
     target = out / CHALLENGER_DIR
     if target.exists():
         shutil.rmtree(target)
@@ -215,67 +250,6 @@ def train_challenger_step(settings: Settings, params: Params, progress: Progress
     result["timings"] = {**result.get("timings", {}), "train_s": time.perf_counter() - started}
     _write(settings, TRAINING, result)
     return result
-
-
-def _train_head(classifier, manifest: pd.DataFrame, params: Params, cache, report: Progress) -> dict[str, Any]:
-    """A new head on the parent's frozen backbone: raw rows from the embedding cache, correction
-    images embedded in ``correction_views`` dihedral views (each view cached under its own key)."""
-    import keras
-
-    rp = params.retrain
-    keras.utils.set_random_seed(params.seed)
-    timings: dict[str, float] = {}
-    # Raw validation cells stay unseen: the training flow's gate scores the champion on them, and a
-    # retrained champion that had learned them would look better there than any new model can.
-    raw = manifest[(manifest.source == "raw") & (manifest.split == "train")]
-    fixes = manifest[(manifest.source == "corrections") & (manifest.split == "train")]
-
-    started = time.perf_counter()
-
-    def step(what: str, total: int):
-        return counting(lambda done, of: report(what, done, of), total)
-
-    emb_raw = cached_embeddings(classifier, [Path(p) for p in raw.path], cache, progress=step("embedding raw data (cached)", len(raw)))
-    timings["embed_raw_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    views = rp.correction_views
-    emb_fix = cached_embeddings(classifier, [Path(p) for p in fixes.path], cache,
-                                progress=step("embedding corrections", views * len(fixes)), views=views)
-    n = len(fixes)
-    timings["embed_corrections_s"] = time.perf_counter() - started
-
-    x = np.concatenate([emb_raw, emb_fix]).astype(np.float32)
-    y = np.concatenate([label_indices(raw.label, classifier.classes),
-                        np.tile(label_indices(fixes.label, classifier.classes), views)])
-    source = np.array(["raw"] * len(raw) + ["corrections"] * len(emb_fix))
-    weights = _balanced_weights(y, source, {"raw": 1.0 - rp.corrections_share, "corrections": rp.corrections_share})
-
-    started = time.perf_counter()
-    head = classifier.head
-    head.compile(optimizer=keras.optimizers.Adam(rp.head_learning_rate), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
-    fit = head.fit(x, y, sample_weight=weights, epochs=rp.head_epochs, batch_size=params.train.batch_size,
-                   shuffle=True, verbose=0)
-    report("training the head", rp.head_epochs, rp.head_epochs)
-    timings["head_s"] = time.perf_counter() - started
-    return {"timings": timings, "n_train_images": int(len(x)), "n_raw_images": int(len(raw)),
-            "n_correction_images": int(n), "correction_views": views,
-            "final_loss": float(fit.history["loss"][-1]), "final_accuracy": float(fit.history["accuracy"][-1])}
-
-
-def _balanced_weights(y: np.ndarray, source: np.ndarray, shares: dict[str, float]) -> np.ndarray:
-    """Sample weights giving each source its share of the total weight, classes equal within it;
-    mean weight 1 (so the learning rate means the same whatever the mix)."""
-    weights = np.zeros(len(y), np.float64)
-    present = {s: share for s, share in shares.items() if (source == s).any() and share > 0}
-    total_share = sum(present.values()) or 1.0
-    for s, share in present.items():
-        in_source = source == s
-        classes = np.unique(y[in_source])
-        for c in classes:
-            mask = in_source & (y == c)
-            weights[mask] = share / total_share / len(classes) / mask.sum()
-    return (weights * len(y)).astype(np.float32)
 
 
 # --- 4. evaluate -----------------------------------------------------------------------------------
@@ -296,8 +270,9 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
                     continue
                 if progress:
                     progress(f"scoring the {who} on {name}", 0, len(rows))
-                results[who][name] = evaluate_rows(classifier, rows, Path("/"), cache,
-                                                   params.evaluate.bootstrap_samples, params.seed)
+                results[who][name] = evaluate_rows(
+                    classifier, rows, Path("/"), cache, params.evaluate.bootstrap_samples, params.seed
+                )
     results["timings"] = {"evaluate_s": time.perf_counter() - started}
     _write(settings, EVALUATION, results)
     return results
@@ -321,8 +296,12 @@ def register_step(settings: Settings, params: Params) -> dict[str, Any]:
     out = _out(settings)
     context, training, evaluation = _read(settings, CONTEXT), _read(settings, TRAINING), _read(settings, EVALUATION)
     commit = git_commit(settings.paths.project_dir)
-    lineage = {"data_hash": context["data_hash"], "corrections_hash": context["corrections_hash"],
-               "parent_version": context["parent_version"], "git_commit": commit}
+    lineage = {
+        "data_hash": context["data_hash"],
+        "corrections_hash": context["corrections_hash"],
+        "parent_version": context["parent_version"],
+        "git_commit": commit,
+    }
     with mlflow.start_run(run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         mlflow.set_tags({**lineage, "step": "retrain", "retrain_mode": context["mode"]})
         mlflow.log_params(params.flat())
@@ -349,9 +328,18 @@ def _log_drift_reference(settings: Settings, params: Params, out: Path) -> None:
     flow logs one): the raw validation cells (in-distribution, never trained on) and the corrections
     it trained on, so the new site it was retrained for no longer counts as drift once it serves."""
     manifest = load_retrain_manifest(settings)
-    learned = manifest[((manifest.source == "raw") & (manifest.split == "val"))
-                       | ((manifest.source == "corrections") & (manifest.split == "train"))].assign(split="val")
-    log_reference(Classifier.load(out / CHALLENGER_DIR), learned, Path("."), out, settings.monitoring.reference_max_images, params.seed)
+    learned = manifest[
+        ((manifest.source == "raw") & (manifest.split == "val"))
+        | ((manifest.source == "corrections") & (manifest.split == "train"))
+    ].assign(split="val")
+    log_reference(
+        Classifier.load(out / CHALLENGER_DIR),
+        learned,
+        Path("."),
+        out,
+        settings.monitoring.reference_max_images,
+        params.seed,
+    )
 
 
 # --- 6. gate ---------------------------------------------------------------------------------------
@@ -362,41 +350,85 @@ def gate_step(settings: Settings, params: Params, version: str, run_id: str, pro
     registry = stores.registry(settings)
     context, evaluation = _read(settings, CONTEXT), _read(settings, EVALUATION)
     champion = registry.version_by_alias(CHAMPION)
-    decision = gate.retraining_refusal(context["n_corrections_holdout"], rp,
-                                       None if champion is None else str(champion.version),
-                                       context["parent_version"], promote)
+    decision = gate.retraining_refusal(
+        context["n_corrections_holdout"],
+        rp,
+        None if champion is None else str(champion.version),
+        context["parent_version"],
+        promote,
+    )
     if decision is None:
         policy, guards = gate.retraining_policy(rp)
-        decision = gate.promote(registry, version, policy, guards=guards,
-                                challenger_metrics=flat_metrics(evaluation, "challenger"),
-                                champion_metrics=flat_metrics(evaluation, "champion"))
+        decision = gate.promote(
+            registry,
+            version,
+            policy,
+            guards=guards,
+            challenger_metrics=flat_metrics(evaluation, "challenger"),
+            champion_metrics=flat_metrics(evaluation, "champion"),
+        )
     else:
         registry.record_gate(version, decision)
     client = registry.client
     client.set_tag(run_id, "gate_decision", "promoted" if decision.passed else "refused")
     client.set_tag(run_id, "gate_reasons", decision.summary()[:5000])
-    client.log_param(run_id, "gate_policy", json.dumps({"metric": rp.metric, "min_improvement": rp.min_improvement,
-                                                        "per_class_tolerance": rp.per_class_tolerance,
-                                                        "guard": {rp.guard_metric: rp.guard_tolerance}}))
-    return {"passed": decision.passed, "promoted": decision.passed, "reasons": decision.reasons,
-            "summary": decision.summary()}
+    client.log_param(
+        run_id,
+        "gate_policy",
+        json.dumps(
+            {
+                "metric": rp.metric,
+                "min_improvement": rp.min_improvement,
+                "per_class_tolerance": rp.per_class_tolerance,
+                "guard": {rp.guard_metric: rp.guard_tolerance},
+            }
+        ),
+    )
+    return {
+        "passed": decision.passed,
+        "promoted": decision.passed,
+        "reasons": decision.reasons,
+        "summary": decision.summary(),
+    }
 
 
 # --- the whole loop --------------------------------------------------------------------------------
-def summarize(context: dict, training: dict, evaluation: dict, registered: dict, gate: dict,
-              exported: dict, timings: dict[str, float]) -> dict[str, Any]:
+def summarize(
+    context: dict,
+    training: dict,
+    evaluation: dict,
+    registered: dict,
+    gate: dict,
+    exported: dict,
+    timings: dict[str, float],
+) -> dict[str, Any]:
     def headline(who: str) -> dict[str, float]:
-        return {f"{split}_{k}": evaluation[who][split][k] for split in ("test", HOLDOUT) if split in evaluation[who]
-                for k in ("accuracy", "macro_f1")}
+        return {
+            f"{split}_{k}": evaluation[who][split][k]
+            for split in ("test", HOLDOUT)
+            if split in evaluation[who]
+            for k in ("accuracy", "macro_f1")
+        }
 
     return {
-        "version": registered["version"], "parent_version": context["parent_version"], "run_id": registered["run_id"],
-        "promoted": gate["passed"], "gate": gate, "mode": context["mode"],
-        "data_hash": context["data_hash"], "corrections_hash": context["corrections_hash"],
-        "corrections": {"exported": exported.get("images"), "added": exported.get("added"),
-                        "train": context["n_corrections_train"], "holdout": context["n_corrections_holdout"]},
-        "champion": headline("champion"), "challenger": headline("challenger"),
-        "training": {k: v for k, v in training.items() if k != "val"}, "timings_s": timings,
+        "version": registered["version"],
+        "parent_version": context["parent_version"],
+        "run_id": registered["run_id"],
+        "promoted": gate["passed"],
+        "gate": gate,
+        "mode": context["mode"],
+        "data_hash": context["data_hash"],
+        "corrections_hash": context["corrections_hash"],
+        "corrections": {
+            "exported": exported.get("images"),
+            "added": exported.get("added"),
+            "train": context["n_corrections_train"],
+            "holdout": context["n_corrections_holdout"],
+        },
+        "champion": headline("champion"),
+        "challenger": headline("challenger"),
+        "training": {k: v for k, v in training.items() if k != "val"},
+        "timings_s": timings,
     }
 
 

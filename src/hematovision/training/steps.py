@@ -13,8 +13,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,13 +51,20 @@ def prepare_step(settings: Settings, params: Params, progress: Progress | None =
     if grouping not in ("content", "filename"):
         raise ValueError(f"prepare.cell_grouping must be 'content' or 'filename', not {grouping!r}")
     embed = _frozen_embedder(settings, params, progress) if grouping == "content" else None
-    return prepare(settings.path(settings.paths.data_dir), settings.path(settings.paths.prepared_dir),
-                   params.prepare.val_fraction, params.seed, embed, params.prepare.cell_max_distance)
+    return prepare(
+        settings.path(settings.paths.data_dir),
+        settings.path(settings.paths.prepared_dir),
+        params.prepare.val_fraction,
+        params.seed,
+        embed,
+        params.prepare.cell_max_distance,
+    )
 
 
 def _frozen_embedder(settings: Settings, params: Params, progress: Progress | None):
     """Embeddings of the ImageNet backbone (not fine-tuned) at the training crop size, through the
     embedding cache: the training's first phase needs exactly these, so it reads them back."""
+
     def embed(paths: list[Path]) -> np.ndarray:
         classifier = Classifier.new(ClassifierConfig(classes=list(CLASSES), image_size=params.model.image_size))
         step = counting(_reporting(progress, "finding cells (embedding crops)"), len(paths))
@@ -78,7 +86,8 @@ def official_test_rows(manifest: pd.DataFrame, params: Params) -> pd.DataFrame:
     test_rows = manifest[manifest.split == "test"]
     if params.evaluate.max_images_per_class > 0:
         test_rows = test_rows.groupby("label", group_keys=False).apply(
-            lambda g: g.sample(min(len(g), params.evaluate.max_images_per_class), random_state=params.seed))
+            lambda g: g.sample(min(len(g), params.evaluate.max_images_per_class), random_state=params.seed)
+        )
     return test_rows
 
 
@@ -97,8 +106,10 @@ def train_step(settings: Settings, params: Params, progress: Progress | None = N
     data_hash = dvc_data_hash(settings.path(settings.paths.data_dir).with_suffix(".dvc"))
     commit = git_commit(settings.paths.project_dir)
     started = time.perf_counter()
-    with stores.embedding_cache(settings) as cache, \
-            mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+    with (
+        stores.embedding_cache(settings) as cache,
+        mlflow.start_run(run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}") as run,
+    ):
         mlflow.set_tags({"data_hash": data_hash, "git_commit": commit, "step": "train"})
         mlflow.log_params(params.flat())
         mlflow.log_text("\n".join(sorted(manifest.loc[manifest.split == "train", "path"])), TRAINED_ON_ARTIFACT)
@@ -150,13 +161,25 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
     started = time.perf_counter()
     new_site = settings.path(settings.paths.new_site_source)
     with stores.embedding_cache(settings) as cache:
-        results["test"] = evaluate_rows(classifier, test_rows, settings.path(settings.paths.data_dir), cache,
-                                        params.evaluate.bootstrap_samples, params.seed,
-                                        _reporting(progress, "evaluating on TEST"))
+        results["test"] = evaluate_rows(
+            classifier,
+            test_rows,
+            settings.path(settings.paths.data_dir),
+            cache,
+            params.evaluate.bootstrap_samples,
+            params.seed,
+            _reporting(progress, "evaluating on TEST"),
+        )
         if new_site.is_dir():
-            results["new_site"] = evaluate_folder(classifier, new_site, cache, params.evaluate.bootstrap_samples,
-                                                  params.evaluate.max_images_per_class, params.seed,
-                                                  _reporting(progress, "evaluating on the new site"))
+            results["new_site"] = evaluate_folder(
+                classifier,
+                new_site,
+                cache,
+                params.evaluate.bootstrap_samples,
+                params.evaluate.max_images_per_class,
+                params.seed,
+                _reporting(progress, "evaluating on the new site"),
+            )
     results["timings"] = {"evaluate_s": time.perf_counter() - started}
     (reports_dir / METRICS_FILE).write_text(json.dumps(results, indent=2))
     with mlflow.start_run(run_id=report["run_id"]):
@@ -164,13 +187,20 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
             if name not in results:
                 continue
             mlflow.log_metrics(flatten_for_mlflow(results[name], name))
-            plot = save_confusion_plot(results[name], classifier.classes, f"{name}: confusion",
-                                       reports_dir / f"confusion_{name}.png")
+            plot = save_confusion_plot(
+                results[name], classifier.classes, f"{name}: confusion", reports_dir / f"confusion_{name}.png"
+            )
             mlflow.log_artifact(str(plot), "evaluation")
         mlflow.log_artifact(str(reports_dir / METRICS_FILE), "evaluation")
         # The drift monitor's reference profile travels with the model version (drift.py).
-        log_reference(classifier, manifest, settings.path(settings.paths.data_dir), reports_dir,
-                      settings.monitoring.reference_max_images, params.seed)
+        log_reference(
+            classifier,
+            manifest,
+            settings.path(settings.paths.data_dir),
+            reports_dir,
+            settings.monitoring.reference_max_images,
+            params.seed,
+        )
     return results
 
 
@@ -187,8 +217,14 @@ def register_step(settings: Settings) -> dict[str, Any]:
     metrics_path = settings.path(settings.paths.reports_dir) / METRICS_FILE
     evaluation = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     tags = {"data_hash": report["data_hash"], "git_commit": report["git_commit"], "run_id": report["run_id"]}
-    for split, key in (("val", "accuracy"), ("val", "macro_f1"), ("test", "accuracy"), ("test", "macro_f1"),
-                       ("test", "cell_accuracy"), ("new_site", "accuracy")):
+    for split, key in (
+        ("val", "accuracy"),
+        ("val", "macro_f1"),
+        ("test", "accuracy"),
+        ("test", "macro_f1"),
+        ("test", "cell_accuracy"),
+        ("new_site", "accuracy"),
+    ):
         source = report["val"] if split == "val" else evaluation.get(split, {})
         if key in source:
             tags[f"{split}_{key}"] = f"{source[key]:.4f}"
@@ -204,12 +240,16 @@ def promote_step(settings: Settings, params: Params, version: str, force: bool =
     champion = registry.version_by_alias(CHAMPION)
     champion_metrics, not_comparable = None, None
     if champion is not None and str(champion.version) != str(version):
-        not_comparable = gate.champion_saw_validation(registry.trained_on(champion.version), str(champion.version),
-                                                      load_manifest(settings), str(version))
+        not_comparable = gate.champion_saw_validation(
+            registry.trained_on(champion.version), str(champion.version), load_manifest(settings), str(version)
+        )
         if not_comparable is None:
-            champion_metrics = scored_on_validation(settings, params, f"models:/{settings.registry.registered_model}@{CHAMPION}")
-    return gate.promote(registry, version, params.promote, force, champion_metrics=champion_metrics,
-                        not_comparable=not_comparable)
+            champion_metrics = scored_on_validation(
+                settings, params, f"models:/{settings.registry.registered_model}@{CHAMPION}"
+            )
+    return gate.promote(
+        registry, version, params.promote, force, champion_metrics=champion_metrics, not_comparable=not_comparable
+    )
 
 
 def scored_on_validation(settings: Settings, params: Params, model_uri: str) -> dict[str, float] | None:

@@ -9,23 +9,23 @@ augmented copies of training cells) is scored, and the best state is kept.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import keras
 import numpy as np
 import pandas as pd
 
-import keras
-
 from hematovision import CLASSES
+from hematovision.data.augment import augment_crop
 from hematovision.data.dataset import label_indices, limit_per_cell
-from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
-from hematovision.training.metrics import classification_metrics
 from hematovision.model.classifier import Classifier, ClassifierConfig, read_crops
+from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.params import Params
 from hematovision.progress import counting
-from hematovision.data.augment import augment_crop
+from hematovision.training.metrics import classification_metrics
 
 Progress = Callable[[str, int, int], None]  # (step description, done, total)
 
@@ -62,9 +62,14 @@ def train(
         raise ValueError("training needs images in both the train and the val split")
     y_train, y_val = label_indices(train_rows.label, classes), label_indices(val_rows.label, classes)
 
-    classifier = Classifier.new(ClassifierConfig(classes=classes, image_size=params.model.image_size,
-                                                 dropout=params.model.dropout,
-                                                 tta_views=params.model.tta_views))
+    classifier = Classifier.new(
+        ClassifierConfig(
+            classes=classes,
+            image_size=params.model.image_size,
+            dropout=params.model.dropout,
+            tta_views=params.model.tta_views,
+        )
+    )
     started = time.perf_counter()
     train_paths = [image_root / p for p in train_rows.path]
     val_paths = [image_root / p for p in val_rows.path]
@@ -80,20 +85,33 @@ def train(
     timings["embed_s"] = time.perf_counter() - started
     started = time.perf_counter()
     head = classifier.head
-    head.compile(optimizer=keras.optimizers.Adam(params.train.head_learning_rate),
-                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    head.compile(
+        optimizer=keras.optimizers.Adam(params.train.head_learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     report("training the head", 0, params.train.head_epochs)
     fit = head.fit(
-        emb_train, y_train, validation_data=(emb_val, y_val), epochs=params.train.head_epochs,
-        batch_size=params.train.batch_size, verbose=0, shuffle=True,
-        callbacks=[keras.callbacks.EarlyStopping("val_loss", patience=5, restore_best_weights=True),
-                   _ProgressCallback(report, "training the head", params.train.head_epochs)],
+        emb_train,
+        y_train,
+        validation_data=(emb_val, y_val),
+        epochs=params.train.head_epochs,
+        batch_size=params.train.batch_size,
+        verbose=0,
+        shuffle=True,
+        callbacks=[
+            keras.callbacks.EarlyStopping("val_loss", patience=5, restore_best_weights=True),
+            _ProgressCallback(report, "training the head", params.train.head_epochs),
+        ],
     )
     timings["head_s"] = time.perf_counter() - started
-    history = [{"phase": "head", "epoch": i + 1, **{k: float(v[i]) for k, v in fit.history.items()}}
-               for i in range(len(fit.history["loss"]))]
-    best = classification_metrics(y_val, classifier.classify_embeddings(emb_val), classes,
-                                  list(val_rows.group), bootstrap_samples=0)
+    history = [
+        {"phase": "head", "epoch": i + 1, **{k: float(v[i]) for k, v in fit.history.items()}}
+        for i in range(len(fit.history["loss"]))
+    ]
+    best = classification_metrics(
+        y_val, classifier.classify_embeddings(emb_val), classes, list(val_rows.group), bootstrap_samples=0
+    )
     best_weights = classifier.keras_model.get_weights()
     history.append({"phase": "head", "val_macro_f1": best["macro_f1"], "val_accuracy": best["accuracy"]})
 
@@ -106,28 +124,51 @@ def train(
         steps = max(1, per_epoch // params.train.batch_size)
         # Cosine decay to zero over the whole phase: large steps early, then settling into a
         # minimum instead of ending wherever a constant rate leaves the weights.
-        rate = keras.optimizers.schedules.CosineDecay(params.train.finetune_learning_rate,
-                                                      decay_steps=steps * params.train.finetune_epochs)
-        model.compile(optimizer=keras.optimizers.Adam(rate),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        rate = keras.optimizers.schedules.CosineDecay(
+            params.train.finetune_learning_rate, decay_steps=steps * params.train.finetune_epochs
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
         dataset = _finetune_dataset(crops_train, y_train, params, augment_crop, tf)
         for epoch in range(1, params.train.finetune_epochs + 1):
-            fit = model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0,
-                            callbacks=[_BatchProgress(report, f"fine-tuning (epoch {epoch}/{params.train.finetune_epochs})", steps)])
+            fit = model.fit(
+                dataset,
+                steps_per_epoch=steps,
+                epochs=1,
+                verbose=0,
+                callbacks=[
+                    _BatchProgress(report, f"fine-tuning (epoch {epoch}/{params.train.finetune_epochs})", steps)
+                ],
+            )
             # One view while choosing the epoch: test-time views would multiply this pass's cost.
-            scores = classification_metrics(y_val, classifier.predict_crops(crops_val, views=1), classes,
-                                            list(val_rows.group), bootstrap_samples=0)
-            history.append({"phase": "finetune", "epoch": epoch, "loss": float(fit.history["loss"][-1]),
-                            "accuracy": float(fit.history["accuracy"][-1]),
-                            "val_macro_f1": scores["macro_f1"], "val_accuracy": scores["accuracy"]})
+            scores = classification_metrics(
+                y_val, classifier.predict_crops(crops_val, views=1), classes, list(val_rows.group), bootstrap_samples=0
+            )
+            history.append(
+                {
+                    "phase": "finetune",
+                    "epoch": epoch,
+                    "loss": float(fit.history["loss"][-1]),
+                    "accuracy": float(fit.history["accuracy"][-1]),
+                    "val_macro_f1": scores["macro_f1"],
+                    "val_accuracy": scores["accuracy"],
+                }
+            )
             if scores["macro_f1"] > best["macro_f1"]:
                 best, best_weights = scores, model.get_weights()
         classifier.keras_model.set_weights(best_weights)
         classifier.backbone.trainable = False
         timings["finetune_s"] = time.perf_counter() - started
 
-    val_metrics = classification_metrics(y_val, classifier.predict_crops(crops_val), classes,
-                                         list(val_rows.group), params.evaluate.bootstrap_samples, params.seed)
+    val_metrics = classification_metrics(
+        y_val,
+        classifier.predict_crops(crops_val),
+        classes,
+        list(val_rows.group),
+        params.evaluate.bootstrap_samples,
+        params.seed,
+    )
     return TrainResult(classifier, val_metrics, history, timings, len(train_rows), train_rows.group.nunique())
 
 
@@ -141,8 +182,13 @@ def _finetune_dataset(crops: np.ndarray, labels: np.ndarray, params: Params, aug
     crops_t, labels_t = tf.constant(crops), tf.constant(labels)
     jitter, crop_jitter = params.train.colour_jitter, params.train.crop_jitter
     return (
-        indices.map(lambda i: (augment(tf.cast(tf.gather(crops_t, i), tf.float32), jitter, crop_jitter=crop_jitter), tf.gather(labels_t, i)),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        indices.map(
+            lambda i: (
+                augment(tf.cast(tf.gather(crops_t, i), tf.float32), jitter, crop_jitter=crop_jitter),
+                tf.gather(labels_t, i),
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
         .batch(params.train.batch_size)
         .prefetch(2)
     )
