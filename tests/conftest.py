@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,25 @@ def service_url(project, trained, tmp_path_factory):
     server, url = start_service(project, log, service_env(tmp_path_factory))
     yield url
     stop_service(server)
+
+
+@pytest.fixture
+def serving_champion(service_url) -> str:
+    """The session's service once it answers with the registry's current champion.
+
+    Tests before this one may have moved the alias and moved it back (a retrain, a rollback); the
+    service follows within a poll or two, and a test that compares answers must not straddle that
+    swap."""
+    import requests
+
+    from hematovision import stores
+    from hematovision.registry.registry import CHAMPION
+
+    champion = str(stores.registry().version_by_alias(CHAMPION).version)
+    deadline = time.monotonic() + 120
+    while True:
+        status = requests.get(f"{service_url}/model", timeout=10).json()
+        if status["version"] == champion and not status["loading"]:
+            return service_url
+        assert time.monotonic() < deadline, f"the service never served the champion v{champion}: {status}"
+        time.sleep(0.5)

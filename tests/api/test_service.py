@@ -21,11 +21,10 @@ import requests
 from PIL import Image
 from typer.testing import CliRunner
 
-from hematovision import CLASSES
+from hematovision import CLASSES, stores
 from hematovision.params import PromoteParams
 from hematovision.registry.gate import promote
 from hematovision.registry.registry import CHAMPION, Registry
-from hematovision.registry.tracking import configure_mlflow
 from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.settings import get_settings
 
@@ -43,7 +42,7 @@ def post_image(
 
 def registry() -> Registry:
     settings = get_settings()
-    return Registry(settings.registry.registered_model, configure_mlflow(settings))
+    return stores.registry(settings)
 
 
 def champion_version() -> str:

@@ -14,11 +14,10 @@ import requests
 import yaml
 from typer.testing import CliRunner
 
-from hematovision import CLASSES
+from hematovision import CLASSES, stores
 from hematovision.cli import app
 from hematovision.lab.corrections import Corrections
-from hematovision.registry.registry import CHAMPION, Registry
-from hematovision.registry.tracking import configure_mlflow
+from hematovision.registry.registry import CHAMPION
 from hematovision.settings import get_settings
 
 from conftest import BLOOD_CELLS, add_user, service_env, start_service, stop_service
@@ -89,9 +88,7 @@ def test_roles_csrf_and_sign_in_limits(service_url, people):
         data={"true_class": "eosinophil"},
     )
     assert no_csrf.status_code == 403 and no_csrf.json()["error"] == "csrf"
-    champion = str(
-        Registry(get_settings().registry.registered_model, configure_mlflow()).version_by_alias(CHAMPION).version
-    )
+    champion = str(stores.registry().version_by_alias(CHAMPION).version)
     assert paula.post(f"{service_url}/models/{champion}/promote", timeout=30).status_code == 403  # not an engineer
     assert paula.get(f"{service_url}/audit", timeout=10).status_code == 403
 

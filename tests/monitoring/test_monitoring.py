@@ -20,13 +20,12 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
-from hematovision import CLASSES
+from hematovision import CLASSES, stores
 from hematovision.cli import app
 from hematovision.lab.corrections import Corrections
 from hematovision.monitoring.drift import REFERENCE_FILE, build_reference, fetch_reference, save_reference
 from hematovision.monitoring.monitor import MonitorState, decide, run_monitoring, should_retrain, start_retraining
-from hematovision.registry.registry import CHAMPION, Registry
-from hematovision.registry.tracking import configure_mlflow
+from hematovision.registry.registry import CHAMPION
 from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.settings import get_settings
 
@@ -110,9 +109,7 @@ def champion(trained):
     from hematovision.registry.packaging import load_classifier
 
     settings = get_settings()
-    version = str(
-        Registry(settings.registry.registered_model, configure_mlflow(settings)).version_by_alias(CHAMPION).version
-    )
+    version = str(stores.registry(settings).version_by_alias(CHAMPION).version)
     return version, load_classifier(f"models:/{settings.registry.registered_model}@{CHAMPION}")
 
 

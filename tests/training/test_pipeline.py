@@ -17,8 +17,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from hematovision import stores
 from hematovision.cli import app
-from hematovision.registry.registry import CHAMPION, Registry
+from hematovision.registry.registry import CHAMPION
 from hematovision.registry.tracking import configure_mlflow
 from hematovision.settings import get_settings
 
@@ -30,7 +31,7 @@ runner = CliRunner()
 @pytest.mark.e2e
 def test_main_job_registers_a_champion_with_its_lineage(project, trained):
     settings = get_settings()
-    registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
+    registry = stores.registry(settings)
     champion = registry.version_by_alias(CHAMPION)
     assert champion is not None
     assert trained["version"] == str(champion.version)
@@ -147,7 +148,7 @@ def test_the_gate_scores_the_champion_on_this_runs_validation_split(project, tra
     from hematovision.training.steps import scored_on_validation
 
     settings = get_settings()
-    registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
+    registry = stores.registry(settings)
     logged = registry.metrics_of(trained["version"])
     rescored = scored_on_validation(
         settings,
@@ -168,7 +169,7 @@ def test_the_gate_will_not_compare_a_champion_on_cells_it_trained_on(project, tr
     from hematovision.training.steps import load_manifest
 
     settings = get_settings()
-    registry = Registry(settings.registry.registered_model, configure_mlflow(settings))
+    registry = stores.registry(settings)
     manifest = load_manifest(settings)
     champion = trained["version"]
     assert registry.trained_on(champion) == set(manifest.path[manifest.split == "train"])

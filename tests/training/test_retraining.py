@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from hematovision import CLASSES
+from hematovision import CLASSES, stores
 from hematovision.data.dvc import dvc_data_hash
 from hematovision.lab.corrections import Corrections
 from hematovision.monitoring.drift import fetch_reference
@@ -16,7 +16,6 @@ from hematovision.monitoring.monitor import MonitorState
 from hematovision.params import PromoteParams
 from hematovision.registry.gate import gate
 from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry
-from hematovision.registry.tracking import configure_mlflow
 from hematovision.settings import get_settings
 from hematovision.training.retrain import export_step, is_holdout, load_retrain_manifest
 
@@ -26,7 +25,7 @@ PER_CLASS = 14  # new-site images corrected per class
 
 
 def registry() -> Registry:
-    return Registry(get_settings().registry.registered_model, configure_mlflow())
+    return stores.registry()
 
 
 def champion_version() -> str:

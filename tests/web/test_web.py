@@ -163,8 +163,9 @@ def download_csv(driver, downloads: Path) -> list[dict]:
 
 @pytest.mark.e2e
 def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(
-    project, service_url, browser, downloads, tmp_path
+    project, serving_champion, browser, downloads, tmp_path
 ):
+    service_url = serving_champion  # the page's answers and /predict's must come from one version
     browser.get(f"{service_url}/")
     assert browser.current_url.endswith("/ui/")
     model = requests.get(f"{service_url}/model", timeout=10).json()
