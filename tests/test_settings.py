@@ -61,6 +61,11 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_PREDICT_REQUIRES_TOKEN": ("lab.predict_requires_token", "true", True),
     "HEMATOVISION_LOGIN_ATTEMPTS": ("lab.login_attempts", "8", 8),
     "HEMATOVISION_LOGIN_WINDOW_SECONDS": ("lab.login_window_seconds", "90", 90.0),
+    # added after the grouping
+    "HEMATOVISION_SESSION_IDLE_MINUTES": ("lab.session_idle_minutes", "15", 15.0),
+    "HEMATOVISION_TOKEN_DAYS": ("lab.token_days", "30", 30.0),
+    "HEMATOVISION_MAX_FORM_BYTES": ("lab.max_form_bytes", "4096", 4096),
+    "HEMATOVISION_TRUSTED_PROXIES": ("lab.trusted_proxies", '["10.0.0.1"]', ["10.0.0.1"]),
     "HEMATOVISION_MONITOR_STATE_DB": ("monitoring.state_db", "/srv/monitor.sqlite", Path("/srv/monitor.sqlite")),
     "HEMATOVISION_MONITOR_WORKSPACE": ("monitoring.workspace", "/srv/workspace", Path("/srv/workspace")),
     "HEMATOVISION_MONITOR_REPORTS_DIR": ("monitoring.reports_dir", "/srv/reports", Path("/srv/reports")),

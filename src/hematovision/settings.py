@@ -176,6 +176,18 @@ class LabSettings(BaseSettings):
         5, gt=0, description="Failed sign-ins allowed per user and address within login_window_seconds."
     )
     login_window_seconds: float = Field(300.0, gt=0, description="Window of the sign-in rate limit.")
+    session_idle_minutes: float = Field(
+        30.0, gt=0, description="A browser sign-in unused this long ends (session_hours caps it in any case)."
+    )
+    token_days: float = Field(90.0, gt=0, description="How long a new API token is valid.")
+    max_form_bytes: int = Field(
+        64 * 1024, gt=0, description="Largest sign-in, JSON or form body of the lab's routes (413 above), read only "
+        "after the caller is known where the route needs one."
+    )
+    trusted_proxies: list[str] = Field(
+        [], description="Addresses of reverse proxies whose X-Forwarded-For names the client (none: the peer "
+        "address is the client, whatever the header says)."
+    )
 
 
 class MonitoringSettings(BaseSettings):
