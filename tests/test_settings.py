@@ -62,6 +62,7 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_LOGIN_ATTEMPTS": ("lab.login_attempts", "8", 8),
     "HEMATOVISION_LOGIN_WINDOW_SECONDS": ("lab.login_window_seconds", "90", 90.0),
     # added after the grouping
+    "HEMATOVISION_MAX_REQUEST_PIXELS": ("serving.max_request_pixels", "5000000", 5_000_000),
     "HEMATOVISION_SESSION_IDLE_MINUTES": ("lab.session_idle_minutes", "15", 15.0),
     "HEMATOVISION_TOKEN_DAYS": ("lab.token_days", "30", 30.0),
     "HEMATOVISION_MAX_FORM_BYTES": ("lab.max_form_bytes", "4096", 4096),

@@ -123,6 +123,10 @@ class ServingSettings(BaseSettings):
         validation_alias=_env("serve_threads"),
         description="Requests one serving worker handles at once; they share model calls through the batcher (BentoML's default of 1 would serialise them).",
     )
+    max_request_pixels: int = Field(
+        100_000_000, gt=0, description="Decoded pixels one request may hold across all its images (413 above): "
+        "with max_request_bytes it bounds the memory one request can take."
+    )
     max_batch_images: int = Field(
         32, gt=0, description="Most images one model call takes when concurrent requests are batched together."
     )
