@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -22,13 +23,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hematovision import CLASSES, stores
+from hematovision.cli import app
 from hematovision.params import PromoteParams
 from hematovision.registry.gate import promote
 from hematovision.registry.registry import CHAMPION, Registry
 from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.settings import get_settings
 
-from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES, SERVICE_REVIEW_THRESHOLD
+from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES, SERVICE_REVIEW_THRESHOLD, add_user
 
 CELL_IMAGES = {c: sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[:3] for c in CLASSES}
 A_CELL = CELL_IMAGES["neutrophil"][0]
@@ -47,6 +49,15 @@ def registry() -> Registry:
 
 def champion_version() -> str:
     return str(registry().version_by_alias(CHAMPION).version)
+
+
+@pytest.fixture(scope="module")
+def pathologist_token(project) -> str:
+    """An API token of a pathologist made for this module."""
+    add_user("service-pat", "pathologist", password="correct horse battery")
+    result = CliRunner().invoke(app, ["users", "token", "service-pat", "--name", "tests"])
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
 
 
 def wait_for_version(url: str, version: str, timeout: float = 90) -> float:
@@ -131,7 +142,7 @@ def test_concurrent_requests_all_succeed(service_url):
 
 
 @pytest.mark.e2e
-def test_explain_returns_a_grad_cam_overlay_of_the_whole_image(service_url):
+def test_explain_returns_a_grad_cam_overlay_of_the_whole_image(service_url, pathologist_token):
     data = A_CELL.read_bytes()
     response = post_image(service_url, data, route="/explain")
     assert response.status_code == 200, response.text
@@ -150,19 +161,28 @@ def test_explain_returns_a_grad_cam_overlay_of_the_whole_image(service_url):
         f"{service_url}/explain", files={"image": ("c.jpeg", data)}, data={"class_name": "basophil"}, timeout=60
     )
     assert bad_class.status_code == 422 and bad_class.json()["error"] == "unknown_class"
+    # A kept image (by prediction id) is patient material: only a signed-in pathologist gets its overlay.
+    pathologist = {"Authorization": f"Bearer {pathologist_token}"}
     unknown = requests.post(
         f"{service_url}/explain", data={"prediction_id": "nope"}, files={"unused": ("x", b"")}, timeout=60
     )
+    assert unknown.status_code == 401 and unknown.json()["error"] == "unauthorized"
+    unknown = requests.post(f"{service_url}/explain", data={"prediction_id": "nope"}, headers=pathologist, timeout=60)
     assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_prediction"
     prediction = post_image(service_url, data).json()
     by_id = requests.post(
         f"{service_url}/explain",
         data={"prediction_id": prediction["prediction_id"]},
         files={"unused": ("x", b"")},
+        headers=pathologist,
         timeout=60,
     )
     if prediction["needs_review"]:  # its image is kept for the review queue
         assert by_id.status_code == 200 and by_id.content == response.content
+        anonymous = requests.post(
+            f"{service_url}/explain", data={"prediction_id": prediction["prediction_id"]}, timeout=60
+        )
+        assert anonymous.status_code == 401 and anonymous.content != response.content
     else:
         assert by_id.status_code == 404 and by_id.json()["error"] == "image_not_retained"
 
@@ -186,6 +206,19 @@ def test_model_health_metrics_docs_and_page(service_url):
     assert docs.status_code == 200 and "swagger-ui" in docs.text and "googletagmanager" not in docs.text
     page = requests.get(f"{service_url}/", timeout=10)
     assert page.status_code == 200 and page.url.endswith("/ui/")
+
+
+@pytest.mark.e2e
+def test_metrics_name_route_templates_not_the_records_people_open(service_url, pathologist_token):
+    record, made_up = uuid.uuid4().hex, f"/no-such-page-{uuid.uuid4().hex}"
+    opened = requests.get(
+        f"{service_url}/review/image/{record}", headers={"Authorization": f"Bearer {pathologist_token}"}, timeout=30
+    )
+    assert opened.status_code == 404  # no kept image by that id; the request is counted all the same
+    assert requests.get(f"{service_url}{made_up}", timeout=30).status_code == 404
+    metrics = requests.get(f"{service_url}/metrics", timeout=10).text
+    assert record not in metrics and made_up not in metrics
+    assert 'endpoint="/review/image/{prediction_id}"' in metrics and 'endpoint="unmatched"' in metrics
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -432,8 +465,6 @@ def test_images_are_kept_only_with_retention_and_purged_after_it(tmp_path):
 
 @pytest.mark.e2e
 def test_predict_command_writes_csv_for_files_and_folders(project, trained, tmp_path):
-    from hematovision.cli import app
-
     folder = tmp_path / "slides"
     folder.mkdir()
     for path in CELL_IMAGES["monocyte"][:2]:

@@ -12,19 +12,26 @@ text field where a file was expected (which it would even try to download as a U
   ``errors.py`` (5xx details stay in the server log).
 
 Responses the service already shaped carry the ``x-hematovision-error`` header and pass untouched.
+
+Also here: :func:`templated_metrics`, which makes BentoML's HTTP traffic metrics label a request by
+its route template (``/review/image/{prediction_id}``) instead of the raw path, so that ``/metrics``
+neither shows which records people open nor grows with every made-up path.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from fastapi.routing import iter_route_contexts
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
+from starlette.routing import Mount, compile_path
 
 from hematovision.api.errors import ERROR_HEADER, error_body
 
@@ -47,6 +54,8 @@ _CODES = {
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+UNMATCHED = "unmatched"  # the metrics label of every path no route serves
+_RAW_PATH = "hematovision.raw_path"
 
 
 @dataclass(frozen=True)
@@ -254,3 +263,68 @@ def _describe(status: int, body: bytes) -> tuple[str, str]:
             )
         text = str(detail)
     return code, (text or HTTPStatus(status).phrase)[:500]
+
+
+# --- metrics labelled by route template -------------------------------------------------------------
+
+
+def route_templates(routes: list, prefix: str = "") -> list[tuple[re.Pattern, str]]:
+    """Every route of ``routes`` as (path pattern, template), in matching order, looking into
+    mounted apps and FastAPI's included routers; a mounted folder's files are ``<folder>/{path}``."""
+    out: list[tuple[re.Pattern, str]] = []
+    for context in iter_route_contexts(routes):
+        route = context.original_route
+        if isinstance(route, Mount):
+            mount = prefix + route.path.rstrip("/")
+            inner = getattr(route.app, "routes", None)
+            if inner is not None:
+                out += route_templates(inner, mount)
+            else:
+                out.append((compile_path(mount + "/{path:path}")[0], mount + "/{path}"))
+            continue
+        template = getattr(context, "path_format", None) or getattr(route, "path_format", None)
+        if template:
+            out.append((compile_path(prefix + template)[0], prefix + template))
+    return out
+
+
+def route_template(templates: list[tuple[re.Pattern, str]], path: str) -> str:
+    """The template of the first route whose pattern matches ``path``; :data:`UNMATCHED` if none."""
+    return next((template for pattern, template in templates if pattern.match(path)), UNMATCHED)
+
+
+def templated_metrics(base: type) -> type:
+    """A subclass of BentoML's traffic-metrics middleware (``base``) that records each request under
+    its route template instead of ``scope["path"]``: BentoML reads the raw path, so every
+    ``/review/image/<id>`` a pathologist opens would be a public label value, and every made-up path
+    a new one. The middleware sits outside any middleware a service may add, so the template is put
+    into the scope it reads and the raw path restored for the app inside it."""
+
+    class TemplatedTrafficMetrics(base):
+        def __init__(self, app, *args: Any, **kwargs: Any) -> None:
+            super().__init__(_restoring_path(app), *args, **kwargs)
+            self._templates: dict[int, list[tuple[re.Pattern, str]]] = {}  # per application, made once
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] not in ("http", "websocket"):
+                return await super().__call__(scope, receive, send)
+            app = scope.get("app")  # the application this middleware serves (Starlette sets it)
+            templates = self._templates.get(id(app))
+            if templates is None:
+                templates = self._templates[id(app)] = route_templates(getattr(app, "routes", []))
+            labelled = {**scope, "path": route_template(templates, scope["path"]), _RAW_PATH: scope["path"]}
+            return await super().__call__(labelled, receive, send)
+
+    TemplatedTrafficMetrics.__name__ = TemplatedTrafficMetrics.__qualname__ = f"Templated{base.__name__}"
+    TemplatedTrafficMetrics.templated = True
+    return TemplatedTrafficMetrics
+
+
+def _restoring_path(app):
+    async def restored(scope: Scope, receive: Receive, send: Send) -> None:
+        if _RAW_PATH in scope:
+            scope = {**scope}
+            scope["path"] = scope.pop(_RAW_PATH)
+        await app(scope, receive, send)
+
+    return restored
