@@ -23,6 +23,7 @@ ERROR_HEADER = "x-hematovision-error"
 IMAGE_STATUS = {
     "too_large": 413,
     "decompression_bomb": 413,
+    "too_many_pixels": 413,
     "unsupported_format": 415,
     "missing_image": 400,
     "unknown_prediction": 404,

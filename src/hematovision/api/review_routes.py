@@ -1,7 +1,7 @@
 """The service's routes for pathologists: the review queue, corrections, and what the lab learns.
 
     GET  /review/queue                 pathologist             predictions awaiting review, least certain first
-    GET  /review/image/{id}            pathologist             a kept request image
+    GET  /review/image/{id}            pathologist             a kept request image (metadata stripped)
     POST /feedback                     pathologist             confirm or correct a prediction
     GET  /feedback/stats               pathologist, engineer,  agreement between the model and reviewers
                                        ops, admin
@@ -10,7 +10,8 @@
     GET  /audit                        admin, engineer         the audit log, newest first
 
 Predictions come from the prediction log, corrections and the audit log from the lab database
-(both through ``stores``); who may do what is ``auth.require``.
+(both through ``stores``); who may do what is ``auth.require``. Every download of patient data or a
+report about it (an image, the CSV, the PDF) is recorded in the audit log and sent ``no-store``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,25 @@ from hematovision.api.auth import read_form, require
 from hematovision.api.errors import ApiError
 from hematovision.lab.corrections import CorrectionError
 from hematovision.lab.report import report_pdf
+from hematovision.serving.images import strip_metadata
 from hematovision.settings import get_settings
 
 READERS = ("pathologist", "engineer", "ops", "admin")
+# Patient data and reports about it: never stored by a browser or a proxy, never sniffed.
+PATIENT_DATA_HEADERS = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
+CSV_COLUMNS = [
+    "created_at",
+    "reviewer",
+    "prediction_id",
+    "model_version",
+    "predicted_class",
+    "true_class",
+    "confirmed",
+    "image_sha256",
+    "comment",
+]
+# A cell starting with one of these is a formula to a spreadsheet (OWASP: CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 router = APIRouter()
 
 
@@ -58,15 +75,19 @@ def review_queue(
 
 @router.get("/review/image/{prediction_id}")
 def review_image(request: Request, prediction_id: str) -> Response:
-    require(request, "pathologist")
-    record = stores.prediction_log(get_settings()).get(prediction_id)
+    """A kept request image: its pixels without the file's metadata (``strip_metadata``), never
+    cached, each download in the audit log."""
+    user = require(request, "pathologist")
+    settings = get_settings()
+    record = stores.prediction_log(settings).get(prediction_id)
     if record is None or record["image_path"] is None:
         raise ApiError(404, "image_not_retained", "no kept image for this prediction")
-    return Response(
-        Path(record["image_path"]).read_bytes(),
-        media_type="application/octet-stream",
-        headers={"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"},
-    )
+    try:
+        image, media_type = strip_metadata(Path(record["image_path"]).read_bytes())
+    except (OSError, ValueError) as error:  # gone since, or unreadable: nothing to show
+        raise ApiError(404, "image_not_retained", f"the kept image cannot be read ({type(error).__name__})") from None
+    stores.corrections(settings).audit(user.username, "download_image", prediction_id, {"bytes": len(image)})
+    return Response(image, media_type=media_type, headers=PATIENT_DATA_HEADERS)
 
 
 @router.post("/feedback", status_code=201)
@@ -105,40 +126,47 @@ def feedback_stats(request: Request) -> dict:
 
 @router.get("/feedback/export.csv")
 def feedback_csv(request: Request) -> Response:
-    require(request, *READERS)
-    buffer = io.StringIO()
-    columns = [
-        "created_at",
-        "reviewer",
-        "prediction_id",
-        "model_version",
-        "predicted_class",
-        "true_class",
-        "confirmed",
-        "image_sha256",
-        "comment",
-    ]
-    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in stores.corrections(get_settings()).all():
-        writer.writerow(
-            {**row, "confirmed": row["predicted_class"] == row["true_class"] if row["predicted_class"] else ""}
-        )
+    """Every review as CSV; text that a spreadsheet would run as a formula is neutralised."""
+    user = require(request, *READERS)
+    corrections = stores.corrections(get_settings())
+    rows = corrections.all()
+    corrections.audit(user.username, "download_csv", "feedback/export.csv", {"rows": len(rows)})
     return Response(
-        buffer.getvalue(),
+        reviews_csv(rows),
         media_type="text/csv",
-        headers={"content-disposition": 'attachment; filename="hematovision-reviews.csv"'},
+        headers={**PATIENT_DATA_HEADERS, "content-disposition": 'attachment; filename="hematovision-reviews.csv"'},
     )
+
+
+def reviews_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        confirmed = row["predicted_class"] == row["true_class"] if row["predicted_class"] else ""
+        writer.writerow({key: spreadsheet_safe(value) for key, value in {**row, "confirmed": confirmed}.items()})
+    return buffer.getvalue()
+
+
+def spreadsheet_safe(value):
+    """A text cell a spreadsheet shows as text: one that would start a formula (``=``, ``+``,
+    ``-``, ``@``, tab, carriage return) gets a leading single quote (OWASP's CSV injection advice)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 @router.get("/feedback/report.pdf")
 def feedback_pdf(request: Request) -> Response:
     """The reviewed results as a PDF report (agreement, confusion, disputed images)."""
-    require(request, *READERS)
+    user = require(request, *READERS)
+    corrections = stores.corrections(get_settings())
+    pdf = report_pdf(corrections.stats())
+    corrections.audit(user.username, "download_report", "feedback/report.pdf", {"bytes": len(pdf)})
     return Response(
-        report_pdf(stores.corrections(get_settings()).stats()),
+        pdf,
         media_type="application/pdf",
-        headers={"content-disposition": 'attachment; filename="hematovision-reviews.pdf"'},
+        headers={**PATIENT_DATA_HEADERS, "content-disposition": 'attachment; filename="hematovision-reviews.pdf"'},
     )
 
 

@@ -93,6 +93,8 @@ class HematoVision:
         Concurrent requests share model calls (adaptive batching in ``serving.batcher``)."""
         try:
             return self.predictor.predict([p.read_bytes() for p in images], errors="return")
+        except ImageRejected as error:  # the request as a whole (too many pixels together)
+            return errors.from_serving(error).response()
         except NotReady as error:
             raise ServiceUnavailable(str(error)) from error
 

@@ -29,13 +29,14 @@ def run_model(classifier, images: Sequence[PreparedImage]) -> tuple[np.ndarray, 
     """Probabilities and embeddings, one row per image (crop -> backbone -> head, test-time views
     as the model was configured)."""
     size = classifier.config.image_size
-    crops = np.stack(
-        [
-            p.crop if p.crop is not None and p.crop.shape[0] == size else crop_wbc(np.asarray(p.rgb), size)
-            for p in images
-        ]
-    )
+    crops = np.stack([p.crop if p.crop is not None and p.crop.shape[0] == size else _crop(p, size) for p in images])
     return classifier.predict_with_embeddings(crops)
+
+
+def _crop(prepared: PreparedImage, size: int) -> np.ndarray:
+    if prepared.rgb is None:  # prepared for another input size, and the picture is gone
+        raise ValueError(f"image prepared with a {prepared.crop.shape[0]} px crop; this model takes {size} px")
+    return crop_wbc(np.asarray(prepared.rgb), size)
 
 
 def share_cores_between_model_calls(calls: int) -> None:

@@ -20,7 +20,13 @@ import numpy as np
 from hematovision import stores
 from hematovision.model.gradcam import explain_image
 from hematovision.serving.batcher import Batcher
-from hematovision.serving.images import ImageRejected, PreparedImage, needs_review, prepare_image
+from hematovision.serving.images import (
+    ImageRejected,
+    PreparedImage,
+    check_pixel_budget,
+    needs_review,
+    prepare_image,
+)
 from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.serving.swap import LoadedModel, ModelWatcher
 from hematovision.settings import Settings
@@ -59,11 +65,13 @@ class Predictor:
         """One dict per image: label, confidence, probabilities, model_version, prediction_id,
         needs_review, cell_in_view (whole / cut / none). A bad image raises :class:`ImageRejected`
         (``errors="raise"``) or is answered in place by ``{"error": code, "detail": message}``
-        (``errors="return"``)."""
+        (``errors="return"``). Images that together declare more than ``max_request_pixels``
+        refuse the whole request (``too_many_pixels``), before any is decoded."""
         model = self.models.current  # grabbed once: a swap during this request does not affect it
         if model is None:
             loading = self.models.loading
             raise NotReady("no model loaded yet" + (f" (loading version {loading})" if loading else ""))
+        check_pixel_budget(images, self.settings.serving.max_request_pixels)
         started = time.perf_counter()
         results: list[dict[str, Any] | None] = [None] * len(images)
         good: list[tuple[int, PreparedImage]] = []
@@ -104,6 +112,7 @@ class Predictor:
             raise NotReady("no model loaded yet")
         if data is None:
             data = self._retained_image(prediction_id)
+        check_pixel_budget([data], self.settings.serving.max_request_pixels)
         prepare_image(data)  # the same format and decode checks as /predict, with the same errors
         classes = list(model.classifier.classes)
         class_index = None
