@@ -94,7 +94,13 @@ def test_roles_csrf_and_sign_in_limits(service_url, people):
 
     erin = {"Authorization": f"Bearer {people['erin_token']}"}
     promoted = requests.post(f"{service_url}/models/{champion}/promote", headers=erin, timeout=60)
-    assert promoted.status_code == 200, promoted.text  # already the champion: nothing moves
+    assert promoted.status_code == 202, promoted.text  # a job: the gate runs in a worker thread
+    deadline = time.monotonic() + 120
+    while (job := requests.get(f"{service_url}{promoted.json()['url']}", headers=erin, timeout=30).json())[
+        "status"
+    ] not in ("done", "failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job["status"] == "done" and job["result"]["passed"], job  # already the champion: nothing moves
     assert (
         requests.post(
             f"{service_url}/models/{champion}/promote", headers={"Authorization": "Bearer hv_forged"}, timeout=30

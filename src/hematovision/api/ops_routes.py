@@ -8,7 +8,8 @@
 
 The page for people is ``/ui/ops.html``. The data comes from the monitoring state
 (``stores.monitor_state``), written by the monitoring flow; nothing here talks to MLflow. Who may
-do what is ``auth.require`` (session cookie + CSRF, or a bearer token).
+do what is ``auth.require`` (session cookie + CSRF token in the ``X-CSRF-Token`` header, or a
+bearer token), decided before any body is read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import FileResponse, RedirectResponse
 
 from hematovision import stores
-from hematovision.api.auth import read_form, require
+from hematovision.api.auth import require
 from hematovision.api.errors import ApiError
 from hematovision.monitoring.monitor import ops_status
 from hematovision.settings import get_settings
@@ -49,9 +50,11 @@ def alerts(request: Request, limit: int = 50) -> dict:
 
 
 @router.post("/ops/alerts/{alert_id}/approve")
-async def approve(request: Request, alert_id: int) -> dict:
-    """An engineer approves the retraining an alert asks for; the next monitoring run starts it."""
-    user = require(request, "engineer", form=await read_form(request))
+def approve(request: Request, alert_id: int) -> dict:
+    """An engineer approves the retraining an alert asks for; the next monitoring run starts it.
+    Who is asking is decided (CSRF token in ``X-CSRF-Token``) without reading any body: the route
+    takes none (and, a plain route, FastAPI runs it in a worker thread, off the event loop)."""
+    user = require(request, "engineer")
     settings = get_settings()
     try:
         alert = stores.monitor_state(settings).approve(alert_id, user.username)

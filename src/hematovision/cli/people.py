@@ -73,12 +73,40 @@ def users_token(
     username: Annotated[str, typer.Argument()],
     name: Annotated[str, typer.Option(help="What the token is for (e.g. the LIS bridge).")] = "api",
 ):
-    """Create an API token for a system acting as USERNAME; printed once, only its hash is kept."""
+    """Create an API token for a system acting as USERNAME, valid for lab.token_days; printed once,
+    only its hash is kept."""
     try:
-        token = _accounts().create_token(username, name)
+        token = _accounts().create_token(username, name, get_settings().lab.token_days)
     except AccountError as error:
         fail(str(error))
     print(token)
+
+
+@users_app.command("tokens")
+def users_tokens(username: Annotated[str, typer.Argument()]):
+    """USERNAME's API tokens: id (for revoke-token), name, created, expires, last used. Never the secret."""
+    table = Table("id", "name", "created", "expires", "last used")
+    for token in _accounts().list_tokens(username):
+        expires = token["expires_at"][:19] + (" (expired)" if token["expired"] else "")
+        table.add_row(
+            token["id"], token["name"], token["created_at"][:19], expires, (token["last_used_at"] or "never")[:19]
+        )
+    Console(width=120).print(table)
+
+
+@users_app.command("revoke-token")
+def users_revoke_token(
+    username: Annotated[str, typer.Argument()],
+    token_id: Annotated[str, typer.Argument(help="The id `hematovision users tokens USERNAME` shows.")],
+):
+    """Revoke one API token of USERNAME at once (the others keep working); recorded in the audit log."""
+    settings = get_settings()
+    try:
+        revoked = stores.accounts(settings).revoke_token(username, token_id)
+    except AccountError as error:
+        fail(str(error))
+    stores.corrections(settings).audit("cli", "revoke_token", username, revoked)
+    console.print(f"revoked token {revoked['id']} ({revoked['name']}) of {username}")
 
 
 @feedback_app.command("export")

@@ -5,6 +5,13 @@ promotes, rolls back and retrains, ``ops`` watches dashboards, ``admin`` manages
 may hold several. Passwords are hashed with Argon2id (argon2-cffi, the reference implementation's
 bindings; parameters upgraded transparently at the next sign-in). Session ids and API tokens are
 random 256-bit secrets of which only a SHA-256 is stored, so a copy of the database signs nobody in.
+A session ends ``session_hours`` after the sign-in, or earlier when unused for ``idle_minutes``; an
+API token expires ``days`` after it was made and can be listed (by a short id, never the secret) and
+revoked one by one.
+
+Failed sign-ins are kept here too (``login_failures``), so the sign-in limit is shared by every
+serving worker and replica that opens this database; each record is deleted once it is older than
+the limit's window, so the table holds at most the window's failed attempts, whatever names they use.
 
 Everything lives in one sqlite file (WAL) next to the prediction log: no server to run, and the
 audit log (``audit.py``) shares its transactions.
@@ -16,6 +23,7 @@ import hashlib
 import re
 import secrets
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,19 +50,41 @@ CREATE TABLE IF NOT EXISTS users (
     created_at    TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (
-    id_sha256  TEXT PRIMARY KEY,
-    username   TEXT NOT NULL REFERENCES users(username),
-    csrf_token TEXT NOT NULL,             -- echoed by the page's forms (synchroniser token)
-    created_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL
+    id_sha256    TEXT PRIMARY KEY,
+    username     TEXT NOT NULL REFERENCES users(username),
+    csrf_token   TEXT NOT NULL,           -- echoed by the page's forms (synchroniser token)
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,
+    last_seen_at TEXT                     -- idle timeout; touched at most once per TOUCH_SECONDS
 );
 CREATE TABLE IF NOT EXISTS api_tokens (
     token_sha256 TEXT PRIMARY KEY,
     username     TEXT NOT NULL REFERENCES users(username),
     name         TEXT NOT NULL,
-    created_at   TEXT NOT NULL
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT,                    -- NULL only in databases older than expiry (see _migrate)
+    last_used_at TEXT
 );
+CREATE TABLE IF NOT EXISTS login_failures (
+    username TEXT NOT NULL,
+    address  TEXT NOT NULL,
+    at       REAL NOT NULL                -- Unix time: shared by processes and machines, unlike a monotonic clock
+);
+CREATE INDEX IF NOT EXISTS login_failures_key ON login_failures (username, address, at);
+CREATE INDEX IF NOT EXISTS login_failures_at ON login_failures (at);
 """
+# Columns added since the first schema: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("sessions", "last_seen_at", "TEXT"),
+    ("api_tokens", "expires_at", "TEXT"),
+    ("api_tokens", "last_used_at", "TEXT"),
+)
+DEFAULT_IDLE_MINUTES = 30.0
+DEFAULT_TOKEN_DAYS = 90.0  # also the lifetime given to tokens made before tokens expired
+TOUCH_SECONDS = 60.0  # a session's or token's last use is written at most this often (a write is an fsync)
+TOKEN_ID_LENGTH = 12  # hex digits of the token's SHA-256 shown as its id (the secret is never shown)
+MAX_USERNAME_LENGTH = 64
+_migrated: set[Path] = set()
 
 
 class AccountError(ValueError):
@@ -80,11 +110,41 @@ def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _iso(moment: datetime) -> str:
+    """One fixed-width ISO form for every time stored here, so text comparisons order them."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _touch_due(last: str | None, now: datetime, idle_seconds: float = TOUCH_SECONDS * 4) -> bool:
+    """Whether a last use noted at ``last`` is worth writing again (often enough for an idle timeout
+    of ``idle_seconds``, rarely enough not to write on every request)."""
+    if not last:
+        return True
+    return (now - datetime.fromisoformat(last)).total_seconds() > min(TOUCH_SECONDS, idle_seconds / 4)
+
+
 class Accounts:
     def __init__(self, db_path: Path, session_hours: float = 12.0) -> None:
         self.db_path = Path(db_path)
         self.session_hours = session_hours
         self._db = connect(self.db_path, SCHEMA)
+        if self._db.path not in _migrated:
+            self._migrate()
+            _migrated.add(self._db.path)
+
+    def _migrate(self) -> None:
+        """Bring a database made before sessions idled out and tokens expired up to date; tokens
+        made before then expire ``DEFAULT_TOKEN_DAYS`` after they were made."""
+        with transaction(self._db) as db:
+            for table, column, declaration in _ADDED_COLUMNS:
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            for token, created in db.execute(
+                "SELECT token_sha256, created_at FROM api_tokens WHERE expires_at IS NULL"
+            ).fetchall():
+                expires = datetime.fromisoformat(created) + timedelta(days=DEFAULT_TOKEN_DAYS)
+                db.execute("UPDATE api_tokens SET expires_at = ? WHERE token_sha256 = ?", (_iso(expires), token))
 
     def _one(self, sql: str, params: tuple = ()) -> tuple | None:
         rows = self._db.execute(sql, params)
@@ -125,9 +185,12 @@ class Accounts:
 
     # --- signing in -------------------------------------------------------------------------
     def authenticate(self, username: str, password: str) -> User | None:
-        row = self._one(
-            "SELECT password_hash, roles, disabled FROM users WHERE username = ?", (username.strip().lower(),)
-        )
+        """The user, if ``password`` is theirs and the account is active. Slow on purpose (Argon2id,
+        64 MiB): call it from a worker thread, never from an event loop."""
+        username = username.strip().lower()
+        if len(username) > MAX_USERNAME_LENGTH:
+            return None  # no account has such a name (add_user refuses it): nothing to look up
+        row = self._one("SELECT password_hash, roles, disabled FROM users WHERE username = ?", (username,))
         try:
             _hasher.verify(row[0] if row else _DUMMY_HASH, password)
         except (VerificationError, InvalidHashError):
@@ -137,58 +200,147 @@ class Accounts:
         if _hasher.check_needs_rehash(row[0]):
             with transaction(self._db) as db:
                 db.execute("UPDATE users SET password_hash = ? WHERE username = ?", (_hasher.hash(password), username))
-        return User(username.strip().lower(), frozenset(row[1].split(",")))
+        return User(username, frozenset(row[1].split(",")))
 
     def start_session(self, user: User) -> tuple[str, Session]:
         """A new session: returns the secret for the cookie and the session (with its CSRF token)."""
         secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         with transaction(self._db) as db:
-            db.execute("DELETE FROM sessions WHERE expires_at < ?", (now.isoformat(),))
+            db.execute("DELETE FROM sessions WHERE expires_at < ?", (_iso(now),))
             db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO sessions (id_sha256, username, csrf_token, created_at, expires_at, last_seen_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     _sha256(secret),
                     user.username,
                     csrf,
-                    now.isoformat(),
-                    (now + timedelta(hours=self.session_hours)).isoformat(),
+                    _iso(now),
+                    _iso(now + timedelta(hours=self.session_hours)),
+                    _iso(now),
                 ),
             )
         return secret, Session(user, csrf)
 
-    def session(self, secret: str | None) -> Session | None:
+    def session(self, secret: str | None, idle_minutes: float = DEFAULT_IDLE_MINUTES) -> Session | None:
+        """The live session behind a cookie: not past ``session_hours`` and used within the last
+        ``idle_minutes`` (each use counts, written at most once a minute)."""
         if not secret:
             return None
+        now = datetime.now(UTC)
         row = self._one(
-            "SELECT s.username, u.roles, s.csrf_token FROM sessions s JOIN users u USING (username) "
-            "WHERE s.id_sha256 = ? AND s.expires_at > ? AND u.disabled = 0",
-            (_sha256(secret), datetime.now(UTC).isoformat()),
+            "SELECT s.username, u.roles, s.csrf_token, s.last_seen_at FROM sessions s JOIN users u USING (username) "
+            "WHERE s.id_sha256 = ? AND s.expires_at > ? AND COALESCE(s.last_seen_at, s.created_at) > ? "
+            "AND u.disabled = 0",
+            (_sha256(secret), _iso(now), _iso(now - timedelta(minutes=idle_minutes))),
         )
-        return None if row is None else Session(User(row[0], frozenset(row[1].split(","))), row[2])
+        if row is None:
+            return None
+        if _touch_due(row[3], now, idle_minutes * 60):
+            with transaction(self._db) as db:
+                db.execute("UPDATE sessions SET last_seen_at = ? WHERE id_sha256 = ?", (_iso(now), _sha256(secret)))
+        return Session(User(row[0], frozenset(row[1].split(","))), row[2])
 
     def end_session(self, secret: str | None) -> None:
         if secret:
             with transaction(self._db) as db:
                 db.execute("DELETE FROM sessions WHERE id_sha256 = ?", (_sha256(secret),))
 
+    # --- the sign-in limit ------------------------------------------------------------------
+    def sign_in_retry_after(
+        self, username: str, address: str, attempts: int, window: float, now: float | None = None
+    ) -> float:
+        """Seconds until ``username`` may try again from ``address`` (0: now): at most ``attempts``
+        failures within ``window`` seconds."""
+        now = time.time() if now is None else now
+        row = self._one(
+            "SELECT COUNT(*), MIN(at) FROM login_failures WHERE username = ? AND address = ? AND at > ?",
+            (username, address, now - window),
+        )
+        count, oldest = row if row else (0, None)
+        return 0.0 if count < attempts or oldest is None else max(0.0, oldest + window - now)
+
+    def sign_in_failed(self, username: str, address: str, window: float, now: float | None = None) -> None:
+        """Record a failed sign-in, and forget every failure older than ``window``."""
+        now = time.time() if now is None else now
+        with transaction(self._db) as db:
+            db.execute("DELETE FROM login_failures WHERE at <= ?", (now - window,))
+            db.execute("INSERT INTO login_failures VALUES (?, ?, ?)", (username, address, now))
+
+    def sign_in_succeeded(self, username: str, address: str) -> None:
+        with transaction(self._db) as db:
+            db.execute("DELETE FROM login_failures WHERE username = ? AND address = ?", (username, address))
+
+    def sign_in_failures(self) -> int:
+        """Failed sign-ins on record (all within the window, once the next failure has pruned)."""
+        return int(self._db.execute("SELECT COUNT(*) FROM login_failures")[0][0])
+
     # --- API tokens -------------------------------------------------------------------------
-    def create_token(self, username: str, name: str) -> str:
-        """A new API token for ``username`` (shown once; only its hash is kept)."""
+    def create_token(self, username: str, name: str, days: float = DEFAULT_TOKEN_DAYS) -> str:
+        """A new API token for ``username``, valid for ``days`` (shown once; only its hash is kept)."""
         row = self._one("SELECT disabled FROM users WHERE username = ?", (username,))
         if row is None or row[0]:
             raise AccountError(f"no active user {username!r}")
         token = "hv_" + secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
         with transaction(self._db) as db:
-            db.execute("INSERT INTO api_tokens VALUES (?, ?, ?, ?)", (_sha256(token), username, name, utc_now()))
+            db.execute(
+                "INSERT INTO api_tokens (token_sha256, username, name, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (_sha256(token), username, name, _iso(now), _iso(now + timedelta(days=days))),
+            )
         return token
 
     def token_user(self, token: str | None) -> User | None:
+        """The active user behind an unexpired, unrevoked token (its last use noted, once a minute)."""
         if not token:
             return None
+        now = datetime.now(UTC)
         row = self._one(
-            "SELECT u.username, u.roles FROM api_tokens t JOIN users u USING (username) "
-            "WHERE t.token_sha256 = ? AND u.disabled = 0",
-            (_sha256(token),),
+            "SELECT u.username, u.roles, t.last_used_at FROM api_tokens t JOIN users u USING (username) "
+            "WHERE t.token_sha256 = ? AND t.expires_at > ? AND u.disabled = 0",
+            (_sha256(token), _iso(now)),
         )
-        return None if row is None else User(row[0], frozenset(row[1].split(",")))
+        if row is None:
+            return None
+        if _touch_due(row[2], now):
+            with transaction(self._db) as db:
+                db.execute("UPDATE api_tokens SET last_used_at = ? WHERE token_sha256 = ?", (_iso(now), _sha256(token)))
+        return User(row[0], frozenset(row[1].split(",")))
+
+    def list_tokens(self, username: str) -> list[dict]:
+        """``username``'s tokens, oldest first: id (a prefix of the secret's hash), name, created,
+        expires, last used, expired. Never the secret."""
+        now = _iso(datetime.now(UTC))
+        rows = self._db.execute(
+            "SELECT token_sha256, name, created_at, expires_at, last_used_at FROM api_tokens "
+            "WHERE username = ? ORDER BY created_at",
+            (username,),
+        )
+        return [
+            {
+                "id": sha[:TOKEN_ID_LENGTH],
+                "name": name,
+                "created_at": created,
+                "expires_at": expires,
+                "last_used_at": used,
+                "expired": expires <= now,
+            }
+            for sha, name, created, expires, used in rows
+        ]
+
+    def revoke_token(self, username: str, token_id: str) -> dict:
+        """Revoke (delete) the one token of ``username`` whose id starts with ``token_id``."""
+        token_id = token_id.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{6,64}", token_id):
+            raise AccountError("a token id is at least 6 hex digits, as `hematovision users tokens` shows it")
+        with transaction(self._db) as db:
+            rows = db.execute(
+                "SELECT token_sha256, name FROM api_tokens WHERE username = ? AND substr(token_sha256, 1, ?) = ?",
+                (username, len(token_id), token_id),
+            ).fetchall()
+            if len(rows) != 1:
+                raise AccountError(
+                    f"no token {token_id!r} of {username!r}" if not rows else f"{token_id!r} names several tokens"
+                )
+            db.execute("DELETE FROM api_tokens WHERE token_sha256 = ?", (rows[0][0],))
+        return {"id": rows[0][0][:TOKEN_ID_LENGTH], "name": rows[0][1]}
