@@ -5,10 +5,16 @@ reached the disk (FULL syncs the WAL at every commit), readers never block the w
 server processes can share the file (``busy_timeout`` makes writers queue instead of failing).
 One connection per process and file, guarded by a lock, because the web server calls from a
 thread pool.
+
+The databases hold patient-linked records and password hashes: their files are the owner's alone
+(0600, folders of patient images 0700), whatever the process' umask (:func:`private_file`,
+:func:`private_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -25,14 +31,36 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def private_file(path: Path) -> None:
+    """Create ``path`` if missing and make it (and an sqlite database's ``-wal``/``-shm`` files,
+    which sqlite creates with the database's mode) readable and writable by its owner only."""
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(file, 0o600)  # not the umask's choice: set, not asked for
+
+
+def private_dir(path: Path) -> None:
+    """Create the folder ``path`` (with its parents) and make it its owner's alone (0700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def open_sqlite(path: Path, **kwargs: Any) -> sqlite3.Connection:
+    """A connection to the sqlite file ``path``, created owner-only (:func:`private_file`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private_file(path)
+    return sqlite3.connect(path, **kwargs)
+
+
 class Database:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.lock = threading.RLock()
-        self.conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.conn = open_sqlite(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA busy_timeout = 30000")
         self.conn.execute("PRAGMA journal_mode = WAL")
+        private_file(path)  # the -wal and -shm files WAL mode has made
         self.conn.execute("PRAGMA synchronous = FULL")
         self.conn.execute("PRAGMA foreign_keys = ON")
         self._schemas: set[str] = set()

@@ -21,14 +21,15 @@ import io
 from pathlib import Path
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from hematovision import stores
 from hematovision.api.auth import read_form, require
-from hematovision.api.errors import ApiError
+from hematovision.api.errors import ApiError, from_serving
 from hematovision.lab.corrections import CorrectionError
 from hematovision.lab.report import report_pdf
-from hematovision.serving.images import strip_metadata
+from hematovision.serving.images import ImageRejected, prepare_image, strip_metadata
 from hematovision.settings import get_settings
 
 READERS = ("pathologist", "engineer", "ops", "admin")
@@ -108,9 +109,18 @@ async def feedback(request: Request) -> dict:
             image = Path(prediction["image_path"]).read_bytes()
     if not isinstance(image, (bytes, bytearray)) or not image:
         raise ApiError(400, "missing_image", "send 'prediction_id' of a kept prediction or the 'image' file")
+    try:  # the guard predictions pass: a file that is no image would break the export and retraining
+        await run_in_threadpool(prepare_image, bytes(image))
+    except ImageRejected as error:
+        raise from_serving(error) from None
     try:
-        return stores.corrections(settings).submit(
-            user.username, str(form.get("true_class", "")), bytes(image), prediction, str(form.get("comment", ""))
+        return await run_in_threadpool(
+            stores.corrections(settings).submit,
+            user.username,
+            str(form.get("true_class", "")),
+            bytes(image),
+            prediction,
+            str(form.get("comment", "")),
         )
     except CorrectionError as error:
         raise ApiError(422, "bad_correction", str(error)) from None

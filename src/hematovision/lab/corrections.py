@@ -16,7 +16,9 @@ image left out of an export until it is resolved).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,8 +27,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from hematovision import CLASSES
-from hematovision.database import connect, rows_as_dicts, transaction, utc_now
+from hematovision.data.imaging import ImageError, load_rgb
+from hematovision.database import connect, private_dir, rows_as_dicts, transaction, utc_now
+
+logger = logging.getLogger("hematovision.lab.corrections")
+# The formats a correction may be in (those the service accepts), and their file extensions.
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS corrections (
@@ -54,15 +63,31 @@ CREATE TABLE IF NOT EXISTS audit (
 
 
 class CorrectionError(ValueError):
-    """A correction that cannot be accepted (unknown class, no image)."""
+    """A correction that cannot be accepted (unknown class, no image, not an image)."""
+
+
+def readable_image(source: bytes | Path) -> str:
+    """The format of an image that decodes as training decodes it (``load_rgb``), or ImageError."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            fmt = im.format or ""
+    except Image.DecompressionBombError as error:
+        raise ImageError("decompression_bomb", str(error)) from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError("not_an_image", f"not a readable image ({type(error).__name__})") from error
+    if fmt not in EXTENSIONS:
+        raise ImageError("unsupported_format", f"{fmt or 'unknown'} images are not accepted")
+    load_rgb(source)
+    return fmt
 
 
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that it is complete on disk or absent, never partial."""
     if path.exists():
         return  # content-addressed: the same bytes are already there
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)  # patient images: the owner's alone
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        os.fchmod(tmp.fileno(), 0o600)
         tmp.write(data)
         tmp.flush()
         os.fsync(tmp.fileno())
@@ -93,7 +118,12 @@ class Corrections:
             raise CorrectionError(f"true_class must be one of {', '.join(self.classes)}, not {true_class!r}")
         if not image:
             raise CorrectionError("a correction needs the image")
+        try:
+            readable_image(image)  # a file that is no image would break the export and retraining
+        except ImageError as error:
+            raise CorrectionError(f"the image is not usable: {error.message}") from error
         sha = hashlib.sha256(image).hexdigest()
+        private_dir(self.images_dir)
         write_durably(self.image_path(sha), image)
         row = {
             "id": uuid.uuid4().hex,
@@ -196,18 +226,26 @@ class Corrections:
     # --- export -----------------------------------------------------------------------------
     def export(self, dest: Path) -> dict[str, Any]:
         """Write the corrected images as ``dest/<class>/<sha256>.<ext>`` (the raw data's class-folder
-        layout). Disputed images are left out until reviewers agree. The folder is rewritten to
-        match exactly, so exporting twice with nothing new changes nothing."""
-        from PIL import Image
-
+        layout). Disputed images are left out until reviewers agree, and so is any image that
+        cannot be read (missing, or not an image: counted and logged, never fatal). The folder is
+        rewritten to match exactly, so exporting twice with nothing new changes nothing."""
         wanted: dict[Path, Path] = {}
+        unreadable: dict[str, str] = {}
         for sha, labels in self.labels_by_image().items():
             if labels["agreed"] is None:
                 continue
             source = self.image_path(sha)
-            with Image.open(source) as im:
-                ext = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp"}.get(im.format or "", "img")
-            wanted[dest / labels["agreed"] / f"{sha}.{ext}"] = source
+            try:
+                fmt = readable_image(source)
+            except ImageError as error:
+                unreadable[sha] = f"{error.code}: {error.message}"
+                continue
+            except Exception as error:  # noqa: BLE001 - one bad file must not stop the export
+                unreadable[sha] = f"{type(error).__name__}: {error}"
+                continue
+            wanted[dest / labels["agreed"] / f"{sha}.{EXTENSIONS[fmt]}"] = source
+        for sha, why in unreadable.items():
+            logger.warning("correction image %s left out of the export: %s", sha, why)
         dest.mkdir(parents=True, exist_ok=True)
         existing = {p for p in dest.rglob("*") if p.is_file()}
         for stale in existing - set(wanted):
@@ -227,6 +265,8 @@ class Corrections:
             "removed": len(existing - set(wanted)),
             "per_class": {c: counts.get(c, 0) for c in self.classes},
             "disputed": sum(1 for v in self.labels_by_image().values() if v["agreed"] is None),
+            "unreadable": len(unreadable),
+            "unreadable_images": sorted(unreadable),
         }
 
 

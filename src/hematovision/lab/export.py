@@ -3,7 +3,9 @@
 The corrected images are written in the raw data's class-folder layout (``corrections/<class>/``)
 and ``dvc add`` records the folder's content hash in ``corrections.dvc``, so that a retraining
 run names exactly the set of corrections it used. Exporting again with nothing new rewrites
-nothing and DVC keeps the same hash.
+nothing and DVC keeps the same hash. An agreed image that cannot be read is left out and counted
+(``unreadable``, with the images' hashes in ``unreadable_images``; in the log and the audit entry),
+never fatal.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ def export_corrections(settings: Settings) -> dict[str, Any]:
     dvc_file = dest.with_name(dest.name + ".dvc")
     run_dvc("add", dest.name, cwd=dest.parent)
     store.audit(
-        "cli", "feedback_export", str(dvc_file.name), {k: result[k] for k in ("images", "added", "removed", "disputed")}
+        "cli",
+        "feedback_export",
+        str(dvc_file.name),
+        {k: result[k] for k in ("images", "added", "removed", "disputed", "unreadable")},
     )
     return {**result, "path": str(dest), "dvc_file": str(dvc_file), "md5": dvc_data_hash(dvc_file)}

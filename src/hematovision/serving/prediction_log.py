@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from hematovision.database import open_sqlite, private_dir, private_file
+
 SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
@@ -133,8 +135,7 @@ class PredictionStore:
         self.retain_images = retain_images
         self.retain_review_images = retain_review_images
         self._lock = threading.Lock()  # one connection per store, used by one thread at a time
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn = open_sqlite(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         with self._lock:
             self._conn.execute("PRAGMA busy_timeout = 30000")
@@ -144,6 +145,7 @@ class PredictionStore:
             self._conn.execute("PRAGMA synchronous = NORMAL")
             _retry_locked(lambda: self._conn.executescript(_SCHEMA))
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        private_file(self.db_path)  # the -wal and -shm files WAL mode has made
 
     def log(self, record: PredictionRecord, image: bytes | None = None) -> str:
         return self.log_many([record], None if image is None else [image])[0]
@@ -198,8 +200,10 @@ class PredictionStore:
         if target.exists():
             os.utime(target)
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.images_dir)  # patient images: the owner's alone
+        private_dir(target.parent)
         with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            os.fchmod(tmp.fileno(), 0o600)
             tmp.write(data)
         os.replace(tmp.name, target)
 

@@ -23,6 +23,7 @@ Steps (``flows/retraining.py`` runs each as a Prefect task; ``hematovision retra
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
@@ -35,6 +36,7 @@ import pandas as pd
 from hematovision import stores
 from hematovision.data.dataset import limit_per_cell, scan_class_folders
 from hematovision.data.dvc import dvc_data_hash
+from hematovision.data.imaging import ImageError, load_rgb
 from hematovision.lab.export import export_corrections
 from hematovision.model.classifier import Classifier
 from hematovision.model.embeddings import file_sha256
@@ -97,14 +99,24 @@ def export_step(settings: Settings) -> dict[str, Any]:
 # --- 2. manifest -----------------------------------------------------------------------------------
 def corrections_rows(folder: Path, holdout_fraction: float) -> pd.DataFrame:
     """Manifest rows of an exported corrections folder: absolute path, split (``train`` or
-    ``holdout``), label, group (each image its own cell), source, sha256."""
+    ``holdout``), label, group (each image its own cell), source, sha256. A file that does not
+    decode as training decodes it is left out and reported (the log, and ``attrs["unreadable"]``
+    of the answer: relative path -> why), never fatal."""
     columns = ["path", "split", "label", "group", "source", "sha256"]
     if not folder.is_dir():
         return pd.DataFrame(columns=columns)
     rows, _ = scan_class_folders(folder)
-    out = []
+    out, unreadable = [], {}
     for row in rows.itertuples():
         path = folder / row.path
+        try:
+            load_rgb(path)
+        except ImageError as error:
+            unreadable[row.path] = f"{error.code}: {error.message}"
+            continue
+        except Exception as error:  # noqa: BLE001 - one bad file must not stop retraining
+            unreadable[row.path] = f"{type(error).__name__}: {error}"
+            continue
         sha = path.stem if _SHA256.match(path.stem) else file_sha256(path)
         out.append(
             {
@@ -116,7 +128,16 @@ def corrections_rows(folder: Path, holdout_fraction: float) -> pd.DataFrame:
                 "sha256": sha,
             }
         )
-    return pd.DataFrame(out, columns=columns)
+    if unreadable:
+        logging.getLogger(__name__).warning(
+            "%d of %d correction images left out, unreadable: %s",
+            len(unreadable),
+            len(rows),
+            "; ".join(f"{path} ({why})" for path, why in unreadable.items()),
+        )
+    frame = pd.DataFrame(out, columns=columns)
+    frame.attrs["unreadable"] = unreadable
+    return frame
 
 
 def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
