@@ -124,8 +124,10 @@ class ServingSettings(BaseSettings):
         description="Requests one serving worker handles at once; they share model calls through the batcher (BentoML's default of 1 would serialise them).",
     )
     max_request_pixels: int = Field(
-        100_000_000, gt=0, description="Decoded pixels one request may hold across all its images (413 above): "
-        "with max_request_bytes it bounds the memory one request can take."
+        100_000_000,
+        gt=0,
+        description="Decoded pixels one request may hold across all its images (413 above): "
+        "with max_request_bytes it bounds the memory one request can take.",
     )
     max_batch_images: int = Field(
         32, gt=0, description="Most images one model call takes when concurrent requests are batched together."
@@ -185,12 +187,15 @@ class LabSettings(BaseSettings):
     )
     token_days: float = Field(90.0, gt=0, description="How long a new API token is valid.")
     max_form_bytes: int = Field(
-        64 * 1024, gt=0, description="Largest sign-in, JSON or form body of the lab's routes (413 above), read only "
-        "after the caller is known where the route needs one."
+        64 * 1024,
+        gt=0,
+        description="Largest sign-in, JSON or form body of the lab's routes (413 above), read only "
+        "after the caller is known where the route needs one.",
     )
     trusted_proxies: list[str] = Field(
-        [], description="Addresses of reverse proxies whose X-Forwarded-For names the client (none: the peer "
-        "address is the client, whatever the header says)."
+        [],
+        description="Addresses of reverse proxies whose X-Forwarded-For names the client (none: the peer "
+        "address is the client, whatever the header says).",
     )
 
 
