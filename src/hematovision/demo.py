@@ -141,12 +141,17 @@ def _test_images(settings: Settings, config: DemoConfig) -> list[tuple[Path, str
     return [(source / p, label) for p, label in zip(picked.path, picked.label)]
 
 
-def _predict_all(url: str, images: list[tuple[Path, str]], workers: int) -> list[dict[str, Any]]:
+def _predict_all(url: str, images: list[tuple[Path, str]], workers: int, token: str) -> list[dict[str, Any]]:
     import requests
 
     def one(item: tuple[Path, str]) -> dict[str, Any]:
         path, label = item
-        response = requests.post(f"{url}/predict", files={"image": (path.name, path.read_bytes())}, timeout=120)
+        response = requests.post(
+            f"{url}/predict",
+            files={"image": (path.name, path.read_bytes())},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120,
+        )
         response.raise_for_status()
         return {**response.json(), "true_class": label, "path": path}
 
@@ -191,23 +196,32 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
     test_images = _test_images(settings, config)
     log = settings.path(settings.paths.retrain_dir) / "demo-service.log"
     env = {**os.environ, **(config.service_env or {})}
-    say(f"2. starting the service (log {log})")
-    server, url = start_service(settings.path(settings.paths.project_dir), log, env, config.service_timeout_s)
+    # The demo's pathologist: an account of its own, with an API token for the microscope's traffic
+    # and a browser sign-in for the reviews; disabled when the demo ends, however it ends, so no
+    # demo run leaves an account that can read patients' images behind.
+    accounts = stores.accounts(settings)
+    reviewer = f"demo-pathologist-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+    password = secrets.token_urlsafe(24)
+    accounts.add_user(reviewer, password, ["pathologist"])
+    say(f"2. starting the service (log {log}); demo account {reviewer}, disabled at the end")
+    try:
+        token = accounts.create_token(reviewer, "demo microscope", days=1)
+        server, url = start_service(settings.path(settings.paths.project_dir), log, env, config.service_timeout_s)
+    except BaseException:
+        accounts.disable_user(reviewer)
+        raise
     try:
         say(f"   serving v{_served_version(url)} at {url}")
         say(f"3. streaming {len(test_images)} official TEST images, then {len(streamed) + len(held)} new-site images")
-        test_before = _predict_all(url, test_images, config.workers)
+        test_before = _predict_all(url, test_images, config.workers, token)
         say(f"   TEST accuracy {_accuracy(test_before):.3f}; drift monitor (no drift expected):")
         drift = {"in_distribution": monitor(settings, say)}
-        held_before = _predict_all(url, held, config.workers)
-        stream_results = _predict_all(url, streamed, config.workers)
+        held_before = _predict_all(url, held, config.workers, token)
+        stream_results = _predict_all(url, streamed, config.workers, token)
         say(f"4. new-site accuracy {_accuracy(held_before + stream_results):.3f}; drift monitor (a new laboratory):")
         drift["new_site"] = monitor(settings, say)
 
         to_correct = stream_results[: config.corrections]
-        reviewer = f"demo-pathologist-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
-        password = secrets.token_urlsafe(24)
-        stores.accounts(settings).add_user(reviewer, password, ["pathologist"])
         session = requests.Session()
         login = session.post(f"{url}/login", data={"username": reviewer, "password": password}, timeout=30)
         login.raise_for_status()
@@ -253,10 +267,11 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
                     swapped = True
                     break
                 time.sleep(1)
-        test_after = _predict_all(url, test_images, config.workers)
-        held_after = _predict_all(url, held, config.workers)
+        test_after = _predict_all(url, test_images, config.workers, token)
+        held_after = _predict_all(url, held, config.workers, token)
     finally:
         stop_service(server)
+        accounts.disable_user(reviewer)
 
     result = {
         "version_before": before_version,

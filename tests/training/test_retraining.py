@@ -212,6 +212,9 @@ def test_demo_tells_the_whole_story_on_the_real_service(project, trained, prefec
         reference = fetch_reference(settings, result["challenger"])
         assert len(reference) > 0 and reference.filter(like="emb_").shape[1] == 1280
         assert "approves alert" in text and "drift on new-site traffic" in text
+        # The demo's own account (its token fed the microscope's traffic) ends disabled.
+        demo_accounts = [u for u in stores.accounts().list_users() if u["username"].startswith("demo-pathologist-")]
+        assert demo_accounts and all(u["disabled"] for u in demo_accounts)
     finally:
         if champion_version() != parent:
             registry().rollback()
