@@ -8,13 +8,13 @@ step, so a head-only retrain over mostly known images takes seconds.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hematovision.database import open_sqlite, private_file
 from hematovision.model.classifier import dihedral_view
 
 if TYPE_CHECKING:
@@ -27,9 +27,10 @@ def file_sha256(path: Path) -> str:
 
 class EmbeddingCache:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path)
+        # Embeddings of patient images (corrections) among them: the file is the owner's alone.
+        self.db = open_sqlite(Path(path))
         self.db.execute("PRAGMA journal_mode=WAL")
+        private_file(Path(path))  # the -wal and -shm files WAL mode has made
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS embedding (backbone TEXT, image TEXT, vector BLOB, PRIMARY KEY (backbone, image))"
         )
