@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -431,6 +432,61 @@ def test_unreachable_registry_keeps_the_loaded_model_serving(project, trained):
     assert models.poll() == champion_version()
     assert "unreachable" in models.status()["last_error"]["message"]
     assert predictor.predict([A_CELL.read_bytes()])[0]["label"] in CLASSES
+
+
+def test_a_version_refused_for_a_passing_reason_is_retried_one_that_fails_its_check_is_not(tmp_path):
+    """Out of memory while loading passes: the version is tried again after its back-off. A version
+    that loads but answers nonsense stays refused. ``/model`` (status) says which is which."""
+    from hematovision.serving.swap import ModelWatcher, RegistrySource
+
+    class FakeRegistry(RegistrySource):
+        alias_at = "3"
+
+        def resolve(self, alias):
+            return self.alias_at
+
+        def describe(self, version):
+            return {"version": version}
+
+        def download(self, version, into):
+            return f"{into}/v{version}"
+
+    loads: list[str] = []
+    out_of_memory = {"3": 2}  # version 3 fails twice for want of memory, then loads
+
+    def load(local: str) -> SimpleNamespace:
+        version = local.rsplit("v", 1)[1]
+        loads.append(version)
+        if out_of_memory.get(version, 0) > 0:
+            out_of_memory[version] -= 1
+            raise MemoryError("cannot allocate 300 MB")
+        return SimpleNamespace(version=version, classes=list(CLASSES))
+
+    def check(classifier) -> None:
+        if classifier.version == "4":
+            raise ValueError("probabilities do not sum to 1")
+
+    source = FakeRegistry(get_settings())
+    models = ModelWatcher(get_settings(), source=source, load=load, retry_seconds=1.0, check=check)
+    assert models.poll() is None
+    refused = models.status()["refused"]["3"]
+    assert refused["passing"] is True and refused["retry_at"] and "MemoryError" in refused["reason"]
+    assert models.poll() is None and loads == ["3"]  # within the back-off: not tried again
+    time.sleep(1.1)
+    assert models.poll() is None and loads == ["3", "3"]  # tried again, failed again: back-off doubled (2 s)
+    assert models.status()["refused"]["3"]["attempts"] == 2
+    time.sleep(1.0)
+    assert models.poll() is None and loads == ["3", "3"]
+    time.sleep(1.1)
+    assert models.poll() == "3" and "3" not in models.status()["refused"]  # the memory came back
+
+    source.alias_at = "4"
+    assert models.poll() == "3"
+    refused = models.status()["refused"]["4"]
+    assert refused["passing"] is False and refused["retry_at"] is None and "sum to 1" in refused["reason"]
+    time.sleep(1.1)
+    assert models.poll() == "3" and loads.count("4") == 1  # refused for good: never loaded again
+    assert "hematovision_model_refused 1" in models.prometheus()
 
 
 # --- prediction log retention, CLI, packaging -----------------------------------------------------

@@ -5,7 +5,10 @@ watcher fetches the new version, loads it, warms it and checks it on a built-in 
 only then swaps it in with one reference assignment. A request grabs the reference once
 (:attr:`ModelWatcher.current`), so requests in flight finish on the model they started with. A
 version that fails to load or fails the check is refused and remembered, and the old model keeps
-serving; so does an unreachable registry. Plain Python, so it can be tested without BentoML.
+serving; so does an unreachable registry. A refusal for a passing reason (out of memory or disk, a
+network error: :func:`passing_failure`) is retried after a back-off that doubles each time
+(``retry_seconds``, at most an hour); a version that loads but fails the check stays refused.
+``/model`` says which. Plain Python, so it can be tested without BentoML.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import mlflow
@@ -34,6 +38,20 @@ from hematovision.serving.prediction_log import utc_now
 from hematovision.settings import Settings, get_settings
 
 logger = logging.getLogger("hematovision.serving.swap")
+# A refused version that failed for a passing reason is tried again after this many polls (doubling
+# with each failure, at most MAX_RETRY_SECONDS).
+RETRY_POLLS = 12
+MAX_RETRY_SECONDS = 3600.0
+# TensorFlow's out-of-memory and transport errors, by name: importing TensorFlow here to name them
+# would load it in every process that imports this module.
+_PASSING_ERROR_NAMES = frozenset({"ResourceExhaustedError", "UnavailableError", "DeadlineExceededError"})
+
+
+def passing_failure(error: BaseException) -> bool:
+    """Whether a failure to load a version may pass by itself (memory, disk, network: OSError covers
+    ConnectionError, TimeoutError and requests' errors), so the version deserves another try; a
+    version that loads and then fails the sanity check is wrong in itself."""
+    return isinstance(error, (OSError, MemoryError)) or type(error).__name__ in _PASSING_ERROR_NAMES
 
 
 def sanity_image() -> bytes:
@@ -122,13 +140,21 @@ class ModelWatcher:
         settings: Settings | None = None,
         source: RegistrySource | None = None,
         load: Callable[[str], Any] | None = None,
+        retry_seconds: float | None = None,
+        check: Callable[[Any], None] | None = None,
     ) -> None:
         self.settings = settings or get_settings()
+        # First back-off of a version refused for a passing reason (default RETRY_POLLS polls).
+        self.retry_seconds = (
+            retry_seconds if retry_seconds is not None else RETRY_POLLS * self.settings.serving.alias_poll_seconds
+        )
+        self._check = check or check_classifier
         self.alias = self.settings.serving.alias
         self.source = source or RegistrySource(self.settings)
         self._load = load or load_classifier
         self._current: LoadedModel | None = None
-        self._refused: dict[str, dict[str, str]] = {}
+        self._refused: dict[str, dict[str, Any]] = {}
+        self._retry_at: dict[str, float] = {}  # version -> monotonic time of its next try (passing failures)
         self._loading: str | None = None
         self._last_error: dict[str, str] | None = None
         self._last_poll: str | None = None
@@ -193,9 +219,16 @@ class ModelWatcher:
                 return self.version
             if version is None:
                 self._error(f"alias {self.alias!r} is not set in the registry")
-            elif version != self.version and version not in self._refused:
+            elif version != self.version and self._may_try(version):
                 self._swap_to(version)
             return self.version
+
+    def _may_try(self, version: str) -> bool:
+        """Not refused, or refused for a passing reason whose back-off is over."""
+        if version not in self._refused:
+            return True
+        retry_at = self._retry_at.get(version)
+        return retry_at is not None and time.monotonic() >= retry_at
 
     def _swap_to(self, version: str) -> None:
         self._loading = version
@@ -210,15 +243,15 @@ class ModelWatcher:
             try:  # loading and checking: failures are the version's, remembered
                 started = time.perf_counter()
                 classifier = self._load(local)
-                check_classifier(classifier)
+                self._check(classifier)
             except Exception as error:  # noqa: BLE001 - any failure refuses the version, not the worker
-                reason = f"{type(error).__name__}: {error}"[:500]
-                self._refused[version] = {"reason": reason, "at": utc_now()}
-                logger.error("refused model version %s (still serving %s): %s", version, self.version, reason)
+                self._refuse(version, error)
                 return
             previous = self.version
             self._current = LoadedModel(classifier, version, utc_now(), info)  # the atomic swap
             self._last_error = None
+            self._refused.pop(version, None)  # a passing failure that passed
+            self._retry_at.pop(version, None)
             logger.info(
                 "now serving model version %s (was %s); loaded and checked in %.1f s",
                 version,
@@ -228,6 +261,32 @@ class ModelWatcher:
         finally:
             self._loading = None
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _refuse(self, version: str, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"[:500]
+        passing = passing_failure(error)
+        attempts = self._refused.get(version, {}).get("attempts", 0) + 1
+        retry_at = None
+        if passing:
+            delay = min(self.retry_seconds * 2 ** (attempts - 1), MAX_RETRY_SECONDS)
+            self._retry_at[version] = time.monotonic() + delay
+            retry_at = datetime.fromtimestamp(time.time() + delay, UTC).isoformat(timespec="milliseconds")
+        else:
+            self._retry_at.pop(version, None)
+        self._refused[version] = {
+            "reason": reason,
+            "at": utc_now(),
+            "passing": passing,  # true: out of memory/disk, network; tried again at retry_at
+            "retry_at": retry_at,  # None: refused for good (fails to load or the sanity check)
+            "attempts": attempts,
+        }
+        logger.error(
+            "refused model version %s (still serving %s)%s: %s",
+            version,
+            self.version,
+            f", will retry at {retry_at}" if passing else "",
+            reason,
+        )
 
     def _error(self, message: str) -> None:
         if self._last_error is None or self._last_error["message"] != message:
@@ -251,7 +310,7 @@ class ModelWatcher:
             "tags": info.get("tags", {}),
             "classes": list(current.classifier.classes) if current else [],
             "loading": self._loading,
-            "refused": dict(self._refused),
+            "refused": {version: dict(entry) for version, entry in self._refused.items()},
             "last_error": self._last_error,
             "last_poll_at": self._last_poll,
             "poll_seconds": self.settings.serving.alias_poll_seconds,
