@@ -70,6 +70,13 @@ class PathSettings(BaseSettings):
     cache_dir: Path = Field(
         Path(".cache/embeddings"), description="Backbone embedding cache (keyed by image content and backbone)."
     )
+    embedding_cache_days: int = Field(
+        0,
+        ge=0,
+        description="Delete backbone embeddings of images (training images and corrections) not used for this "
+        "many days from the embedding cache, at each retention pass; a deleted one is recomputed when needed "
+        "(0: kept).",
+    )
     retrain_dir: Path = Field(
         Path("retrain"),
         description="Output of the retraining flow: its manifest (raw data + corrections, with the holdout), report, challenger.",
@@ -160,6 +167,24 @@ class ServingSettings(BaseSettings):
         ge=0,
         description="Keep the images of predictions flagged needs_review this many days: the review queue shows them (0: never).",
     )
+    embedding_days: int = Field(
+        90,
+        ge=0,
+        description="Keep the backbone embedding of a logged prediction this many days (the rest of the row stays); "
+        "longer than any drift monitoring window (0: kept).",
+    )
+    images_budget_mb: float = Field(
+        1024.0,
+        ge=0,
+        description="Disk budget of the retained request images: beyond it the oldest are purged first, whatever "
+        "their retention (0: no budget).",
+    )
+    purge_interval_minutes: float = Field(
+        60.0,
+        ge=0,
+        description="How often each serving worker runs a retention pass (images, embeddings, corrections, the "
+        "embedding cache; as `hematovision predictions purge` does); several at once are harmless (0: only by hand).",
+    )
 
 
 class LabSettings(BaseSettings):
@@ -173,6 +198,13 @@ class LabSettings(BaseSettings):
     corrections_images_dir: Path = Field(
         Path("monitoring/corrections"),
         description="Images of corrected predictions, content-addressed (kept: a correction needs its image).",
+    )
+    correction_image_days: int = Field(
+        0,
+        ge=0,
+        description="Delete a correction's image, and its copy in the exported corrections folder, this many days "
+        "after its last correction; the lab decides: a correction is training data, and one without its image "
+        "leaves the next export (0: kept).",
     )
     session_hours: float = Field(12.0, gt=0, description="How long a browser sign-in lasts.")
     predict_requires_token: bool = Field(

@@ -222,6 +222,24 @@ def test_metrics_name_route_templates_not_the_records_people_open(service_url, p
     assert 'endpoint="/review/image/{prediction_id}"' in metrics and 'endpoint="unmatched"' in metrics
 
 
+@pytest.mark.e2e
+def test_metrics_show_the_bytes_of_retained_images(project, service_url):
+    """The serving worker's retention scheduler appends the gauge; an image kept for review (the
+    session's service flags nearly every answer) is counted within the gauge's 30 s cache."""
+    body = post_image(service_url, CELL_IMAGES["monocyte"][1].read_bytes()).json()
+    logged = PredictionStore(project / "monitoring" / "predictions.sqlite").get(body["prediction_id"])
+    assert logged["image_path"] is not None, "the test needs a kept image"
+    deadline = time.monotonic() + 60
+    while True:
+        metrics = requests.get(f"{service_url}/metrics", timeout=10).text
+        line = next(x for x in metrics.splitlines() if x.startswith("hematovision_retained_image_bytes "))
+        if int(line.split()[1]) >= Path(logged["image_path"]).stat().st_size:
+            break
+        assert time.monotonic() < deadline, line
+        time.sleep(2)
+    assert "hematovision_retention_last_pass_seconds" in metrics
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 

@@ -104,9 +104,14 @@ async def feedback(request: Request) -> dict:
         if prediction is None:
             raise ApiError(404, "unknown_prediction", f"no prediction {form['prediction_id']!r}")
         if not image:
-            if prediction["image_path"] is None:
-                raise ApiError(409, "image_not_retained", "this prediction's image was not kept; send it as 'image'")
-            image = Path(prediction["image_path"]).read_bytes()
+            try:
+                if prediction["image_path"] is None:
+                    raise FileNotFoundError(prediction["image_sha256"])
+                image = Path(prediction["image_path"]).read_bytes()
+            except OSError:  # never kept, or purged by a retention pass since the row was read
+                raise ApiError(
+                    409, "image_not_retained", "this prediction's image was not kept or was purged; send it as 'image'"
+                ) from None
     if not isinstance(image, (bytes, bytearray)) or not image:
         raise ApiError(400, "missing_image", "send 'prediction_id' of a kept prediction or the 'image' file")
     try:  # the guard predictions pass: a file that is no image would break the export and retraining

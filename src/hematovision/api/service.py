@@ -40,6 +40,7 @@ from hematovision.api.guard import RequestGuard, Upload, templated_metrics  # no
 from hematovision.serving.batcher import share_cores_between_model_calls  # noqa: E402 - quiet_environment() first
 from hematovision.serving.images import ImageRejected  # noqa: E402 - quiet_environment() first
 from hematovision.serving.predictor import NotReady, Predictor  # noqa: E402 - quiet_environment() first
+from hematovision.serving.retention import RetentionScheduler  # noqa: E402 - quiet_environment() first
 from hematovision.serving.swap import ModelWatcher  # noqa: E402 - quiet_environment() first
 
 MAX_BATCH_FILES = 64
@@ -68,6 +69,8 @@ class HematoVision:
         share_cores_between_model_calls(settings.serving.model_calls)
         self.models = _models = ModelWatcher(settings).start()  # loads in the background
         self.predictor = Predictor(settings, self.models)
+        # Retention without a person: every purge_interval_minutes (0: off), in this worker.
+        self.retention = RetentionScheduler(settings).start()
 
     def __is_ready__(self) -> bool:
         return self.models.ready
@@ -76,7 +79,7 @@ class HematoVision:
         return self.models.watching
 
     def __metrics__(self, content: str) -> str:
-        return content + self.models.prometheus()
+        return content + self.models.prometheus() + self.retention.prometheus()
 
     @bentoml.api(route="/predict")
     def predict(self, image: Path) -> dict:

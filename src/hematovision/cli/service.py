@@ -14,6 +14,7 @@ from hematovision import stores
 from hematovision.cli.common import console, fail
 from hematovision.progress import cli_logger, console_progress, logging_progress
 from hematovision.serving.batch_predict import collect_images, predict_files, write_results
+from hematovision.serving.retention import retention_pass
 from hematovision.settings import get_settings
 
 predictions_app = typer.Typer(help="The prediction log and retained images.", no_args_is_help=True)
@@ -71,13 +72,14 @@ def predict(
 
 @predictions_app.command("purge")
 def predictions_purge(
-    older_than_days: Annotated[float | None, typer.Option(help="Default: the retain_images_days setting.")] = None,
+    older_than_days: Annotated[
+        float | None, typer.Option(help="Images older than this (default: retain_images_days, review_image_days).")
+    ] = None,
 ):
-    """Delete retained request images older than the retention period (patient privacy)."""
-    settings = get_settings()
-    log = stores.prediction_log(settings)
-    if older_than_days is not None:
-        removed = log.purge_images(older_than_days)
-    else:
-        removed = log.purge_images(settings.serving.retain_images_days, settings.serving.review_image_days)
-    console.print(f"removed {removed} retained image(s)")
+    """A whole retention pass now, as each serving worker runs one every purge_interval_minutes:
+    retained images (by age, then the disk budget), old prediction embeddings, correction images if
+    the lab set a retention, the embedding cache if set (patient privacy)."""
+    counts = retention_pass(get_settings(), older_than_days)
+    console.print(f"removed {counts.pop('images')} retained image(s)")
+    for kind, count in counts.items():
+        console.print(f"{kind.replace('_', ' ')}: {count} removed")

@@ -9,6 +9,11 @@ predicted class) it confirms or corrects. Durability, in order:
    ``synchronous=FULL``): after the answer the correction is on disk; a crash before COMMIT leaves
    nothing but, at worst, an unreferenced image file.
 
+Images are kept unless the lab sets ``lab.correction_image_days`` (a correction is training data):
+:meth:`Corrections.purge_images` then deletes an image, and its copy in the exported folder, once its
+last correction is older than that; the rows stay. A purge running while a correction is written
+cannot take its image: ``submit`` writes the image again after the row if it is gone.
+
 Two reviewers on one image are two rows: both kept, and the disagreement is reported (and the
 image left out of an export until it is resolved).
 """
@@ -22,8 +27,10 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ from PIL import Image
 from hematovision import CLASSES
 from hematovision.data.imaging import ImageError, load_rgb
 from hematovision.database import connect, private_dir, rows_as_dicts, transaction, utc_now
+from hematovision.serving.prediction_log import image_files, purge_files
 
 logger = logging.getLogger("hematovision.lab.corrections")
 # The formats a correction may be in (those the service accepts), and their file extensions.
@@ -147,6 +155,9 @@ class Corrections:
                 row["id"],
                 {k: row[k] for k in ("true_class", "predicted_class", "model_version", "prediction_id")},
             )
+        # A retention pass may have taken an old copy of this image between the write and the
+        # COMMIT (it checks the rows after moving files aside): the row must have its image.
+        write_durably(self.image_path(sha), image)
         return row
 
     def audit(self, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None) -> None:
@@ -222,6 +233,42 @@ class Corrections:
             },
             "disputed_images": disputed,
         }
+
+    # --- retention --------------------------------------------------------------------------
+    def purge_images(self, older_than_days: float, exported: Path | None = None) -> dict[str, int]:
+        """Delete the images whose last correction is more than ``older_than_days`` old (and files no
+        correction names, by their age), and their copies under the exported folder ``exported``;
+        the corrections themselves stay. Returns ``{"images": n, "exported": m}``."""
+        now = time.time()
+        cutoff = datetime.fromtimestamp(now - older_than_days * 86400, UTC).isoformat(timespec="milliseconds")
+        last = dict(self.db.execute("SELECT image_sha256, MAX(created_at) FROM corrections GROUP BY image_sha256"))
+        candidates = [
+            path
+            for path, stat in image_files(self.images_dir)
+            if stat.st_mtime <= now - older_than_days * 86400 and last.get(path.name, "") <= cutoff
+        ]
+
+        def corrected_since(hashes: list[str]) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(hashes), 500):
+                chunk = hashes[start : start + 500]
+                rows = self.db.execute(
+                    f"SELECT DISTINCT image_sha256 FROM corrections WHERE image_sha256 IN ({', '.join('?' * len(chunk))})"
+                    " AND created_at > ?",
+                    (*chunk, cutoff),
+                )
+                found.update(r[0] for r in rows)
+            return found
+
+        images = purge_files(candidates, corrected_since)
+        copies = 0
+        if exported is not None and exported.is_dir():
+            for path in [p for p in exported.rglob("*") if p.is_file()]:
+                sha = path.name.split(".")[0]
+                if sha in last and last[sha] <= cutoff and not self.image_path(sha).exists():
+                    path.unlink(missing_ok=True)
+                    copies += 1
+        return {"images": images, "exported": copies}
 
     # --- export -----------------------------------------------------------------------------
     def export(self, dest: Path) -> dict[str, Any]:

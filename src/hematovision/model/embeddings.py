@@ -2,12 +2,15 @@
 
 Keyed by the image's sha256 and the backbone fingerprint: the same picture under another name is
 not recomputed, and a fine-tuned backbone never reads a stale vector. Embedding is the expensive
-step, so a head-only retrain over mostly known images takes seconds.
+step, so a head-only retrain over mostly known images takes seconds. Each entry remembers when it was
+last used (``used_at``, Unix time): :meth:`EmbeddingCache.purge` deletes those unused for a while
+(``paths.embedding_cache_days``; they are recomputed if needed again).
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,9 +34,15 @@ class EmbeddingCache:
         self.db = open_sqlite(Path(path))
         self.db.execute("PRAGMA journal_mode=WAL")
         private_file(Path(path))  # the -wal and -shm files WAL mode has made
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS embedding (backbone TEXT, image TEXT, vector BLOB, PRIMARY KEY (backbone, image))"
-        )
+        with self.db:
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS embedding "
+                "(backbone TEXT, image TEXT, vector BLOB, used_at REAL, PRIMARY KEY (backbone, image))"
+            )
+            if "used_at" not in {row[1] for row in self.db.execute("PRAGMA table_info(embedding)")}:
+                # A cache from before: its entries' age is counted from now.
+                self.db.execute("ALTER TABLE embedding ADD COLUMN used_at REAL")
+                self.db.execute("UPDATE embedding SET used_at = ?", (time.time(),))
 
     def lookup(self, backbone: str, image_keys: Sequence[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
@@ -43,15 +52,33 @@ class EmbeddingCache:
                 f"SELECT image, vector FROM embedding WHERE backbone = ? AND image IN ({','.join('?' * len(chunk))})",
                 [backbone, *chunk],
             )
-            found.update({key: np.frombuffer(blob, dtype=np.float32) for key, blob in rows})
+            hits = {key: np.frombuffer(blob, dtype=np.float32) for key, blob in rows}
+            if hits:
+                with self.db:
+                    self.db.execute(
+                        f"UPDATE embedding SET used_at = ? WHERE backbone = ? AND image IN ({','.join('?' * len(hits))})",
+                        [time.time(), backbone, *hits],
+                    )
+            found.update(hits)
         return found
 
     def store(self, backbone: str, image_keys: Sequence[str], vectors: np.ndarray) -> None:
         with self.db:
             self.db.executemany(
-                "INSERT OR REPLACE INTO embedding VALUES (?, ?, ?)",
-                [(backbone, key, np.asarray(v, np.float32).tobytes()) for key, v in zip(image_keys, vectors)],
+                "INSERT OR REPLACE INTO embedding (backbone, image, vector, used_at) VALUES (?, ?, ?, ?)",
+                [
+                    (backbone, key, np.asarray(v, np.float32).tobytes(), time.time())
+                    for key, v in zip(image_keys, vectors)
+                ],
             )
+
+    def purge(self, unused_days: float) -> int:
+        """Delete the entries not used for ``unused_days`` (their pages overwritten: secure_delete);
+        returns how many."""
+        self.db.execute("PRAGMA secure_delete = ON")
+        with self.db:
+            cursor = self.db.execute("DELETE FROM embedding WHERE used_at < ?", (time.time() - unused_days * 86400,))
+        return int(cursor.rowcount)
 
     def embed(
         self,

@@ -19,20 +19,27 @@ What a row holds and why:
 Images themselves are not stored (they may be patient material) unless a retention setting says
 so: ``retain_images_days`` for every image, ``review_image_days`` for the images of predictions
 flagged ``needs_review`` (the review queue shows them to pathologists). Kept images are
-content-addressed under ``images_dir`` and :meth:`PredictionStore.purge_images` deletes each once it is older than
-the retention that applies to it. Image bytes never go to any log.
+content-addressed under ``images_dir``; the row is written first and the image after it, and
+:meth:`PredictionStore.purge_images` deletes an image only once it is older than its retention *and*
+no row newer than that retention names it, checked after the file has been moved aside
+(:func:`purge_files`), so an image whose row has just been written is never lost to a purge running
+at the same moment. :meth:`PredictionStore.enforce_budget` caps the disk they take (oldest first) and
+:meth:`PredictionStore.drop_embeddings` clears old rows' embeddings; ``serving/retention.py`` runs
+them all. Image bytes never go to any log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sqlite3
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -151,11 +158,17 @@ class PredictionStore:
         return self.log_many([record], None if image is None else [image])[0]
 
     def log_many(self, records: Sequence[PredictionRecord], images: Sequence[bytes] | None = None) -> list[str]:
-        """Append records in one transaction (one fsync per batch, not per image); returns their ids."""
+        """Append records in one transaction (one fsync per batch, not per image), then keep the
+        images the retention asks for; returns the ids. Row first: a purge that runs meanwhile sees
+        the row and keeps the image (or the image is written after the purge took the old copy)."""
+        self._insert(records)
         if images is not None:
             for record, data in zip(records, images):
                 if self.retain_images or (self.retain_review_images and record.needs_review):
                     self._store_image(record.image_sha256, data)
+        return [r.id for r in records]
+
+    def _insert(self, records: Sequence[PredictionRecord]) -> None:
         placeholders = ", ".join("?" * len(_COLUMNS))
         sql = f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
         rows = [r.row() for r in records]
@@ -171,7 +184,6 @@ class PredictionStore:
                     raise
 
             _retry_locked(write)
-        return [r.id for r in records]
 
     def get(self, prediction_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -197,9 +209,11 @@ class PredictionStore:
     def _store_image(self, sha256: str, data: bytes) -> None:
         """Write once per content (atomic rename); a repeat sighting refreshes the retention clock."""
         target = self.image_path(sha256)
-        if target.exists():
+        try:
             os.utime(target)
             return
+        except FileNotFoundError:  # new, or taken by a purge a moment ago: written afresh
+            pass
         private_dir(self.images_dir)  # patient images: the owner's alone
         private_dir(target.parent)
         with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
@@ -209,9 +223,64 @@ class PredictionStore:
 
     def purge_images(self, older_than_days: float, review_older_than_days: float | None = None) -> int:
         """Delete retained images last seen more than ``older_than_days`` ago (images of predictions
-        that needed review: ``review_older_than_days``, default the same); returns how many."""
-        review = self.review_image_hashes() if review_older_than_days is not None else set()
-        return _purge_dir(self.images_dir, older_than_days, review, review_older_than_days or 0)
+        that needed review: ``review_older_than_days``, default the same) that no newer row names;
+        returns how many. Safe to run in several processes at once."""
+        review_days = older_than_days if review_older_than_days is None else review_older_than_days
+        now = time.time()
+        review = self.review_image_hashes() if review_days != older_than_days else set()
+        candidates = [
+            path
+            for path, stat in image_files(self.images_dir)
+            if stat.st_mtime <= now - (review_days if path.name in review else older_than_days) * 86400
+        ]
+        cutoff, review_cutoff = _iso(now - older_than_days * 86400), _iso(now - review_days * 86400)
+
+        def named_by_a_newer_row(hashes: list[str]) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(hashes), 500):
+                chunk = hashes[start : start + 500]
+                with self._lock:
+                    rows = self._conn.execute(
+                        "SELECT DISTINCT image_sha256 FROM predictions WHERE image_sha256 IN "
+                        f"({', '.join('?' * len(chunk))}) AND (created_at > ? OR (needs_review = 1 AND created_at > ?))",
+                        [*chunk, cutoff, review_cutoff],
+                    ).fetchall()
+                found.update(r[0] for r in rows)
+            return found
+
+        return purge_files(candidates, named_by_a_newer_row)
+
+    def enforce_budget(self, max_bytes: int) -> int:
+        """Delete the oldest retained images (last seen first) until they take at most ``max_bytes``;
+        returns how many."""
+        files = sorted(image_files(self.images_dir), key=lambda item: item[1].st_mtime)
+        total = sum(stat.st_size for _, stat in files)
+        over: list[Path] = []
+        for path, stat in files:
+            if total <= max_bytes:
+                break
+            over.append(path)
+            total -= stat.st_size
+        return purge_files(over, lambda _hashes: set())
+
+    def retained_bytes(self) -> int:
+        """Bytes the retained images take on disk."""
+        return sum(stat.st_size for _, stat in image_files(self.images_dir))
+
+    def drop_embeddings(self, older_than_days: float) -> int:
+        """Clear the embedding of every row logged more than ``older_than_days`` ago (the rest of the
+        row stays); returns how many rows. The freed pages are overwritten (``secure_delete``)."""
+        cutoff = _iso(time.time() - older_than_days * 86400)
+        with self._lock:
+            self._conn.execute("PRAGMA secure_delete = ON")
+            cursor = _retry_locked(
+                lambda: self._conn.execute(
+                    "UPDATE predictions SET embedding = NULL, embedding_dim = NULL "
+                    "WHERE embedding IS NOT NULL AND created_at < ?",
+                    (cutoff,),
+                )
+            )
+            return int(cursor.rowcount)
 
     def logged_after(self, model_version: str, after_rowid: int) -> list[dict[str, Any]]:
         """A version's predictions with an embedding after a checkpoint (``rowid``), in log order:
@@ -273,21 +342,59 @@ class PredictionStore:
             self._conn.close()
 
 
-def _purge_dir(
-    images_dir: Path, older_than_days: float, review: set[str] = frozenset(), review_older_than_days: float = 0
-) -> int:
-    if not images_dir.exists():
-        return 0
-    now = time.time()
-    removed = 0
-    for path in [p for p in images_dir.rglob("*") if p.is_file()]:
-        days = review_older_than_days if path.name in review else older_than_days
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ASIDE = ".purging-"  # <sha256>.purging-<unix time>-<pid>-<random>: a file a purge moved aside
+STALE_ASIDE_SECONDS = 3600  # a file moved aside this long ago belongs to a purge that died
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def image_files(folder: Path) -> list[tuple[Path, os.stat_result]]:
+    """The content-addressed files under ``folder`` (``<xx>/<sha256>``) with their stat; files a
+    purge that died left aside are deleted on the way."""
+    if not folder.exists():
+        return []
+    out = []
+    for path in folder.rglob("*"):
         try:
-            if path.stat().st_mtime <= now - days * 86400:
-                path.unlink()
-                removed += 1
-        except FileNotFoundError:  # another worker purged it first
+            if _SHA256.fullmatch(path.name) and path.is_file():
+                out.append((path, path.stat()))
+            elif (
+                _ASIDE in path.name
+                and time.time() - float(path.name.split(_ASIDE)[1].split("-")[0]) > STALE_ASIDE_SECONDS
+            ):
+                path.unlink(missing_ok=True)
+        except (FileNotFoundError, ValueError):  # purged meanwhile by another worker; a name not ours
             continue
+    return out
+
+
+def purge_files(paths: Sequence[Path], still_wanted: Callable[[list[str]], set[str]]) -> int:
+    """Delete the content-addressed files ``paths``, except those whose name (the sha256) is in
+    ``still_wanted(names)``, asked *after* every file has been moved aside: a row (or correction)
+    written meanwhile either is seen then, and its file is put back, or comes after, and its writer
+    finds no file and writes one. Files already gone (another worker's purge) are skipped. Returns
+    how many were deleted."""
+    aside: list[tuple[Path, Path]] = []
+    for path in paths:
+        moved = path.with_name(f"{path.name}{_ASIDE}{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(path, moved)
+        except FileNotFoundError:
+            continue
+        aside.append((path, moved))
+    wanted = still_wanted([path.name for path, _ in aside]) if aside else set()
+    removed = 0
+    for path, moved in aside:
+        if path.name in wanted:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(moved, path)
+                os.utime(path)
+        else:
+            moved.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 

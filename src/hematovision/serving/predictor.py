@@ -141,7 +141,12 @@ class Predictor:
                 "this prediction's image was not kept (retain_images_days is 0 "
                 "or it was purged); send the image itself",
             )
-        return Path(record["image_path"]).read_bytes()
+        try:
+            return Path(record["image_path"]).read_bytes()
+        except OSError:  # purged by a retention pass since the row was read
+            raise ImageRejected(
+                "image_not_retained", "this prediction's image was purged; send the image itself"
+            ) from None
 
     def _log(self, records: list[PredictionRecord], images: list[bytes]) -> None:
         try:
