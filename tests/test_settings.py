@@ -58,7 +58,7 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_CORRECTIONS_DATASET_DIR": ("paths.corrections_dataset_dir", "feedback", Path("feedback")),
     "HEMATOVISION_RETRAIN_DIR": ("paths.retrain_dir", "out/retrain", Path("out/retrain")),
     "HEMATOVISION_SESSION_HOURS": ("lab.session_hours", "6.5", 6.5),
-    "HEMATOVISION_PREDICT_REQUIRES_TOKEN": ("lab.predict_requires_token", "true", True),
+    "HEMATOVISION_PREDICT_REQUIRES_TOKEN": ("lab.predict_requires_token", "false", False),
     "HEMATOVISION_LOGIN_ATTEMPTS": ("lab.login_attempts", "8", 8),
     "HEMATOVISION_LOGIN_WINDOW_SECONDS": ("lab.login_window_seconds", "90", 90.0),
     # added after the grouping

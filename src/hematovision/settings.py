@@ -208,7 +208,9 @@ class LabSettings(BaseSettings):
     )
     session_hours: float = Field(12.0, gt=0, description="How long a browser sign-in lasts.")
     predict_requires_token: bool = Field(
-        False, description="Require a signed-in user or an API token for /predict, /predict_batch and /explain."
+        True,
+        description="Predicting needs a signed-in user or an API token; set false only to open predictions "
+        "to anyone, e.g. a public demo.",
     )
     login_attempts: int = Field(
         5, gt=0, description="Failed sign-ins allowed per user and address within login_window_seconds."

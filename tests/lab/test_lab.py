@@ -283,7 +283,7 @@ def test_no_acknowledged_correction_is_lost_when_the_server_is_killed(project, t
         stop_service(server)
 
 
-def test_predicting_can_be_restricted_to_signed_in_users_and_tokens(project, people, monkeypatch):
+def test_predicting_needs_a_sign_in_or_a_token_unless_opened(project, people, monkeypatch):
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
@@ -303,15 +303,15 @@ def test_predicting_can_be_restricted_to_signed_in_users_and_tokens(project, peo
     )
     client = TestClient(guarded)
     files = {"image": ("c.jpeg", IMAGES[0].read_bytes())}
-    assert client.post("/predict", files=files).status_code == 200  # open by default
+    refused = client.post("/predict", files=files)  # signed-in users and tokens only, by default
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+    token = CliRunner().invoke(app, ["users", "token", "otto", "--name", "lis"]).output.strip().splitlines()[-1]
+    assert client.post("/predict", files=files, headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
-    monkeypatch.setenv("HEMATOVISION_PREDICT_REQUIRES_TOKEN", "true")
+    monkeypatch.setenv("HEMATOVISION_PREDICT_REQUIRES_TOKEN", "false")  # opened, e.g. for a public demo
     get_settings.cache_clear()
     try:
-        refused = client.post("/predict", files=files)
-        assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
-        token = CliRunner().invoke(app, ["users", "token", "otto", "--name", "lis"]).output.strip().splitlines()[-1]
-        assert client.post("/predict", files=files, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert client.post("/predict", files=files).status_code == 200
     finally:
         monkeypatch.delenv("HEMATOVISION_PREDICT_REQUIRES_TOKEN")
         get_settings.cache_clear()

@@ -419,25 +419,46 @@ def test_every_page_links_the_shared_style_and_nothing_external():
 
 
 @pytest.mark.e2e
-def test_predict_page_asks_to_sign_in_where_predicting_requires_it(
+def test_predict_page_asks_to_sign_in_on_a_service_with_the_default_settings(
     project, trained, browser, web_people, tmp_path_factory
 ):
-    env = {**service_env(tmp_path_factory), "HEMATOVISION_PREDICT_REQUIRES_TOKEN": "true"}
-    server, url = start_service(project, tmp_path_factory.mktemp("signed-in-only") / "service.log", env)
+    """The session's shared service is opened for anonymous predictions (conftest); this one runs
+    as shipped: predicting needs a sign-in or an API token."""
+    env = service_env(tmp_path_factory)
+    env.pop("HEMATOVISION_PREDICT_REQUIRES_TOKEN")
+    server, url = start_service(project, tmp_path_factory.mktemp("default-settings") / "service.log", env)
     try:
+        anonymous = requests.post(
+            f"{url}/predict", files={"image": (UPLOADS[0].name, UPLOADS[0].read_bytes())}, timeout=60
+        )
+        assert anonymous.status_code == 401 and anonymous.json()["error"] == "unauthorized"
+
         browser.get(f"{url}/ui/")
         wait(browser, lambda d: "not signed in" in d.find_element(By.ID, "whoami").text)
-        browser.find_element(By.ID, "files").send_keys(str(UPLOADS[0]))
-        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".result.failed"), message="the refused image")
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in UPLOADS[:2]))
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result.failed")) == 2, message="refusals")
         message = browser.find_element(By.ID, "message")
-        assert "signed-in users" in message.text
-        assert (
-            message.find_element(By.LINK_TEXT, "Sign in").get_attribute("href").endswith("login.html?next=index.html")
-        )
-        assert browser.find_element(By.CSS_SELECTOR, ".result.failed .err").text == "sign-in required"
+        assert "Predicting needs a sign-in" in message.text, message.text
+        link = message.find_element(By.LINK_TEXT, "Sign in")
+        assert link.get_attribute("href") == f"{url}/ui/login.html?next=index.html"
+        # No half-made result: each image says it was not classified and why, nothing else.
+        assert not browser.find_elements(By.CSS_SELECTOR, ".result.done, .result.pending, .probs, img.gradcam")
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".result.failed .err")] == [
+            "sign-in required"
+        ] * 2
+        assert "2 not classified" in browser.find_element(By.ID, "counts").text
+        snap(browser, "predict-sign-in-required")
 
-        sign_in_browser(browser, url, "wendy", then="index.html")
-        browser.find_element(By.ID, "files").send_keys(str(UPLOADS[0]))
+        link.click()  # the link leads to the sign-in page, and back here once signed in
+        wait(browser, lambda d: d.current_url.endswith("/ui/login.html?next=index.html"), message="the sign-in page")
+        browser.find_element(By.ID, "username").send_keys("wendy")
+        browser.find_element(By.ID, "password").send_keys(PASSWORD + Keys.ENTER)
+        wait(browser, lambda d: d.current_url.endswith("/ui/index.html"), message="back on the predict page")
+        wait(browser, lambda d: "wendy" in d.find_element(By.ID, "whoami").text, message="wendy in the header")
+        browser.find_element(By.ID, "files").send_keys(str(UPLOADS[0]))  # signed in by the session cookie, no API token
         wait(browser, lambda d: loaded(d, ".result.done img.gradcam"), message="a prediction once signed in")
+        assert not browser.find_element(By.ID, "message").text
+        browser.find_element(By.ID, "signout").click()
+        wait(browser, lambda d: d.current_url.endswith("/ui/login.html"))
     finally:
         stop_service(server)

@@ -51,8 +51,9 @@ def identify(request: Request) -> tuple[User | None, Session | None]:
 
 
 def may_predict(scope: dict) -> bool:
-    """Whether a prediction request may be answered: anyone, unless ``predict_requires_token``
-    is set; then a signed-in user or a valid API token, whatever the role."""
+    """Whether a prediction request may be answered: a signed-in user or a valid API token,
+    whatever the role (no CSRF token: a prediction changes nothing of the lab's); anyone only where
+    ``predict_requires_token`` is set false (a public demo)."""
     if not get_settings().lab.predict_requires_token:
         return True
     return identify(Request(scope))[0] is not None

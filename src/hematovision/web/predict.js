@@ -1,5 +1,8 @@
 // Predict page: upload images (pick or drop), POST /predict_batch in chunks of at most 64,
 // then POST /explain for each good one's Grad-CAM overlay; results as CSV built in the browser.
+// Uploads carry the session cookie (HV.request: same origin); a service that predicts only for
+// signed-in users and API tokens (the default) answers 401 to nobody, and the page then says so
+// with a sign-in link that comes back here, sending none of the remaining images.
 "use strict";
 
 (() => {
@@ -9,19 +12,26 @@
   const entries = [];             // {file, name, card, status: pending|done|error, result, error}
   let classes = null;             // class order, from the first answer
   let busy = 0;
+  let needsSignIn = false;        // the service refused this upload to nobody: send no more of it
   const explainQueue = [];
   let explaining = 0;
 
   const $ = (id) => document.getElementById(id);
 
+  const SIGN_IN_REQUIRED = { error: "sign-in required", detail: "not sent to the model: sign in first" };
+
+  function signInRequired(err) { return err.status === 401 || err.status === 403; }
+
   function describeError(err) {
-    if (err.status === 401 || err.status === 403) return "predicting requires signing in";
+    if (signInRequired(err)) return "predicting needs a sign-in";
     return `${err.error}: ${err.detail}`;
   }
 
-  function authNotice(err) {
-    HV.notice($("message"), "warn", `This service only answers signed-in users or API tokens (${err.detail}). `,
-      HV.loginLink("Sign in"), " and try again.");
+  // The service refused to predict for nobody: say so once, above the results, with the way back.
+  function authNotice() {
+    HV.notice($("message"), "warn", "Predicting needs a sign-in: this service classifies images only for " +
+      "signed-in users (any account) and API tokens. ", HV.loginLink("Sign in"),
+      ", then upload the images again on this page.");
   }
 
   // --- cards ------------------------------------------------------------------------------------
@@ -91,6 +101,7 @@
       const response = await request("/explain", { method: "POST", body: form });
       if (!response.ok) {
         const err = await errorOf(response);
+        if (signInRequired(err)) authNotice();  // e.g. the session ended since the prediction
         slot.textContent = `no heat-map: ${describeError(err)}`;
         return;
       }
@@ -129,9 +140,8 @@
       await predictChunk(chunk.slice(0, half));
       return predictChunk(chunk.slice(half));
     }
-    if (err.status === 401 || err.status === 403) authNotice(err);
-    chunk.forEach((entry) => fail(entry, err.status === 401 || err.status === 403
-      ? { error: "sign-in required", detail: err.detail } : err));
+    if (signInRequired(err)) { needsSignIn = true; authNotice(); }
+    chunk.forEach((entry) => fail(entry, signInRequired(err) ? SIGN_IN_REQUIRED : err));
   }
 
   function succeed(entry, result) {
@@ -153,11 +163,16 @@
     const fresh = Array.from(files).map((file) => ({ file, name: file.name || "image", status: "pending" }));
     if (!fresh.length) return;
     $("message").replaceChildren();
+    needsSignIn = false;
     fresh.forEach((entry) => { entries.push(entry); newCard(entry); });
     busy++;
     update();
     try {
-      for (let i = 0; i < fresh.length; i += MAX_PER_REQUEST) await predictChunk(fresh.slice(i, i + MAX_PER_REQUEST));
+      for (let i = 0; i < fresh.length; i += MAX_PER_REQUEST) {
+        const chunk = fresh.slice(i, i + MAX_PER_REQUEST);
+        if (needsSignIn) chunk.forEach((entry) => fail(entry, SIGN_IN_REQUIRED));
+        else await predictChunk(chunk);
+      }
     } finally {
       busy--;
       update();
