@@ -33,8 +33,14 @@ def utc_now() -> str:
 
 def private_file(path: Path) -> None:
     """Create ``path`` if missing and make it (and an sqlite database's ``-wal``/``-shm`` files,
-    which sqlite creates with the database's mode) readable and writable by its owner only."""
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    which sqlite creates with the database's mode) readable and writable by its owner only.
+
+    An existing file is never opened: closing any descriptor of a database file drops every POSIX
+    lock this process holds on it, the sqlite connections' included, and a write of theirs can then
+    be lost to another process's checkpoint (sqlite's "how to corrupt" note, section 2.2)."""
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # another thread or process made it meanwhile
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(file, 0o600)  # not the umask's choice: set, not asked for
