@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from hematovision import stores
-from hematovision.api import account_routes, errors, model_routes, ops_routes
+from hematovision.api import account_routes, errors, model_routes, ops_routes, review_routes
 from hematovision.api.auth import COOKIE, client_address
 from hematovision.api.jobs import JobTable
 from hematovision.cli import app as cli
@@ -54,7 +54,7 @@ def lab(tmp_path, monkeypatch):
 @pytest.fixture
 def api(lab) -> FastAPI:
     app = FastAPI()
-    for routes in (account_routes, model_routes, ops_routes):
+    for routes in (account_routes, model_routes, ops_routes, review_routes):
         app.include_router(routes.router)
     errors.install(app)
     return app
@@ -144,6 +144,16 @@ def test_privileged_routes_decide_who_asks_before_reading_the_body(api, method, 
     cookie = {**form, "cookie": f"{COOKIE}={secret}"}
     status, body, read = call(api, method, path, cookie, [f"csrf_token={csrf}".encode()])
     assert (status, body["error"], read) == (403, "csrf", 0)
+
+
+def test_a_correction_is_read_only_from_a_pathologist(api):
+    """/feedback carries an upload: nobody but a signed-in pathologist gets it read."""
+    form = {"content-type": "multipart/form-data; boundary=x", "content-length": "10"}
+    status, body, read = call(api, "POST", "/feedback", form)
+    assert (status, body["error"], read) == (401, "unauthorized", 0)
+    secret, csrf = session_of("erin", "engineer")
+    status, body, read = call(api, "POST", "/feedback", {**form, "cookie": f"{COOKIE}={secret}", "x-csrf-token": csrf})
+    assert (status, body["error"], read) == (403, "forbidden", 0)
 
 
 def test_promote_reads_at_most_max_form_bytes_once_the_engineer_is_known(api, monkeypatch):

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from hematovision import stores
-from hematovision.api.auth import read_form, require
+from hematovision.api.auth import authenticated, read_form, require
 from hematovision.api.errors import ApiError, from_serving
 from hematovision.lab.corrections import CorrectionError
 from hematovision.lab.report import report_pdf
@@ -95,8 +95,10 @@ def review_image(request: Request, prediction_id: str) -> Response:
 async def feedback(request: Request) -> dict:
     """Confirm or correct a prediction: ``prediction_id`` (its kept image is used) and/or the
     ``image`` itself, ``true_class``, optional ``comment``. Written durably before the answer."""
+    # Who asks first (CSRF token from the X-CSRF-Token header, as the pages send it), the body after:
+    # an anonymous or wrong-role caller never has an upload read.
+    user = await authenticated(request, "pathologist")
     form = await read_form(request)
-    user = require(request, "pathologist", form=form)
     settings = get_settings()
     prediction, image = None, form.get("image")
     if form.get("prediction_id"):
