@@ -7,7 +7,8 @@ The project must have a champion (``hematovision run``). ``--src`` serves anothe
 ``src`` (e.g. a ``git worktree`` of an older commit) to compare before and after a change. The
 images are flat PNGs: a few hundred kilobytes on the wire, ``side``² pixels each once decoded.
 Predictions and images go to a temporary folder, not the project's prediction log. A measurement,
-not a test: it takes minutes and the numbers depend on the machine.
+not a test: it takes minutes and the numbers depend on the machine; each run appends them to
+``benchmarks/RESULTS.md`` with the date, the machine and the commit.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import argparse
 import io
 import os
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -26,6 +29,7 @@ import requests
 from PIL import Image
 
 from hematovision.api.process import start_service, stop_service
+from training import machine, record
 
 
 def flat_png(side: int) -> bytes:
@@ -113,13 +117,34 @@ def main() -> None:
     png = flat_png(args.side)
     print(f"{args.images} flat PNGs of {args.side}x{args.side}, {len(png) // 1024} KB each", flush=True)
     server, url = start_service(args.project.resolve(), work / "service.log", env, timeout=300)
+    results = []
     try:
-        measure(url, server.pid, [("images", (f"{i}.png", png, "image/png")) for i in range(args.images)], "batch")
+        files = [("images", (f"{i}.png", png, "image/png")) for i in range(args.images)]
+        results.append(measure(url, server.pid, files, f"{args.images} images"))
         if args.under_budget:
             files = [("images", (f"{i}.png", png, "image/png")) for i in range(args.under_budget)]
-            measure(url, server.pid, files, f"{args.under_budget} images")
+            results.append(measure(url, server.pid, files, f"{args.under_budget} images"))
     finally:
         stop_service(server)
+    source = args.src or Path(__file__).resolve().parents[1] / "src"
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=source, capture_output=True, text=True
+    ).stdout.strip()
+    lines = [
+        f"\n## One request's memory: /predict_batch of flat PNGs — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {machine()}",
+        f"- commit: {commit or 'unknown'} (src {source}); project {args.project.resolve()}; flat PNGs of "
+        f"{args.side}x{args.side}, {len(png) // 1024} KB each",
+        "| request | answer | seconds | peak growth of the service's RSS | growth after | /healthz after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        answer = f"{r['status']}" + (f" {r['answer'][:60]}" if r["status"] != 200 else "")
+        lines.append(
+            f"| {r['case']} | {answer} | {r['seconds']} | {r['peak_growth_mb']} MB | "
+            f"{r['after_growth_mb']} MB | {r['healthz']} |"
+        )
+    record(lines)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,8 @@ verification, the sign-in limit and the audit log in a throwaway lab database) a
 worker serves them) in a child process. The probe, in this process, asks /healthz one request
 after another (10 ms apart) for a few seconds before the burst (baseline) and during it; the burst
 comes from a third process, ``--concurrency`` connections at once. Prints p50/p99/max of /healthz in
-both phases and how long the burst took. Prints only; nothing is recorded.
-
-Measured 2026-11-29 on 2 cores shared with a training job (load average 6-7): /healthz p99 80.8 ms and
-57.8 ms during the burst (two runs; baseline p99 7-39 ms); the code before (Argon2 on the event
-loop) on the same machine: p99 392 ms, max 1.5 s.
+both phases and how long the burst took, and appends them to ``benchmarks/RESULTS.md`` with the date,
+the machine and the commit.
 """
 
 from __future__ import annotations
@@ -29,8 +26,11 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 
 import requests
+
+from training import machine, record
 
 P99_TARGET_MS = 100.0
 
@@ -143,6 +143,20 @@ def main() -> None:
         )
         print(
             f"p99 during the burst {p99:.1f} ms: {'PASS' if p99 <= P99_TARGET_MS else 'FAIL'} (target {P99_TARGET_MS} ms)"
+        )
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        record(
+            [
+                f"\n## Sign-in burst: /healthz latency — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+                f"- machine: {machine()}; load average before: {os.getloadavg()[0]:.2f}",
+                f"- commit: {commit or 'unknown'}; the account, model and ops routes and an async /healthz under "
+                "uvicorn (one worker), a throwaway lab database",
+                f"- /healthz before the burst: {summary(baseline)}",
+                f"- /healthz during {args.sign_ins} sign-ins with made-up names ({args.concurrency} at once, "
+                f"{result['seconds']:.1f} s, answers {result['codes']}): {summary(during)}",
+                f"- p99 during the burst {p99:.1f} ms against the target of {P99_TARGET_MS:.0f} ms: "
+                f"{'met' if p99 <= P99_TARGET_MS else 'NOT met'}",
+            ]
         )
     finally:
         server.terminate()

@@ -267,9 +267,10 @@ def test_corrections_raise_one_alert_and_auto_trigger_calls_retraining(project, 
     )
     corrections = Corrections(settings.lab.lab_db, settings.lab.corrections_images_dir)
     state = MonitorState(settings.monitoring.state_db)
-    corrections.submit("pia", "monocyte", b"first image")
+    first, second = sorted((BLOOD_CELLS / "TEST" / "MONOCYTE").glob("*.jpeg"))[:2]  # corrections must be images
+    corrections.submit("pia", "monocyte", first.read_bytes())
     assert decide(settings, state, version, "2000-01-01T00:00:00+00:00") == []
-    corrections.submit("pia", "eosinophil", b"second image")
+    corrections.submit("pia", "eosinophil", second.read_bytes())
     [alert] = decide(settings, state, version, "2000-01-01T00:00:00+00:00")
     assert alert["kind"] == "corrections" and alert["status"] == "approved" and alert["webhook"] is None
     assert decide(settings, state, version, "2000-01-01T00:00:00+00:00") == []  # one per champion
