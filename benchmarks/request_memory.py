@@ -135,6 +135,7 @@ def main() -> None:
         f"- machine: {machine()}",
         f"- commit: {commit or 'unknown'} (src {source}); project {args.project.resolve()}; flat PNGs of "
         f"{args.side}x{args.side}, {len(png) // 1024} KB each",
+        "",
         "| request | answer | seconds | peak growth of the service's RSS | growth after | /healthz after |",
         "|---|---|---|---|---|---|",
     ]
