@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import requests
 from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images
+from training import machine, record
 
 from hematovision import CLASSES, stores
 from hematovision.settings import TELEMETRY_OFF, get_settings
-from training import machine, record
 
 
 def main() -> None:

@@ -35,8 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hematovision.settings import get_settings, quiet_environment
 from training import machine, record
+
+from hematovision.settings import get_settings, quiet_environment
 
 quiet_environment()
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import psutil
 import requests
 from PIL import Image
+from training import machine, record
 
 from hematovision.api.process import start_service, stop_service
-from training import machine, record
 
 
 def flat_png(side: int) -> bytes:

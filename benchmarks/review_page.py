@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import requests
 from serving import BIN, ROOT, SERVICE, Server, free_port, percentile, read_images
+from training import machine, record
 
 from hematovision import stores
 from hematovision.settings import TELEMETRY_OFF, get_settings
-from training import machine, record
 
 os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium Manager is never run (paths given)
 

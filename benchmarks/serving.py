@@ -51,7 +51,6 @@ from hematovision.settings import TELEMETRY_OFF, get_settings, quiet_environment
 quiet_environment()
 
 import requests  # noqa: E402 - after quiet_environment(): telemetry off before the tools load
-
 from training import machine, record  # noqa: E402  (same machine line as the training benchmark)
 
 TEST_IMAGES = Path("../shared/datasets/blood-cells/dataset2-master/images/TEST")

@@ -29,7 +29,6 @@ import time
 from datetime import UTC, datetime
 
 import requests
-
 from training import machine, record
 
 P99_TARGET_MS = 100.0
