@@ -222,22 +222,9 @@ def _enveloping(send: Send) -> Send:
                 return
             status = held["status"]
             code, detail = _describe(status, b"".join(chunks))
-            body = error_body(code, detail)
             keep = [(k, v) for k, v in held.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
             held = None
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        *keep,
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (_ERROR_HEADER, code.encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await _respond(send, status, code, detail, keep)
             return
         await send(message)
 

@@ -58,8 +58,11 @@ class Predictor:
 
     @property
     def store(self) -> PredictionStore:
-        """The prediction log, opened at the first request that needs it."""
-        return self._store or stores.prediction_log(self.settings)
+        """The prediction log, opened at the first request that needs it (then kept: no settings
+        lookups on every answer)."""
+        if self._store is None:
+            self._store = stores.prediction_log(self.settings)
+        return self._store
 
     def predict(self, images: Sequence[bytes], errors: Literal["raise", "return"] = "raise") -> list[dict[str, Any]]:
         """One dict per image: label, confidence, probabilities, model_version, prediction_id,

@@ -211,25 +211,15 @@ def skipped_summary(
     context: dict[str, Any], exported: dict[str, Any], reason: str, timings: dict[str, float]
 ) -> dict[str, Any]:
     return {
+        **_lineage_summary(context, exported, timings),
         "version": None,
-        "parent_version": context["parent_version"],
         "run_id": None,
         "promoted": False,
         "skipped": reason,
         "gate": {"passed": False, "reasons": [reason], "summary": reason},
-        "mode": context["mode"],
-        "data_hash": context["data_hash"],
-        "corrections_hash": context["corrections_hash"],
-        "corrections": {
-            "exported": exported.get("images"),
-            "added": exported.get("added"),
-            "train": context["n_corrections_train"],
-            "holdout": context["n_corrections_holdout"],
-        },
         "champion": {},
         "challenger": {},
         "training": {},
-        "timings_s": timings,
     }
 
 
@@ -432,11 +422,21 @@ def summarize(
         }
 
     return {
+        **_lineage_summary(context, exported, timings),
         "version": registered["version"],
-        "parent_version": context["parent_version"],
         "run_id": registered["run_id"],
         "promoted": gate["passed"],
         "gate": gate,
+        "champion": headline("champion"),
+        "challenger": headline("challenger"),
+        "training": {k: v for k, v in training.items() if k != "val"},
+    }
+
+
+def _lineage_summary(context: dict[str, Any], exported: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """What every retraining summary says, skipped or not: parent, mode, data versions, corrections."""
+    return {
+        "parent_version": context["parent_version"],
         "mode": context["mode"],
         "data_hash": context["data_hash"],
         "corrections_hash": context["corrections_hash"],
@@ -446,9 +446,6 @@ def summarize(
             "train": context["n_corrections_train"],
             "holdout": context["n_corrections_holdout"],
         },
-        "champion": headline("champion"),
-        "challenger": headline("challenger"),
-        "training": {k: v for k, v in training.items() if k != "val"},
         "timings_s": timings,
     }
 
