@@ -98,6 +98,16 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_DRIFT_PREDICTION_THRESHOLD": ("drift.prediction_threshold", "0.6", 0.6),
     "HEMATOVISION_DRIFT_CONFIDENCE_THRESHOLD": ("drift.confidence_threshold", "0.75", 0.75),
     "HEMATOVISION_DRIFT_SIGNALS": ("drift.signals", '["prediction", "confidence"]', ["prediction", "confidence"]),
+    # lab mode (issue 12)
+    "HEMATOVISION_DVC_REMOTE": ("paths.dvc_remote", "s3://lab-bucket/dvc", "s3://lab-bucket/dvc"),
+    "HEMATOVISION_SERVE_WORKERS": ("serving.workers", "4", 4),
+    "HEMATOVISION_DEPLOY_WORK_POOL": ("deploy.work_pool", "cpu-pool", "cpu-pool"),
+    "HEMATOVISION_DEPLOY_TRAINING_WORK_POOL": ("deploy.training_work_pool", "gpu-pool", "gpu-pool"),
+    "HEMATOVISION_DEPLOY_SOURCE": ("deploy.source", "https://git.lab/hv.git", "https://git.lab/hv.git"),
+    "HEMATOVISION_DEPLOY_MONITORING_CRON": ("deploy.monitoring_cron", "*/5 * * * *", "*/5 * * * *"),
+    "HEMATOVISION_DEPLOY_PURGE_CRON": ("deploy.purge_cron", "30 2 * * *", "30 2 * * *"),
+    "HEMATOVISION_DEPLOY_TIMEZONE": ("deploy.timezone", "Europe/Paris", "Europe/Paris"),
+    "HEMATOVISION_DEPLOY_RETRAIN_ON_WORKER": ("deploy.retrain_on_worker", "true", True),
 }
 
 

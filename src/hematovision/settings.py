@@ -3,7 +3,7 @@
 Values come from the environment (``HEMATOVISION_<NAME>``) or a ``.env`` file in the working
 directory, falling back to the embedded defaults below, so one machine runs everything and pointing
 at the real thing (an MLflow server, another dataset download) is one variable away. The groups are
-``paths``, ``registry``, ``serving``, ``lab``, ``monitoring`` and ``drift``; each field's
+``paths``, ``registry``, ``serving``, ``lab``, ``monitoring``, ``drift`` and ``deploy``; each field's
 environment variable is the one it had before the grouping (``settings.monitoring.window_size`` is
 ``HEMATOVISION_MONITOR_WINDOW_SIZE``), and a ``HEMATOVISION_*`` variable that names no setting is an
 error that names the closest one, so a typo never falls back to a default silently.
@@ -85,6 +85,12 @@ class PathSettings(BaseSettings):
         Path("corrections"),
         description="Where `hematovision feedback export` writes the corrected images (tracked by corrections.dvc).",
     )
+    dvc_remote: str = Field(
+        "",
+        description="DVC remote that `hematovision data push` sends data.dvc's and every corrections.dvc version's "
+        "content to and `data pull` fetches from: a folder (a shared mount) or any URL DVC supports (s3://, "
+        "ssh://, ...); empty: no remote, the data lives in this checkout's DVC cache only.",
+    )
 
 
 class RegistrySettings(BaseSettings):
@@ -129,6 +135,13 @@ class ServingSettings(BaseSettings):
         gt=0,
         validation_alias=_env("serve_threads"),
         description="Requests one serving worker handles at once; they share model calls through the batcher (BentoML's default of 1 would serialise them).",
+    )
+    workers: int = Field(
+        1,
+        gt=0,
+        validation_alias=_env("serve_workers"),
+        description="Serving worker processes per replica (`hematovision serve`), each with its own model copy, "
+        "alias watcher and batcher; they share the prediction log, the lab database and the registry.",
     )
     max_request_pixels: int = Field(
         100_000_000,
@@ -328,6 +341,40 @@ class DriftSettings(BaseSettings):
     )
 
 
+class DeploySettings(BaseSettings):
+    """Lab mode's Prefect deployments: where flow runs execute and when (``HEMATOVISION_DEPLOY_*``;
+    ``hematovision deploy`` registers them on the Prefect server that ``PREFECT_API_URL`` names)."""
+
+    model_config = _config(ENV_PREFIX + "DEPLOY_")
+
+    work_pool: str = Field(
+        "hematovision-cpu",
+        description="Prefect work pool (type process) whose workers run drift monitoring and the retention purge, "
+        "and training and retraining unless training_work_pool names another.",
+    )
+    training_work_pool: str = Field(
+        "",
+        description="Work pool of the training and retraining deployments, e.g. workers on a GPU machine "
+        "(empty: work_pool).",
+    )
+    source: str = Field(
+        "",
+        description="Where a worker finds the project's code for a flow run: a git URL it clones, or a folder "
+        "on the worker's machine (empty: project_dir, the same path on every worker).",
+    )
+    monitoring_cron: str = Field(
+        "*/15 * * * *", description="When the drift-monitoring deployment runs (cron, in timezone)."
+    )
+    purge_cron: str = Field("7 * * * *", description="When the retention-purge deployment runs (cron, in timezone).")
+    timezone: str = Field("UTC", description="Time zone of the deployments' cron schedules.")
+    retrain_on_worker: bool = Field(
+        False,
+        description="The monitor starts retraining (automatic, or approved by an engineer) as a run of the "
+        "retraining deployment, executed by a worker, never in its own process; needs PREFECT_API_URL and "
+        "`hematovision deploy` (false: the retraining flow runs inside the monitoring run, the embedded mode).",
+    )
+
+
 GROUPS: dict[str, type[BaseSettings]] = {
     "paths": PathSettings,
     "registry": RegistrySettings,
@@ -335,6 +382,7 @@ GROUPS: dict[str, type[BaseSettings]] = {
     "lab": LabSettings,
     "monitoring": MonitoringSettings,
     "drift": DriftSettings,
+    "deploy": DeploySettings,
 }
 
 
@@ -347,6 +395,7 @@ class Settings(BaseModel):
     lab: LabSettings = Field(default_factory=LabSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
 
     def path(self, p: Path) -> Path:
         """Resolve a setting path against the project directory."""

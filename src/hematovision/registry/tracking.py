@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from urllib.parse import urlparse
 
 from hematovision.settings import Settings, get_settings
+
+SERVER_SCHEMES = frozenset({"http", "https"})
 
 
 def point_mlflow(settings: Settings | None = None) -> str:
@@ -26,17 +29,30 @@ def point_mlflow(settings: Settings | None = None) -> str:
     return uri
 
 
+def is_tracking_server(uri: str) -> bool:
+    """Whether the store is an MLflow tracking server reached over HTTP (``mlflow server``): it then
+    keeps the artifacts too (``--artifacts-destination``, clients see ``mlflow-artifacts:`` URIs)."""
+    return urlparse(uri).scheme.lower() in SERVER_SCHEMES
+
+
 def configure_mlflow(settings: Settings | None = None) -> str:
     """Point MLflow at the configured store and make sure the experiment runs are logged to exists;
-    returns the URI."""
+    returns the URI.
+
+    A local store (sqlite, a folder) gets its artifacts under ``registry.mlflow_artifact_location``;
+    a tracking server chooses itself (its proxied artifact store), so nothing is written on this
+    machine and any other machine that reaches the server can read what this one logged."""
     import mlflow
 
     settings = settings or get_settings()
     uri = point_mlflow(settings)
     if mlflow.get_experiment_by_name(settings.registry.experiment_name) is None:
-        artifacts = settings.path(settings.registry.mlflow_artifact_location)
-        artifacts.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(settings.registry.experiment_name, artifact_location=artifacts.as_uri())
+        if is_tracking_server(uri):
+            mlflow.create_experiment(settings.registry.experiment_name)
+        else:
+            artifacts = settings.path(settings.registry.mlflow_artifact_location)
+            artifacts.mkdir(parents=True, exist_ok=True)
+            mlflow.create_experiment(settings.registry.experiment_name, artifact_location=artifacts.as_uri())
     mlflow.set_experiment(settings.registry.experiment_name)
     return uri
 
