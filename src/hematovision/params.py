@@ -52,10 +52,17 @@ class EvaluateParams:
 
 @dataclass
 class PromoteParams:
-    metric: str = "val_macro_f1"  # headline validation metric the challenger must not lose on
-    min_improvement: float = 0.0  # challenger must beat the champion by more than this
+    """The promotion gate (``registry/gate.py``): champion and challenger compared paired, on the same
+    images, with a bootstrap interval (cells resampled) on the difference of ``metric``."""
+
+    metric: str = "val_macro_f1"  # headline metric (<split>_accuracy or <split>_macro_f1) the challenger must win on
+    min_improvement: float = 0.0  # the interval's lower bound must exceed this (0: better, beyond noise)
     per_class_tolerance: float = 0.02  # largest per-class F1 drop accepted
     floor: float = 0.80  # the first model must reach this on `metric`
+    bootstrap_samples: int = 2000  # resamples of the cells for the paired interval
+    confidence: float = 0.95  # the interval's level
+    bootstrap_seed: int = 0  # the resampling's seed: the same answers always get the same decision
+    min_shared_cells: int = 20  # fewer cells answered by both models: no comparison, refuse
 
 
 @dataclass
@@ -71,12 +78,13 @@ class RetrainParams:
     )
     head_epochs: int = 60
     head_learning_rate: float = 1e-3
+    # The gate (paired, as the training flow's; the bootstrap's settings are promote:'s):
     metric: str = "holdout_accuracy"  # the challenger must win on this (the new site's held-out corrections)
-    min_improvement: float = 0.0  # ... by more than this
+    min_improvement: float = 0.0  # ... the paired interval's lower bound above this
     per_class_tolerance: float = 0.10  # largest per-class F1 drop accepted on the holdout
-    guard_metric: str = "test_accuracy"  # the challenger may not lose on this (official TEST) ...
-    guard_tolerance: float = 0.01  # ... more than this
-    min_holdout: int = 4  # fewer held-out corrections than this: nothing can be judged, refuse
+    guard_metric: str = "test_accuracy"  # the challenger may not be worse on this (official TEST) ...
+    guard_tolerance: float = 0.03  # ... beyond this margin: the paired interval's lower bound above -margin
+    min_holdout: int = 4  # fewer held-out corrections (cells) than this: nothing can be judged, refuse
 
 
 @dataclass

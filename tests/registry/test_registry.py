@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+from made_up_answers import CLASSES, cells, groups, pair
 
 from hematovision.params import PromoteParams
-from hematovision.registry.gate import gate, promote
+from hematovision.registry.gate import promote
 from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 from hematovision.registry.tracking import configure_mlflow
 from hematovision.settings import get_settings
@@ -14,35 +15,11 @@ from hematovision.settings import get_settings
 POLICY = PromoteParams(metric="val_macro_f1", min_improvement=0.0, per_class_tolerance=0.02, floor=0.8)
 
 
-def scores(macro: float, **per_class: float) -> dict[str, float]:
-    f1 = {"eosinophil": macro, "lymphocyte": macro, "monocyte": macro, "neutrophil": macro, **per_class}
-    return {"val_macro_f1": macro, **{f"val_f1_{k}": v for k, v in f1.items()}}
+def scores(macro: float) -> dict[str, float]:
+    return {"val_macro_f1": macro, **{f"val_f1_{k}": macro for k in CLASSES}}
 
 
-def test_first_model_must_reach_the_floor():
-    assert gate(scores(0.85), None, POLICY).passed
-    refused = gate(scores(0.75), None, POLICY)
-    assert not refused.passed
-    assert "floor" in refused.reasons[0]
-
-
-def test_gate_refuses_a_model_that_does_not_beat_the_champion():
-    decision = gate(scores(0.90), scores(0.91), POLICY)
-    assert not decision.passed
-    assert any("does not beat champion" in r for r in decision.reasons)
-
-
-def test_gate_refuses_a_per_class_regression_even_when_the_average_improves():
-    challenger = scores(0.93, monocyte=0.80)
-    champion = scores(0.90, monocyte=0.88)
-    decision = gate(challenger, champion, POLICY)
-    assert not decision.passed
-    assert any("monocyte F1 drops" in r for r in decision.reasons)
-
-
-def test_gate_passes_a_better_model_within_tolerance():
-    decision = gate(scores(0.93, lymphocyte=0.895), scores(0.90), POLICY)
-    assert decision.passed, decision.reasons
+ROWS = cells()
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
@@ -55,9 +32,9 @@ def alias(registry: Registry, name: str) -> str | None:
     return None if version is None else str(version.version)
 
 
-def _register_run(registry: Registry, val_macro_f1: float, monocyte: float | None = None) -> str:
+def _register_run(registry: Registry, val_macro_f1: float) -> str:
     with mlflow.start_run():
-        mlflow.log_metrics(scores(val_macro_f1, **({"monocyte": monocyte} if monocyte is not None else {})))
+        mlflow.log_metrics(scores(val_macro_f1))
         info = mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=["mlflow"])
     return registry.register(info.model_uri, {"data_hash": "test"})
 
@@ -72,16 +49,29 @@ def test_promote_refuse_and_rollback_in_a_real_registry(project):
     assert alias(registry, CHAMPION) == first
     assert registry.version_by_alias(CHALLENGER) is None  # the challenger became the champion
 
-    worse = _register_run(registry, 0.95, monocyte=0.50)
-    refused = promote(registry, worse, POLICY)
+    # Its logged figure is high, but on the same cells it loses monocytes: refused.
+    worse = _register_run(registry, 0.99)
+    champion_wrong = groups(ROWS, "eosinophil", 7) + groups(ROWS, "neutrophil", 7)
+    refused = promote(registry, worse, POLICY, paired=pair(ROWS, champion_wrong, groups(ROWS, "monocyte", 2)))
     assert not refused.passed
     assert any("monocyte" in r for r in refused.reasons)
     assert alias(registry, CHAMPION) == first  # the champion did not move
     assert "REFUSED" in registry.get_version(worse).tags["gate"]
+    # No answers on the same images: nothing to compare, refused whatever the logged figures say.
+    assert not promote(registry, worse, POLICY).passed
 
-    better = _register_run(registry, 0.90)
-    assert promote(registry, better, POLICY).passed
+    # A lower logged figure (another split), but a clear win on the same cells: promoted, and
+    # the interval is on the version's tag and on its run.
+    better = _register_run(registry, 0.80)
+    passed = promote(registry, better, POLICY, paired=pair(ROWS, champion_wrong, []))
+    assert passed.passed, passed.reasons
     assert alias(registry, CHAMPION) == better
+    assert "95% interval [" in registry.get_version(better).tags["gate"]
+    run = registry.client.get_run(registry.get_version(better).run_id)
+    assert run.data.metrics["gate_val_macro_f1_low"] == passed.intervals["val_macro_f1"].low > 0
+    assert "val_macro_f1" in run.data.tags["gate_intervals"]
+    paired_csv = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/gate/paired_val.csv")
+    assert paired_csv.startswith("path,group,label,champion,challenger") and paired_csv.count("\n") == len(ROWS) + 1
 
     assert registry.rollback() == (better, first)
     assert alias(registry, CHAMPION) == first
@@ -101,7 +91,7 @@ def test_a_champion_that_cannot_be_compared_is_replaced_only_by_hand(project):
 
     better = _register_run(registry, 0.99)
     why = "champion was trained on pictures of 3 of this run's 9 validation cells"
-    refused = promote(registry, better, POLICY, not_comparable=why)
+    refused = promote(registry, better, POLICY, not_comparable=why, paired=pair(ROWS, groups(ROWS, "monocyte", 9), []))
     assert not refused.passed and why in refused.reasons
     assert alias(registry, CHAMPION) == first
     assert why in registry.get_version(better).tags["gate"]

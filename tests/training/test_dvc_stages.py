@@ -54,6 +54,7 @@ FILE_STAGES = {
     "registry/tracking.py": {"train", "evaluate"},
     "registry/registry.py": NONE,  # registering and promoting run after the pipeline
     "registry/gate.py": NONE,
+    "registry/paired.py": NONE,  # the gate's paired comparison: promoting runs after the pipeline
     "monitoring/__init__.py": NONE,
     "monitoring/drift.py": {"evaluate"},  # evaluate logs the drift reference
     "monitoring/monitor.py": NONE,

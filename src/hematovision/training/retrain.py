@@ -43,13 +43,13 @@ from hematovision.model.embeddings import file_sha256
 from hematovision.monitoring.drift import log_reference
 from hematovision.params import Params
 from hematovision.registry import gate
+from hematovision.registry.paired import pair_answers
 from hematovision.registry.registry import CHAMPION
 from hematovision.registry.tracking import configure_mlflow, git_commit
 from hematovision.settings import Settings
-from hematovision.training.evaluate import evaluate_rows
 from hematovision.training.head import train_head
 from hematovision.training.metrics import flatten_for_mlflow
-from hematovision.training.steps import load_manifest, official_test_rows
+from hematovision.training.steps import answer_rows, load_manifest, official_test_rows
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -266,26 +266,30 @@ def train_challenger_step(settings: Settings, params: Params, progress: Progress
 # --- 4. evaluate -----------------------------------------------------------------------------------
 def evaluate_step(settings: Settings, params: Params, progress: Progress | None = None) -> dict[str, Any]:
     """Parent and challenger on the official TEST and on the corrections' holdout, the same rows
-    for both (with the head fast path they share the cached embeddings)."""
+    for both (with the head fast path they share the cached embeddings). Their per-image answers
+    (``retrain/answers.csv``) are what the gate pairs; their classes are in ``classes``."""
     out = _out(settings)
     manifest = load_retrain_manifest(settings)
     splits = {"test": manifest[manifest.split == "test"], HOLDOUT: manifest[manifest.split == HOLDOUT]}
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"classes": {}}
+    answers: list[pd.DataFrame] = []
     started = time.perf_counter()
     with stores.embedding_cache(settings) as cache:
         for who, folder in (("champion", PARENT_DIR), ("challenger", CHALLENGER_DIR)):
             classifier = Classifier.load(out / folder)
-            results[who] = {}
+            results[who], results["classes"][who] = {}, list(classifier.classes)
             for name, rows in splits.items():
                 if rows.empty:
                     continue
                 if progress:
                     progress(f"scoring the {who} on {name}", 0, len(rows))
-                results[who][name] = evaluate_rows(
+                results[who][name], answered = answer_rows(
                     classifier, rows, Path("/"), cache, params.evaluate.bootstrap_samples, params.seed
                 )
+                answers.append(answered.assign(who=who, split=name))
     results["timings"] = {"evaluate_s": time.perf_counter() - started}
     _write(settings, EVALUATION, results)
+    pd.concat(answers or [pd.DataFrame(columns=["who", "split"])]).to_csv(out / "answers.csv", index=False)
     return results
 
 
@@ -355,8 +359,9 @@ def _log_drift_reference(settings: Settings, params: Params, out: Path) -> None:
 
 # --- 6. gate ---------------------------------------------------------------------------------------
 def gate_step(settings: Settings, params: Params, version: str, run_id: str, promote: bool = True) -> dict[str, Any]:
-    """The registry's gate on the holdout (must win) with TEST as a guard (may not lose more than the
-    tolerance); promotes only if it passes. The decision goes on the run and on the version."""
+    """The registry's gate, paired on the images both models answered: the holdout (must win beyond
+    noise) with TEST as a guard (may not be worse beyond the margin); promotes only if it passes.
+    The decision, with its intervals, goes on the run and on the version."""
     rp = params.retrain
     registry = stores.registry(settings)
     context, evaluation = _read(settings, CONTEXT), _read(settings, EVALUATION)
@@ -369,14 +374,20 @@ def gate_step(settings: Settings, params: Params, version: str, run_id: str, pro
         promote,
     )
     if decision is None:
-        policy, guards = gate.retraining_policy(rp)
+        policy, guards = gate.retraining_policy(rp, params.promote)
+        answers = pd.read_csv(_out(settings) / "answers.csv", dtype=str, keep_default_na=False)
+        by = {(w, s): rows for (w, s), rows in answers.groupby(["who", "split"])}
         decision = gate.promote(
             registry,
             version,
             policy,
             guards=guards,
-            challenger_metrics=flat_metrics(evaluation, "challenger"),
-            champion_metrics=flat_metrics(evaluation, "champion"),
+            paired={
+                s: pair_answers(rows, by[("challenger", s)])
+                for (w, s), rows in by.items()
+                if w == "champion" and ("challenger", s) in by
+            },
+            classes=(evaluation["classes"]["champion"], evaluation["classes"]["challenger"]),
         )
     else:
         registry.record_gate(version, decision)
@@ -392,6 +403,11 @@ def gate_step(settings: Settings, params: Params, version: str, run_id: str, pro
                 "min_improvement": rp.min_improvement,
                 "per_class_tolerance": rp.per_class_tolerance,
                 "guard": {rp.guard_metric: rp.guard_tolerance},
+                "paired_bootstrap": {
+                    "samples": params.promote.bootstrap_samples,
+                    "confidence": params.promote.confidence,
+                    "seed": params.promote.bootstrap_seed,
+                },
             }
         ),
     )

@@ -21,19 +21,20 @@ import numpy as np
 import pandas as pd
 
 from hematovision import CLASSES, stores
-from hematovision.data.dataset import limit_per_cell, prepare
+from hematovision.data.dataset import label_indices, limit_per_cell, prepare
 from hematovision.data.dvc import dvc_data_hash
 from hematovision.model.classifier import Classifier, ClassifierConfig
-from hematovision.model.embeddings import cached_embeddings
+from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.monitoring.drift import log_reference
 from hematovision.params import Params
 from hematovision.progress import counting
 from hematovision.registry import gate
+from hematovision.registry.paired import answers_frame, pair_answers
 from hematovision.registry.registry import CHAMPION, TRAINED_ON_ARTIFACT
 from hematovision.registry.tracking import configure_mlflow, git_commit
 from hematovision.settings import Settings
 from hematovision.training.evaluate import evaluate_folder, evaluate_rows, save_confusion_plot
-from hematovision.training.metrics import flatten_for_mlflow
+from hematovision.training.metrics import classification_metrics, flatten_for_mlflow
 
 logger = logging.getLogger(__name__)
 
@@ -233,37 +234,90 @@ def register_step(settings: Settings) -> dict[str, Any]:
 
 
 def promote_step(settings: Settings, params: Params, version: str, force: bool = False) -> gate.GateDecision:
-    """The gate between the new version and the champion, both scored on this run's validation
-    split: the champion's own logged figures may come from another split (an older data version)
-    or lack the metric altogether (a champion made by retraining is scored on its holdout)."""
+    """The gate between the new version and the champion, both scored alike on this run's
+    validation split and compared paired, image by image (their logged figures may come from
+    another split, an older data version, or lack the metric: a champion made by retraining is
+    scored on its holdout)."""
     registry = stores.registry(settings)
     champion = registry.version_by_alias(CHAMPION)
-    champion_metrics, not_comparable = None, None
+    paired, classes, not_comparable = None, None, None
     if champion is not None and str(champion.version) != str(version):
         not_comparable = gate.champion_saw_validation(
             registry.trained_on(champion.version), str(champion.version), load_manifest(settings), str(version)
         )
         if not_comparable is None:
-            champion_metrics = scored_on_validation(
-                settings, params, f"models:/{settings.registry.registered_model}@{CHAMPION}"
-            )
+            name = settings.registry.registered_model
+            scored = {}
+            for who, number in (("champion", champion.version), ("challenger", version)):
+                scored[who] = validation_answers(settings, params, f"models:/{name}/{number}")
+                if scored[who] is None:
+                    not_comparable = (
+                        f"the {who} v{number} could not be loaded to score it on this run's validation split "
+                        "(see the log): promote by hand if the challenger is better (--force)"
+                    )
+            if not_comparable is None:
+                paired = {"val": pair_answers(scored["champion"][2], scored["challenger"][2])}
+                classes = (scored["champion"][0], scored["challenger"][0])
     return gate.promote(
-        registry, version, params.promote, force, champion_metrics=champion_metrics, not_comparable=not_comparable
+        registry, version, params.promote, force, paired=paired, classes=classes, not_comparable=not_comparable
     )
 
 
 def scored_on_validation(settings: Settings, params: Params, model_uri: str) -> dict[str, float] | None:
     """A registered model's validation metrics on this run's split, named as the training run logs
-    them (None, with a warning, if it cannot be loaded: the gate then uses its logged figures)."""
+    them (None, with a warning, if it cannot be loaded)."""
+    scored = validation_answers(settings, params, model_uri)
+    return None if scored is None else flatten_for_mlflow(scored[1], "val")
+
+
+def validation_answers(
+    settings: Settings, params: Params, model_uri: str
+) -> tuple[list[str], dict[str, Any], pd.DataFrame] | None:
+    """A registered model on this run's validation split (the rows training validated on): its
+    classes, metrics and per-image answers (None, with a warning, if it cannot be loaded). The
+    embedding cache keeps its backbone's answers: a challenger scored here is not scored again
+    when it is the champion."""
     from hematovision.registry.packaging import load_classifier  # heavy: imports MLflow's pyfunc
 
     try:
         classifier = load_classifier(model_uri)
-    except Exception as error:  # noqa: BLE001 - a broken champion must not block a good challenger
+    except Exception as error:  # noqa: BLE001 - reported to the gate, which refuses with the reason
         logger.warning("could not load %s to score it: %s", model_uri, error)
         return None
     manifest = load_manifest(settings)
     val_rows = limit_per_cell(manifest[manifest.split == "val"], params.train.max_images_per_cell, params.seed)
     with stores.embedding_cache(settings) as cache:
-        metrics = evaluate_rows(classifier, val_rows, settings.path(settings.paths.data_dir), cache, 0, params.seed)
-    return flatten_for_mlflow(metrics, "val")
+        metrics, answers = answer_rows(
+            classifier, val_rows, settings.path(settings.paths.data_dir), cache, 0, params.seed
+        )
+    return list(classifier.classes), metrics, answers
+
+
+def answer_rows(
+    classifier: Classifier,
+    rows: pd.DataFrame,
+    image_root: Path,
+    cache: EmbeddingCache,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """``evaluate_rows``' metrics (the model as it answers: its test-time views, through the cache)
+    and the per-image answers behind them (``path, group, label, predicted``) that the gate pairs.
+    Rows whose label the model does not know are left out and counted, as there."""
+    known = rows[rows.label.isin(classifier.classes)]
+    paths = [image_root / p for p in known.path]
+    views = classifier.config.tta_views
+    embeddings = cached_embeddings(classifier, paths, cache, views=views)
+    probabilities = classifier.classify_embeddings(embeddings).reshape(views, len(paths), -1).mean(axis=0)
+    groups = list(known.group) if "group" in known and known.group.notna().all() else None
+    metrics = classification_metrics(
+        label_indices(known.label, classifier.classes),
+        probabilities,
+        classifier.classes,
+        groups,
+        bootstrap_samples,
+        seed,
+    )
+    metrics["n_skipped_unknown_label"] = int(len(rows) - len(known))
+    predicted = [classifier.classes[i] for i in probabilities.argmax(axis=1)] if len(paths) else []
+    return metrics, answers_frame(known, predicted)
