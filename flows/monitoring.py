@@ -4,7 +4,8 @@ start retraining when the trigger allows it.
 Runs with no Prefect server (an ephemeral local API) unless PREFECT_API_URL points at one; schedule
 it (a Prefect deployment, cron, a systemd timer) as often as windows fill. Every step is a call into
 ``hematovision.monitoring.monitor``; this flow hands the monitor its retraining trigger (the
-retraining flow), so the library never imports the flows. ``hematovision monitor run`` runs it once.
+retraining flow, or in lab mode a run of the retraining deployment on a worker: see
+``flows/deployments.py``), so the library never imports the flows. ``hematovision monitor run`` runs it once.
 
     uv run python -m flows.monitoring
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 
+from flows.deployments import start_retraining_deployment
 from flows.retraining import retraining_flow
 from hematovision import stores
 from hematovision.monitoring import monitor as monitoring
-from hematovision.settings import get_settings
+from hematovision.monitoring.monitor import RetrainingTrigger
+from hematovision.settings import Settings, get_settings
 
 
 @task(name="find the champion", retries=2, retry_delay_seconds=2)
@@ -54,10 +57,16 @@ def decide(version: str, champion_since: str) -> list[dict]:
     return alerts
 
 
+def retraining_trigger(settings: Settings) -> RetrainingTrigger:
+    """How this monitor starts retraining: a run of the retraining deployment, executed by a worker
+    (lab mode, ``deploy.retrain_on_worker``), or the retraining flow in this process (embedded)."""
+    return start_retraining_deployment if settings.deploy.retrain_on_worker else retraining_flow
+
+
 @task(name="start approved retraining")
 def retrain_approved() -> list[dict]:
     settings = get_settings()
-    return monitoring.retrain_approved(settings, stores.monitor_state(settings), retraining_flow)
+    return monitoring.retrain_approved(settings, stores.monitor_state(settings), retraining_trigger(settings))
 
 
 @flow(name="hematovision-monitoring", log_prints=True)
