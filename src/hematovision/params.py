@@ -83,7 +83,9 @@ class RetrainParams:
     min_improvement: float = 0.0  # ... the paired interval's lower bound above this
     per_class_tolerance: float = 0.10  # largest per-class F1 drop accepted on the holdout
     guard_metric: str = "test_accuracy"  # the challenger may not be worse on this (official TEST) ...
-    guard_tolerance: float = 0.03  # ... beyond this margin: the paired interval's lower bound above -margin
+    # ... beyond this margin: the paired interval's lower bound above -margin (TEST's ~71 cells: two
+    # runs of one recipe differ by up to ~5 points there; benchmarks/gate_noise.py measures it)
+    guard_tolerance: float = 0.05
     min_holdout: int = 4  # fewer held-out corrections (cells) than this: nothing can be judged, refuse
 
 
