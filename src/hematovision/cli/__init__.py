@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 app.command()(lifecycle.run)
 app.add_typer(lifecycle.data_app, name="data")
+lifecycle.data_app.command("push")(deploy.data_push)
+lifecycle.data_app.command("pull")(deploy.data_pull)
 for command in (
     lifecycle.prepare,
     lifecycle.train,

@@ -1,5 +1,7 @@
 """The upstream dataset under DVC: import it into ``data/``, read the version a ``.dvc`` file pins,
-and run DVC for the steps that version data (the corrections' export).
+run DVC for the steps that version data (the corrections' export), and, in lab mode, push to and
+pull from the DVC remote ``paths.dvc_remote`` (a clone elsewhere pulls exactly the versions a model
+version's lineage tags name).
 
 DVC runs as a subprocess of this environment's interpreter (``python -m dvc``): the same DVC the
 lock file pins, whatever ``dvc`` is first on the PATH.
@@ -84,3 +86,93 @@ def dvc_data_hash(dvc_file: Path = Path("data.dvc")) -> str:
         return str(spec["outs"][0]["md5"]).removesuffix(".dir")
     except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
         return "unknown"
+
+
+# --- the DVC remote (lab mode) --------------------------------------------------------------------
+REMOTE_NAME = "hematovision"
+
+
+def dvc_files(settings: Settings) -> dict[str, Path]:
+    """The .dvc files that pin the platform's data: ``data`` (the upstream dataset) and
+    ``corrections`` (the pathologists' exported corrections), by name."""
+    data_dir = settings.path(settings.paths.data_dir)
+    corrections_dir = settings.path(settings.paths.corrections_dataset_dir)
+    return {
+        "data": data_dir.with_name(data_dir.name + ".dvc"),
+        "corrections": corrections_dir.with_name(corrections_dir.name + ".dvc"),
+    }
+
+
+def configure_remote(settings: Settings) -> str:
+    """Name ``paths.dvc_remote`` as this checkout's DVC remote (in ``.dvc/config.local``, so the
+    setting, not a committed file, decides); returns its URL. A plain path is made absolute."""
+    url = settings.paths.dvc_remote.strip()
+    if not url:
+        raise DataImportError("no DVC remote: set HEMATOVISION_DVC_REMOTE to a folder or a URL DVC supports")
+    if "://" not in url:
+        url = str(settings.path(Path(url)))
+    root = settings.path(settings.paths.project_dir)
+    try:
+        local_config = (root / ".dvc" / "config.local").read_text()
+    except OSError:
+        local_config = ""
+    if f"""['remote "{REMOTE_NAME}"']\n    url = {url}\n""" not in local_config:  # DVC's own layout; else ask DVC
+        run_dvc("remote", "add", "--local", "--force", REMOTE_NAME, url, cwd=root)
+    return url
+
+
+def push(settings: Settings, all_commits: bool = False) -> dict[str, Any]:
+    """Push the data and corrections that ``data.dvc`` and ``corrections.dvc`` pin to the remote
+    (with ``all_commits``, every version any git commit pins too); returns what was pushed."""
+    url = configure_remote(settings)
+    root = settings.path(settings.paths.project_dir)
+    pinned = {name: path for name, path in dvc_files(settings).items() if path.exists()}
+    if not pinned:
+        raise DataImportError(f"nothing to push: neither {' nor '.join(map(str, dvc_files(settings).values()))} exists")
+    args = ["push", "-r", REMOTE_NAME, *(["--all-commits"] if all_commits else []), *map(str, pinned.values())]
+    output = run_dvc(*args, cwd=root)
+    return {
+        "remote": url,
+        "pushed": {name: dvc_data_hash(path) for name, path in pinned.items()},
+        "all_commits": all_commits,
+        "dvc": output.strip(),
+    }
+
+
+def pin(dvc_file: Path, md5: str) -> bool:
+    """Make ``dvc_file`` pin the folder version ``md5`` (a lineage tag's hash); returns whether it
+    changed. An import keeps its source; a new file is a plain ``dvc add`` record."""
+    if dvc_data_hash(dvc_file) == md5:
+        return False
+    out_name = dvc_file.name.removesuffix(".dvc")
+    spec = yaml.safe_load(dvc_file.read_text()) if dvc_file.exists() else {"outs": [{"path": out_name}]}
+    spec.pop("md5", None)  # the stage's own checksum: stale once the pin moves
+    for entry in [*spec.get("deps", []), *spec["outs"]]:
+        for stale in ("size", "nfiles"):
+            entry.pop(stale, None)
+        entry.update({"md5": f"{md5}.dir", "hash": "md5"})
+    dvc_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return True
+
+
+def pull(settings: Settings, versions: dict[str, str] | None = None) -> dict[str, Any]:
+    """Bring the data and corrections from the remote into this checkout: the versions its .dvc
+    files pin, or ``versions`` (``{"data": md5, "corrections": md5}``, e.g. a model version's
+    lineage tags ``data_hash`` / ``corrections_hash``), which the .dvc files are first made to pin."""
+    url = configure_remote(settings)
+    root = settings.path(settings.paths.project_dir)
+    files = dvc_files(settings)
+    wanted = {name: md5 for name, md5 in (versions or {}).items() if md5 and md5 != "unknown"}
+    repinned = [name for name, md5 in wanted.items() if pin(files[name], md5)]
+    # A version asked for: exactly what it names (a first model has no corrections); else every pin.
+    names = wanted if versions is not None else files
+    targets = {name: files[name] for name in names if files[name].exists()}
+    if not targets:
+        raise DataImportError("nothing to pull: no .dvc file pins any data here, and no version was asked for")
+    output = run_dvc("pull", "-r", REMOTE_NAME, "--force", *map(str, targets.values()), cwd=root)
+    return {
+        "remote": url,
+        "pulled": {name: dvc_data_hash(path) for name, path in targets.items()},
+        "repinned": repinned,
+        "dvc": output.strip(),
+    }
