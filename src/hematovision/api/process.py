@@ -1,8 +1,10 @@
 """The real service as a child process: ``bentoml serve hematovision.api.service:HematoVision`` on a free
-local port, ready once it answers ``/readyz``. Used by the demo and by the tests."""
+local port, ready once it answers ``/readyz``. Used by the demo and by the tests; :func:`with_workers`
+is how ``hematovision serve`` and this module give BentoML the worker count (``serving.workers``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +15,17 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
+SERVICE_NAME = "hematovision"  # @bentoml.service(name=...) in api/service.py
+OVERRIDES = "BENTOML_CONFIG_OVERRIDES"  # BentoML's JSON config overrides, merged over the decorator's
+
+
+def with_workers(env: dict[str, str], workers: int) -> dict[str, str]:
+    """``env`` with BentoML told to start ``workers`` worker processes for the service (the
+    decorator's ``workers=1`` is only its default); other overrides in ``env`` are kept."""
+    overrides = json.loads(env.get(OVERRIDES) or "{}")
+    overrides.setdefault("services", {}).setdefault(SERVICE_NAME, {})["workers"] = workers
+    return {**env, OVERRIDES: json.dumps(overrides)}
 
 
 class ServiceStartError(RuntimeError):
@@ -32,9 +45,11 @@ def start_service(
     timeout: float = 180,
     host: str = "127.0.0.1",
     port: int | None = None,
+    workers: int = 1,
 ) -> tuple[subprocess.Popen, str]:
-    """Start ``bentoml serve`` in ``project_dir`` (its own process group, output to ``log``) and wait
-    until ``/readyz`` answers 200; returns the process and the base URL."""
+    """Start ``bentoml serve`` in ``project_dir`` (its own process group, output to ``log``) with
+    ``workers`` worker processes and wait until ``/readyz`` answers 200; returns the process and the
+    base URL."""
     port = port or free_port()
     bentoml = str(Path(sys.executable).parent / "bentoml")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +57,7 @@ def start_service(
         server = subprocess.Popen(
             [bentoml, "serve", "hematovision.api.service:HematoVision", "--host", host, "--port", str(port)],
             cwd=project_dir,
-            env=env if env is not None else dict(os.environ),
+            env=with_workers(env if env is not None else dict(os.environ), workers),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from hematovision import stores
+from hematovision.api.process import with_workers
 from hematovision.cli.common import console, fail
 from hematovision.progress import cli_logger, console_progress, logging_progress
 from hematovision.serving.batch_predict import collect_images, predict_files, write_results
@@ -23,17 +24,29 @@ predictions_app = typer.Typer(help="The prediction log and retained images.", no
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 to expose it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 3000,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes (default: serving.workers, HEMATOVISION_SERVE_WORKERS).")
+    ] = None,
 ):
-    """Serve the champion over HTTP (BentoML): web page at /ui/, API docs at /docs, hot swap on promote."""
+    """Serve the champion over HTTP (BentoML): web page at /ui/, API docs at /docs, hot swap on promote.
+
+    Each worker process holds its own model, alias watcher and batcher; the workers, and replicas on
+    other hosts, share the registry, the prediction log and the lab database."""
 
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
     if bentoml is None:
         fail("bentoml is not installed in this environment")
+    settings = get_settings()
+    workers = workers or settings.serving.workers
     console.print(
-        f"serving models:/{get_settings().registry.registered_model}@{get_settings().serving.alias} "
-        f"on http://{host}:{port}/ (web page /ui/, API docs /docs)"
+        f"serving models:/{settings.registry.registered_model}@{settings.serving.alias} "
+        f"on http://{host}:{port}/ with {workers} worker(s) (web page /ui/, API docs /docs)"
     )
-    os.execv(bentoml, [bentoml, "serve", "hematovision.api.service:HematoVision", "--host", host, "--port", str(port)])
+    os.execve(
+        bentoml,
+        [bentoml, "serve", "hematovision.api.service:HematoVision", "--host", host, "--port", str(port)],
+        with_workers(dict(os.environ), workers),
+    )
 
 
 def predict(
