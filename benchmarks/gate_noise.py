@@ -35,21 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from hematovision.settings import quiet_environment
-
-quiet_environment()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training import machine, record  # benchmarks/training.py; it switches the tools' telemetry off
 
-from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
-
-from hematovision import CLASSES, stores  # noqa: E402 - after the telemetry switches
-from hematovision.data.dataset import label_indices, limit_per_cell  # noqa: E402
-from hematovision.params import load_params  # noqa: E402
-from hematovision.registry.gate import gate  # noqa: E402
-from hematovision.registry.paired import answers_frame, pair_answers, paired_difference  # noqa: E402
-from hematovision.settings import get_settings  # noqa: E402
-from hematovision.training.metrics import classification_metrics  # noqa: E402
-from hematovision.training.steps import load_manifest, official_test_rows  # noqa: E402
+from hematovision import CLASSES, stores
+from hematovision.data.dataset import label_indices, limit_per_cell
+from hematovision.params import load_params
+from hematovision.registry.gate import gate
+from hematovision.registry.paired import answers_frame, pair_answers, paired_difference
+from hematovision.settings import get_settings
+from hematovision.training.metrics import classification_metrics
+from hematovision.training.steps import load_manifest, official_test_rows
 
 MARGINS = (0.01, 0.03, 0.05)
 
