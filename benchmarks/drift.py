@@ -105,7 +105,8 @@ def profile_images(classifier, paths: list[Path]):
     stats, labels, confidences, embeddings = [], [], [], []
     for start in range(0, len(paths), 32):
         prepared = [prepare_image(p.read_bytes()) for p in paths[start : start + 32]]
-        probabilities, emb = run_model(classifier, prepared)
+        answers = run_model(classifier, prepared)
+        probabilities, emb = answers.probabilities, answers.embeddings
         stats += [p.stats for p in prepared]
         labels += [classifier.classes[i] for i in probabilities.argmax(axis=1)]
         confidences += list(probabilities.max(axis=1))

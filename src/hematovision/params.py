@@ -45,6 +45,16 @@ class TrainParams:
 
 
 @dataclass
+class OpenSetParams:
+    """Answers of ``unknown`` (``model/open_set.py``), fitted with the model."""
+
+    known_quantile: float = (
+        0.95  # threshold at this quantile of validation cells' scores: ~5% of known cells go unknown
+    )
+    images_per_cell: int = 4  # training pictures per cell whose embeddings fit the class statistics
+
+
+@dataclass
 class EvaluateParams:
     bootstrap_samples: int = 1000
     max_images_per_class: int = 0  # 0 = all; >0 caps each class (quick runs)
@@ -95,6 +105,7 @@ class Params:
     prepare: PrepareParams = field(default_factory=PrepareParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    open_set: OpenSetParams = field(default_factory=OpenSetParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)

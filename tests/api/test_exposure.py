@@ -24,6 +24,7 @@ from hematovision import CLASSES, stores
 from hematovision.api import errors, review_routes, service
 from hematovision.api.guard import UNMATCHED, templated_metrics
 from hematovision.cli import app as cli
+from hematovision.model.classifier import Answers
 from hematovision.serving import images
 from hematovision.serving.images import ImageRejected
 from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
@@ -165,7 +166,13 @@ class FakeBatcher:
 
     def submit(self, classifier, images):
         self.handed.extend(images)
-        return np.full((len(images), len(CLASSES)), 1 / len(CLASSES)), np.zeros((len(images), 8), np.float32)
+        n = len(images)
+        return Answers(
+            np.full((n, len(CLASSES)), 1 / len(CLASSES)),
+            np.zeros((n, 8), np.float32),
+            np.full(n, np.nan),
+            np.zeros(n, bool),
+        )
 
 
 def fake_predictor(tmp_path, max_request_pixels: int) -> tuple[Predictor, FakeBatcher]:

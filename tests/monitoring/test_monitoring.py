@@ -60,7 +60,8 @@ def log_images(store: PredictionStore, classifier, version: str, paths: list[Pat
     from hematovision.serving.images import prepare_image
 
     prepared = [prepare_image(p.read_bytes()) for p in paths]
-    probabilities, embeddings = run_model(classifier, prepared)
+    answers = run_model(classifier, prepared)
+    probabilities, embeddings = answers.probabilities, answers.embeddings
     records = []
     for image, probs, embedding in zip(prepared, probabilities, embeddings):
         best = int(probs.argmax())

@@ -45,6 +45,7 @@ FILE_STAGES = {
     "training/__init__.py": NONE,
     "training/steps.py": ALL,
     "training/train.py": {"train"},
+    "training/calibrate.py": {"train"},  # the open set and temperature fitted at the end of training
     "training/metrics.py": {"train", "evaluate"},
     "training/evaluate.py": {"evaluate"},
     "training/retrain.py": NONE,

@@ -167,7 +167,23 @@ def evaluate(
         print(json.dumps(results, indent=2))
     else:
         console.print_json(
-            json.dumps({k: results[k] for k in ("n_images", "accuracy", "macro_f1", "per_class", "unknown_folders")})
+            json.dumps(
+                {
+                    k: results[k]
+                    for k in (
+                        "n_images",
+                        "accuracy",
+                        "macro_f1",
+                        "per_class",
+                        "unknown_folders",
+                        "unknown_rate",
+                        "unknown_rate_by_label",
+                        "open_set_auroc",
+                        "ece",
+                    )
+                    if k in results
+                }
+            )
         )
 
 

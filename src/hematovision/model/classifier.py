@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from hematovision import CLASSES
 from hematovision.data.imaging import load_rgb
 from hematovision.data.localize import CROP_SIGNATURE, crop_wbc
+from hematovision.model.open_set import UNKNOWN, OpenSet
 
 MODEL_FILE = "classifier.keras"
 CONFIG_FILE = "classifier.json"
@@ -37,14 +38,16 @@ class ClassifierConfig:
     tta_views: int = 1
 
 
-def build_keras_model(config: ClassifierConfig, pretrained: bool = True):
-    """Backbone (ImageNet Lite0, frozen) + a new softmax head, both named sub-models."""
+def build_keras_model(config: ClassifierConfig, pretrained: bool = True, backbone=None):
+    """Backbone (ImageNet Lite0, frozen; or the one given) + a new softmax head, both named
+    sub-models."""
     import keras
 
     from hematovision.model.backbone import EMBEDDING_DIM, build_lite0
 
-    backbone = build_lite0(input_size=config.image_size, include_top=False, weights=pretrained)
-    backbone.name = "backbone"
+    if backbone is None:
+        backbone = build_lite0(input_size=config.image_size, include_top=False, weights=pretrained)
+        backbone.name = "backbone"
     backbone.trainable = False
     head = keras.Sequential(
         [
@@ -56,6 +59,26 @@ def build_keras_model(config: ClassifierConfig, pretrained: bool = True):
     )
     inputs = keras.Input((config.image_size, config.image_size, 3), name="wbc_crop")
     return keras.Model(inputs, head(backbone(inputs)), name="hematovision")
+
+
+@dataclass
+class Answers:
+    """What the model says about a batch of crops."""
+
+    probabilities: np.ndarray  # (N, C), temperature-calibrated when the model has an open set
+    embeddings: np.ndarray  # (N, D), of the crop as it is (what the prediction log keeps)
+    open_set_scores: np.ndarray  # (N,), NaN for a model without an open set
+    unknown: np.ndarray  # (N,) bool: beyond the open-set threshold
+
+    def rows(self, which: slice) -> Answers:
+        return Answers(
+            self.probabilities[which], self.embeddings[which], self.open_set_scores[which], self.unknown[which]
+        )
+
+    def labels(self, classes: Sequence[str]) -> list[str]:
+        """Each answer's class, or ``unknown``."""
+        best = self.probabilities.argmax(axis=1) if len(self.probabilities) else []
+        return [UNKNOWN if unknown else classes[i] for i, unknown in zip(best, self.unknown)]
 
 
 def read_crops(sources: Sequence[str | Path | bytes], image_size: int, workers: int = 2) -> np.ndarray:
@@ -79,6 +102,7 @@ class Classifier:
         self.backbone = keras_model.get_layer("backbone")
         self.head = keras_model.get_layer("head")
         self._backbone_fingerprint: str | None = None
+        self.open_set: OpenSet | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -87,6 +111,14 @@ class Classifier:
     @classmethod
     def new(cls, config: ClassifierConfig) -> Classifier:
         return cls(build_keras_model(config), config)
+
+    def with_classes(self, classes: list[str]) -> Classifier:
+        """This backbone under a new, untrained head for ``classes`` (a laboratory added a cell
+        type). The open-set statistics carry over; the new class's come from its corrections."""
+        config = ClassifierConfig(**{**asdict(self.config), "classes": list(classes)})
+        new = Classifier(build_keras_model(config, backbone=self.backbone), config)
+        new.open_set = self.open_set
+        return new
 
     # --- inference -----------------------------------------------------------------------------
     def crops(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
@@ -99,31 +131,51 @@ class Classifier:
         return _predict(self.head, embeddings.astype(np.float32), 1024)
 
     def predict_crops(self, crops: np.ndarray, batch_size: int = 64, views: int | None = None) -> np.ndarray:
-        return self.predict_with_embeddings(crops, batch_size, views)[0]
+        return self.predict_answers(crops, batch_size, views).probabilities
 
     def predict_with_embeddings(
         self, crops: np.ndarray, batch_size: int = 64, views: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities (averaged over the configured test-time views) and the embedding of the
         crop as it is (what the prediction log and drift monitoring keep)."""
+        answers = self.predict_answers(crops, batch_size, views)
+        return answers.probabilities, answers.embeddings
+
+    def predict_answers(self, crops: np.ndarray, batch_size: int = 64, views: int | None = None) -> Answers:
+        """Probabilities, embeddings and open-set verdicts of ``crops`` (see :meth:`answer`)."""
         views = self.config.tta_views if views is None else views
-        probabilities, embeddings = [], []
+        chunks = []
         for start in range(0, len(crops), batch_size):
             chunk = crops[start : start + batch_size]
             # All views of a chunk in one backbone call: one request's four views make a batch of
             # four rather than four batches of one.
-            emb = self.embed(np.concatenate(dihedral_views(chunk, views)), batch_size * views)
-            probabilities.append(self.classify_embeddings(emb).reshape(views, len(chunk), -1).mean(axis=0))
-            embeddings.append(emb[: len(chunk)])
-        if not probabilities:
-            return np.zeros((0, len(self.classes)), np.float32), np.zeros(
-                (0, self.backbone.output_shape[-1]), np.float32
+            chunks.append(
+                self.answer(self.embed(np.concatenate(dihedral_views(chunk, views)), batch_size * views), views)
             )
-        return np.concatenate(probabilities), np.concatenate(embeddings)
+        if not chunks:
+            dim = self.backbone.output_shape[-1]
+            return self.answer(np.zeros((0, dim), np.float32), views)
+        return Answers(*(np.concatenate([getattr(a, f.name) for a in chunks]) for f in fields(Answers)))
+
+    def answer(self, view_embeddings: np.ndarray, views: int) -> Answers:
+        """The answers for embeddings of ``views`` dihedral views, view-major (rows ``v * N + i``,
+        as :func:`dihedral_views` and the embedding cache lay them out): probabilities averaged over
+        the views, the open-set score of the views' mean embedding."""
+        count = len(view_embeddings) // views
+        stacked = np.asarray(view_embeddings, np.float32).reshape(views, count, -1)
+        raw = self.classify_embeddings(view_embeddings).reshape(views, count, -1).mean(axis=0)
+        if self.open_set is None:
+            return Answers(raw, stacked[0], np.full(count, np.nan, np.float32), np.zeros(count, bool))
+        scores = self.open_set.score(stacked.mean(axis=0))
+        return Answers(self.open_set.calibrated(raw), stacked[0], scores, self.open_set.unknown(scores))
 
     def predict_images(self, sources: Sequence[str | Path | bytes]) -> np.ndarray:
         """Class probabilities, one row per image, in the order of ``classes``."""
         return self.predict_crops(self.crops(sources))
+
+    def backbone_changed(self) -> None:
+        """The backbone's weights changed (fine-tuning): its embeddings are new ones."""
+        self._backbone_fingerprint = None
 
     def backbone_fingerprint(self) -> str:
         """Identifies the backbone's weights, its input size and how crops are cut, so cached
@@ -141,6 +193,8 @@ class Classifier:
         directory.mkdir(parents=True, exist_ok=True)
         self.keras_model.save(directory / MODEL_FILE)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        if self.open_set is not None:
+            self.open_set.save(directory)
         return directory
 
     @classmethod
@@ -149,7 +203,9 @@ class Classifier:
 
         config = ClassifierConfig(**json.loads((Path(directory) / CONFIG_FILE).read_text()))
         model = keras.models.load_model(Path(directory) / MODEL_FILE, compile=False)
-        return cls(model, config)
+        classifier = cls(model, config)
+        classifier.open_set = OpenSet.load(directory)
+        return classifier
 
 
 def dihedral_views(crops: np.ndarray, views: int) -> list[np.ndarray]:

@@ -8,14 +8,14 @@ The pyfunc delegates to :class:`hematovision.model.classifier.Classifier`, whose
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import mlflow.pyfunc
-import numpy as np
 import pandas as pd
 
 import hematovision
-from hematovision.model.classifier import CONFIG_FILE, Classifier
+from hematovision.model.classifier import CONFIG_FILE, Answers, Classifier
 
 ARTIFACT_KEY = "classifier"
 MODEL_NAME = "model"  # the name of the logged model inside its run
@@ -23,21 +23,24 @@ MODEL_NAME = "model"  # the name of the logged model inside its run
 
 class PyfuncClassifier(mlflow.pyfunc.PythonModel):
     """Input: a DataFrame with an ``image`` column of encoded image bytes (or base64 text).
-    Output: one row per image with ``label``, ``confidence`` and ``p_<class>`` columns."""
+    Output: one row per image with ``label`` (a class, or ``unknown`` beyond the model's open-set
+    threshold), ``confidence``, ``open_set_score`` and ``p_<class>`` columns."""
 
     def load_context(self, context) -> None:
         self.classifier = Classifier.load(Path(context.artifacts[ARTIFACT_KEY]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         images = [value if isinstance(value, bytes) else base64.b64decode(value) for value in model_input["image"]]
-        probabilities = self.classifier.predict_images(images)
-        return probability_frame(probabilities, self.classifier.classes)
+        answers = self.classifier.predict_answers(self.classifier.crops(images))
+        return probability_frame(answers, self.classifier.classes)
 
 
-def probability_frame(probabilities: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def probability_frame(answers: Answers, classes: list[str]) -> pd.DataFrame:
+    probabilities = answers.probabilities
     frame = pd.DataFrame(probabilities, columns=[f"p_{name}" for name in classes])
+    frame.insert(0, "open_set_score", answers.open_set_scores.astype(float))
     frame.insert(0, "confidence", probabilities.max(axis=1) if len(probabilities) else [])
-    frame.insert(0, "label", [classes[i] for i in probabilities.argmax(axis=1)] if len(probabilities) else [])
+    frame.insert(0, "label", answers.labels(classes))
     return frame
 
 
@@ -46,11 +49,12 @@ def log_classifier(classifier_dir: Path) -> str:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    classes = json.loads((Path(classifier_dir) / CONFIG_FILE).read_text())["classes"]
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema(
-            [ColSpec("string", "label"), ColSpec("double", "confidence")]
-            + [ColSpec("double", f"p_{c}") for c in hematovision.CLASSES]
+            [ColSpec("string", "label"), ColSpec("double", "confidence"), ColSpec("double", "open_set_score")]
+            + [ColSpec("double", f"p_{c}") for c in classes]
         ),
     )
     info = mlflow.pyfunc.log_model(

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hematovision.model.open_set import UNKNOWN
 from hematovision.progress import Progress
 from hematovision.serving.batcher import run_model
 from hematovision.serving.images import ImageRejected, needs_review, prepare_image
@@ -53,13 +54,17 @@ def predict_files(
                 row["error"] = f"unreadable: {error}"
             chunk_rows.append(row)
         if prepared:
-            probabilities, _ = run_model(classifier, [p for _, p in prepared])
-            for (row, image), probs in zip(prepared, probabilities):
-                best = int(probs.argmax())
+            answers = run_model(classifier, [p for _, p in prepared])
+            labels = answers.labels(classes)
+            for (row, image), probs, label, score in zip(
+                prepared, answers.probabilities, labels, answers.open_set_scores
+            ):
+                confidence = float(probs.max())
                 row.update(
-                    label=classes[best],
-                    confidence=round(float(probs[best]), 4),
-                    needs_review=needs_review(float(probs[best]), review_threshold, image.cell_in_view),
+                    label=label,
+                    confidence=round(confidence, 4),
+                    open_set_score=None if score != score else round(float(score), 2),  # NaN: no open set
+                    needs_review=label == UNKNOWN or needs_review(confidence, review_threshold, image.cell_in_view),
                     cell_in_view=image.cell_in_view,
                     **{f"p_{c}": round(float(p), 4) for c, p in zip(classes, probs)},
                 )
@@ -75,7 +80,16 @@ def write_results(rows: list[dict[str, Any]], out: Path, classes: Sequence[str])
     if out.suffix.lower() == ".json":
         out.write_text(json.dumps(rows, indent=2))
         return
-    columns = ["file", "label", "confidence", *(f"p_{c}" for c in classes), "needs_review", "cell_in_view", "error"]
+    columns = [
+        "file",
+        "label",
+        "confidence",
+        *(f"p_{c}" for c in classes),
+        "open_set_score",
+        "needs_review",
+        "cell_in_view",
+        "error",
+    ]
     with out.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()

@@ -20,17 +20,18 @@ from typing import Any
 import numpy as np
 
 from hematovision.data.localize import crop_wbc
+from hematovision.model.classifier import Answers
 from hematovision.serving.images import PreparedImage
 
 logger = logging.getLogger("hematovision.serving.batcher")
 
 
-def run_model(classifier, images: Sequence[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities and embeddings, one row per image (crop -> backbone -> head, test-time views
-    as the model was configured)."""
+def run_model(classifier, images: Sequence[PreparedImage]) -> Answers:
+    """Probabilities, embeddings and open-set verdicts, one row per image (crop -> backbone -> head,
+    test-time views as the model was configured)."""
     size = classifier.config.image_size
     crops = np.stack([p.crop if p.crop is not None and p.crop.shape[0] == size else _crop(p, size) for p in images])
-    return classifier.predict_with_embeddings(crops)
+    return classifier.predict_answers(crops)
 
 
 def _crop(prepared: PreparedImage, size: int) -> np.ndarray:
@@ -69,8 +70,8 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, classifier, images: list[PreparedImage]) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities and embeddings of ``images`` by ``classifier``, once their batch has run."""
+    def submit(self, classifier, images: list[PreparedImage]) -> Answers:
+        """The answers of ``classifier`` for ``images``, once their batch has run."""
         future: Future = Future()
         with self._cond:
             self._queue.append((classifier, images, future))
@@ -96,14 +97,12 @@ class Batcher:
             for classifier in {id(c): c for c, _, _ in taken}.values():
                 group = [(images, future) for c, images, future in taken if c is classifier]
                 try:
-                    probabilities, embeddings = run_model(classifier, [p for images, _ in group for p in images])
+                    answers = run_model(classifier, [p for images, _ in group for p in images])
                 except BaseException as error:  # noqa: BLE001 - hand the failure to the waiting requests
                     for _, future in group:
                         future.set_exception(error)
                     continue
                 start = 0
                 for images, future in group:
-                    future.set_result(
-                        (probabilities[start : start + len(images)], embeddings[start : start + len(images)])
-                    )
+                    future.set_result(answers.rows(slice(start, start + len(images))))
                     start += len(images)

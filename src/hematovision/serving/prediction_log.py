@@ -49,7 +49,7 @@ import numpy as np
 
 from hematovision.database import open_sqlite, private_dir, private_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: open_set_score
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
     id            TEXT PRIMARY KEY,      -- uuid4 hex, returned to the client as prediction_id
@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     embedding_dim INTEGER,
     image_stats   TEXT NOT NULL,         -- JSON, see imaging.image_stats
     latency_ms    REAL NOT NULL,
-    image_sha256  TEXT NOT NULL
+    image_sha256  TEXT NOT NULL,
+    open_set_score REAL                  -- the model's open-set score (model/open_set.py); NULL without one
 );
 CREATE INDEX IF NOT EXISTS predictions_created_at ON predictions (created_at);
 CREATE INDEX IF NOT EXISTS predictions_model_version ON predictions (model_version);
@@ -81,6 +82,7 @@ _COLUMNS = (
     "image_stats",
     "latency_ms",
     "image_sha256",
+    "open_set_score",
 )
 
 
@@ -101,6 +103,7 @@ class PredictionRecord:
     latency_ms: float
     image_stats: dict[str, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None
+    open_set_score: float | None = None  # label "unknown" when the model found it beyond its threshold
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: str = field(default_factory=utc_now)
 
@@ -119,6 +122,7 @@ class PredictionRecord:
             json.dumps(self.image_stats),
             float(self.latency_ms),
             self.image_sha256,
+            None if self.open_set_score is None or not np.isfinite(self.open_set_score) else float(self.open_set_score),
         )
 
 
@@ -151,8 +155,15 @@ class PredictionStore:
             # cut can lose the last few transactions, an acceptable risk for a monitoring log.
             self._conn.execute("PRAGMA synchronous = NORMAL")
             _retry_locked(lambda: self._conn.executescript(_SCHEMA))
+            _retry_locked(self._upgrade)
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         private_file(self.db_path)  # the -wal and -shm files WAL mode has made
+
+    def _upgrade(self) -> None:
+        """Bring a log written by an older version up to this schema (columns only ever added)."""
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(predictions)")}
+        if "open_set_score" not in columns:
+            self._conn.execute("ALTER TABLE predictions ADD COLUMN open_set_score REAL")
 
     def log(self, record: PredictionRecord, image: bytes | None = None) -> str:
         return self.log_many([record], None if image is None else [image])[0]

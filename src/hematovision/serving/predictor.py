@@ -18,7 +18,9 @@ from typing import Any, Literal
 import numpy as np
 
 from hematovision import stores
+from hematovision.model.classifier import Answers
 from hematovision.model.gradcam import explain_image
+from hematovision.model.open_set import UNKNOWN
 from hematovision.serving.batcher import Batcher
 from hematovision.serving.images import (
     ImageRejected,
@@ -87,16 +89,24 @@ class Predictor:
                     raise
                 results[index] = error.as_dict()
         if good:
-            probabilities, embeddings = self.batcher.submit(model.classifier, [p for _, p in good])
+            answers = self.batcher.submit(model.classifier, [p for _, p in good])
             latency_ms = (time.perf_counter() - started) * 1000  # per request: the whole batch's time
             records = []
-            for (index, prepared), probs, embedding in zip(good, probabilities, embeddings):
-                record = _record(model, prepared, probs, embedding, latency_ms, self.settings.serving.review_threshold)
+            for row, (index, prepared) in enumerate(good):
+                record = _record(
+                    model,
+                    prepared,
+                    answers.rows(slice(row, row + 1)),
+                    latency_ms,
+                    self.settings.serving.review_threshold,
+                )
                 records.append(record)
                 results[index] = {
                     "label": record.label,
                     "confidence": record.confidence,
                     "probabilities": record.probabilities,
+                    "unknown": record.label == UNKNOWN,
+                    "open_set_score": record.open_set_score,
                     "model_version": model.version,
                     "prediction_id": record.id,
                     "needs_review": record.needs_review,
@@ -159,24 +169,24 @@ class Predictor:
 
 
 def _record(
-    model: LoadedModel,
-    prepared: PreparedImage,
-    probs: np.ndarray,
-    embedding: np.ndarray,
-    latency_ms: float,
-    threshold: float,
+    model: LoadedModel, prepared: PreparedImage, answer: Answers, latency_ms: float, threshold: float
 ) -> PredictionRecord:
+    """One image's answer as logged: a cell beyond the model's open-set threshold is ``unknown``
+    (its probabilities still say which of the classes it resembles) and always goes to review."""
     classes = model.classifier.classes
-    best = int(np.argmax(probs))
-    confidence = float(probs[best])
+    probs = answer.probabilities[0]
+    label = answer.labels(classes)[0]
+    confidence = float(probs.max())
+    score = float(answer.open_set_scores[0])
     return PredictionRecord(
         model_version=model.version,
-        label=classes[best],
+        label=label,
         confidence=confidence,
         probabilities={c: float(p) for c, p in zip(classes, probs)},
-        needs_review=needs_review(confidence, threshold, prepared.cell_in_view),
+        needs_review=label == UNKNOWN or needs_review(confidence, threshold, prepared.cell_in_view),
         image_sha256=prepared.sha256,
         latency_ms=latency_ms,
         image_stats=prepared.stats,
-        embedding=embedding,
+        embedding=answer.embeddings[0],
+        open_set_score=score if np.isfinite(score) else None,
     )

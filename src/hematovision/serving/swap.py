@@ -70,7 +70,8 @@ def check_classifier(classifier) -> None:
     """Warm the model and refuse it unless it gives finite probabilities summing to 1, per class."""
     image = prepare_image(sanity_image())
     for n in (1, 4):  # two batch shapes: the first calls allocate, later ones are fast
-        probabilities, embeddings = run_model(classifier, [image] * n)
+        answers = run_model(classifier, [image] * n)
+    probabilities, embeddings = answers.probabilities, answers.embeddings
     if probabilities.shape != (4, len(classifier.classes)):
         raise ValueError(f"output shape {probabilities.shape} does not match {len(classifier.classes)} classes")
     if not (np.isfinite(probabilities).all() and np.isfinite(embeddings).all()):

@@ -47,9 +47,10 @@ from hematovision.registry.paired import pair_answers
 from hematovision.registry.registry import CHAMPION
 from hematovision.registry.tracking import configure_mlflow, git_commit
 from hematovision.settings import Settings
+from hematovision.training.evaluate import score_rows
 from hematovision.training.head import train_head
 from hematovision.training.metrics import flatten_for_mlflow
-from hematovision.training.steps import answer_rows, load_manifest, official_test_rows
+from hematovision.training.steps import load_manifest, official_test_rows
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -283,7 +284,7 @@ def evaluate_step(settings: Settings, params: Params, progress: Progress | None 
                     continue
                 if progress:
                     progress(f"scoring the {who} on {name}", 0, len(rows))
-                results[who][name], answered = answer_rows(
+                results[who][name], answered = score_rows(
                     classifier, rows, Path("/"), cache, params.evaluate.bootstrap_samples, params.seed
                 )
                 answers.append(answered.assign(who=who, split=name))

@@ -21,20 +21,20 @@ import numpy as np
 import pandas as pd
 
 from hematovision import CLASSES, stores
-from hematovision.data.dataset import label_indices, limit_per_cell, prepare
+from hematovision.data.dataset import limit_per_cell, prepare
 from hematovision.data.dvc import dvc_data_hash
 from hematovision.model.classifier import Classifier, ClassifierConfig
-from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
+from hematovision.model.embeddings import cached_embeddings
 from hematovision.monitoring.drift import log_reference
 from hematovision.params import Params
 from hematovision.progress import counting
 from hematovision.registry import gate
-from hematovision.registry.paired import answers_frame, pair_answers
+from hematovision.registry.paired import pair_answers
 from hematovision.registry.registry import CHAMPION, TRAINED_ON_ARTIFACT
 from hematovision.registry.tracking import configure_mlflow, git_commit
 from hematovision.settings import Settings
-from hematovision.training.evaluate import evaluate_folder, evaluate_rows, save_confusion_plot
-from hematovision.training.metrics import classification_metrics, flatten_for_mlflow
+from hematovision.training.evaluate import evaluate_folder, evaluate_rows, save_confusion_plot, score_rows
+from hematovision.training.metrics import flatten_for_mlflow
 
 logger = logging.getLogger(__name__)
 
@@ -287,37 +287,7 @@ def validation_answers(
     manifest = load_manifest(settings)
     val_rows = limit_per_cell(manifest[manifest.split == "val"], params.train.max_images_per_cell, params.seed)
     with stores.embedding_cache(settings) as cache:
-        metrics, answers = answer_rows(
+        metrics, answers = score_rows(
             classifier, val_rows, settings.path(settings.paths.data_dir), cache, 0, params.seed
         )
     return list(classifier.classes), metrics, answers
-
-
-def answer_rows(
-    classifier: Classifier,
-    rows: pd.DataFrame,
-    image_root: Path,
-    cache: EmbeddingCache,
-    bootstrap_samples: int = 1000,
-    seed: int = 0,
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """``evaluate_rows``' metrics (the model as it answers: its test-time views, through the cache)
-    and the per-image answers behind them (``path, group, label, predicted``) that the gate pairs.
-    Rows whose label the model does not know are left out and counted, as there."""
-    known = rows[rows.label.isin(classifier.classes)]
-    paths = [image_root / p for p in known.path]
-    views = classifier.config.tta_views
-    embeddings = cached_embeddings(classifier, paths, cache, views=views)
-    probabilities = classifier.classify_embeddings(embeddings).reshape(views, len(paths), -1).mean(axis=0)
-    groups = list(known.group) if "group" in known and known.group.notna().all() else None
-    metrics = classification_metrics(
-        label_indices(known.label, classifier.classes),
-        probabilities,
-        classifier.classes,
-        groups,
-        bootstrap_samples,
-        seed,
-    )
-    metrics["n_skipped_unknown_label"] = int(len(rows) - len(known))
-    predicted = [classifier.classes[i] for i in probabilities.argmax(axis=1)] if len(paths) else []
-    return metrics, answers_frame(known, predicted)

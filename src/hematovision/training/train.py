@@ -25,6 +25,7 @@ from hematovision.model.classifier import Classifier, ClassifierConfig, read_cro
 from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.params import Params
 from hematovision.progress import counting
+from hematovision.training.calibrate import fit_open_set
 from hematovision.training.metrics import classification_metrics
 
 Progress = Callable[[str, int, int], None]  # (step description, done, total)
@@ -159,7 +160,17 @@ def train(
                 best, best_weights = scores, model.get_weights()
         classifier.keras_model.set_weights(best_weights)
         classifier.backbone.trainable = False
+        classifier.backbone_changed()
         timings["finetune_s"] = time.perf_counter() - started
+
+    # Unknown cells and calibrated confidence: class statistics from a few pictures of every
+    # training cell, threshold and temperature from the validation cells.
+    started = time.perf_counter()
+    report("fitting the open set", 0, 1)
+    fit_rows = limit_per_cell(train_rows, params.open_set.images_per_cell, params.seed)
+    fit_at = train_rows.index.get_indexer(fit_rows.index)
+    calibration = fit_open_set(classifier, crops_train[fit_at], y_train[fit_at], crops_val, y_val, params.open_set)
+    timings["open_set_s"] = time.perf_counter() - started
 
     val_metrics = classification_metrics(
         y_val,
@@ -169,6 +180,7 @@ def train(
         params.evaluate.bootstrap_samples,
         params.seed,
     )
+    val_metrics.update(calibration)
     return TrainResult(classifier, val_metrics, history, timings, len(train_rows), train_rows.group.nunique())
 
 
