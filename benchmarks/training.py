@@ -133,6 +133,28 @@ def main() -> None:
             lines.append(
                 f"\n{names[split]} per-class F1: {per_class}; confusion (rows true, cols predicted): {m['confusion_matrix']}"
             )
+    val = summary["metrics"].get("val", {})
+    if "temperature" in val:
+        lines.append(
+            f"\nOpen set and calibration (fitted on validation): temperature {val['temperature']:.2f}, "
+            f"expected calibration error {val['ece_uncalibrated']:.3f} before, {val['ece']:.3f} after; threshold at the "
+            f"validation quantile {p.open_set.known_quantile}. Answered `unknown`: "
+            + "; ".join(
+                f"{names[split]} {m['unknown_rate']:.3f}"
+                + (
+                    " (by folder: " + ", ".join(f"{k} {v:.2f}" for k, v in m["unknown_rate_by_label"].items()) + ")"
+                    if split == "new_site"
+                    else ""
+                )
+                for split in ("val", "test", "new_site")
+                if (m := summary["metrics"].get(split)) and m.get("unknown_rate") is not None
+            )
+            + (
+                f"; open-set AUROC on pbc-sample (its four classes vs basophils) {summary['metrics']['new_site']['open_set_auroc']:.3f}"
+                if "open_set_auroc" in summary["metrics"].get("new_site", {})
+                else ""
+            )
+        )
     lines.append(
         f"\nGate: {'passed' if summary['gate']['passed'] else 'refused'} — " + "; ".join(summary["gate"]["reasons"])
     )
