@@ -130,13 +130,17 @@ def test_evaluation_through_the_cache_scores_the_model_as_it_answers(project, tr
     calls: list[tuple[int, int]] = []
     cold = evaluate_folder(classifier, source, cache, bootstrap_samples=0, progress=lambda *a: calls.append(a))
     warm = evaluate_folder(classifier, source, cache, bootstrap_samples=0)
-    assert cache.db.execute("SELECT COUNT(*) FROM embedding").fetchone()[0] == views * direct["n_images"]
+    # Every image is answered, the basophil folder's too (to count how many come back unknown).
+    answered = direct["n_images"] + direct["n_skipped_unknown_label"]
+    assert direct["n_skipped_unknown_label"] > 0 and "basophil" in direct["unknown_rate_by_label"]
+    assert cache.db.execute("SELECT COUNT(*) FROM embedding").fetchone()[0] == views * answered
     # Progress counts images against the folder's total (it once showed "n/n" all along).
-    assert calls[-1] == (direct["n_images"], direct["n_images"])
-    assert all(total == direct["n_images"] for _, total in calls)
+    assert calls[-1] == (answered, answered)
+    assert all(total == answered for _, total in calls)
     for metrics in (cold, warm):
         assert metrics["confusion_matrix"] == direct["confusion_matrix"]
         assert metrics["macro_f1"] == pytest.approx(direct["macro_f1"])
+        assert metrics["unknown_rate_by_label"] == pytest.approx(direct["unknown_rate_by_label"])
 
 
 @pytest.mark.e2e
