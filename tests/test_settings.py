@@ -67,6 +67,8 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_TOKEN_DAYS": ("lab.token_days", "30", 30.0),
     "HEMATOVISION_MAX_FORM_BYTES": ("lab.max_form_bytes", "4096", 4096),
     "HEMATOVISION_TRUSTED_PROXIES": ("lab.trusted_proxies", '["10.0.0.1"]', ["10.0.0.1"]),
+    "HEMATOVISION_CELL_TYPES": ("lab.cell_types", '["basophil", "band cell"]', ["basophil", "band cell"]),
+    "HEMATOVISION_NEW_CLASS_MIN_CORRECTIONS": ("lab.new_class_min_corrections", "80", 80),
     "HEMATOVISION_EMBEDDING_CACHE_DAYS": ("paths.embedding_cache_days", "14", 14),
     "HEMATOVISION_EMBEDDING_DAYS": ("serving.embedding_days", "45", 45),
     "HEMATOVISION_IMAGES_BUDGET_MB": ("serving.images_budget_mb", "256", 256.0),

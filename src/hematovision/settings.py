@@ -219,6 +219,16 @@ class LabSettings(BaseSettings):
         "after its last correction; the lab decides: a correction is training data, and one without its image "
         "leaves the next export (0: kept).",
     )
+    cell_types: list[str] = Field(
+        ["basophil", "immature granulocyte", "erythroblast", "platelet", "smudge cell", "artefact", "other"],
+        description="Cell types a pathologist may answer with besides the model's classes (the laboratory's "
+        "vocabulary, lower case); a type with enough agreed corrections becomes a class at the next retraining.",
+    )
+    new_class_min_corrections: int = Field(
+        50,
+        gt=0,
+        description="Agreed corrections of a type outside the model's classes before retraining adds it as a class.",
+    )
     session_hours: float = Field(12.0, gt=0, description="How long a browser sign-in lasts.")
     predict_requires_token: bool = Field(
         True,

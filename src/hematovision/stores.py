@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import threading
 
+from hematovision import CLASSES
 from hematovision.lab.accounts import Accounts
 from hematovision.lab.corrections import Corrections
 from hematovision.model.embeddings import EmbeddingCache
+from hematovision.model.open_set import UNKNOWN
 from hematovision.monitoring.state import MonitorState
 from hematovision.registry.registry import Registry
 from hematovision.registry.tracking import point_mlflow
@@ -73,10 +75,22 @@ def accounts(settings: Settings | None = None) -> Accounts:
     return Accounts(settings.path(settings.lab.lab_db), settings.lab.session_hours)
 
 
+def answerable_types(settings: Settings | None = None) -> tuple[str, ...]:
+    """What a pathologist may say a cell is: the four classes and the laboratory's vocabulary."""
+    settings = settings or get_settings()
+    # "unknown" is the model's answer, never a pathologist's: they say what the cell is ("other" at worst)
+    vocabulary = [t.strip().lower() for t in settings.lab.cell_types if t.strip() and t.strip().lower() != UNKNOWN]
+    return tuple(dict.fromkeys([*CLASSES, *vocabulary]))
+
+
 def corrections(settings: Settings | None = None) -> Corrections:
     """Pathologists' corrections and the audit log (the lab database), with the corrected images."""
     settings = settings or get_settings()
-    return Corrections(settings.path(settings.lab.lab_db), settings.path(settings.lab.corrections_images_dir))
+    return Corrections(
+        settings.path(settings.lab.lab_db),
+        settings.path(settings.lab.corrections_images_dir),
+        answerable_types(settings),
+    )
 
 
 def monitor_state(settings: Settings | None = None) -> MonitorState:

@@ -22,7 +22,7 @@ from hematovision.cli import app as cli
 from hematovision.lab.corrections import CorrectionError, Corrections
 from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.settings import get_settings
-from hematovision.training.retrain import corrections_rows
+from hematovision.training.corrections_data import corrections_rows
 
 from conftest import add_user
 

@@ -49,7 +49,8 @@ FILE_STAGES = {
     "training/metrics.py": {"train", "evaluate"},
     "training/evaluate.py": {"evaluate"},
     "training/retrain.py": NONE,
-    "training/head.py": NONE,  # retraining's head on cached embeddings
+    "training/head.py": NONE,
+    "training/corrections_data.py": NONE,  # retraining's rows from the corrections  # retraining's head on cached embeddings
     "registry/__init__.py": NONE,
     "registry/packaging.py": {"train"},
     "registry/tracking.py": {"train", "evaluate"},

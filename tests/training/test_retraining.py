@@ -15,7 +15,8 @@ from hematovision.monitoring.drift import fetch_reference
 from hematovision.monitoring.monitor import MonitorState
 from hematovision.registry.registry import CHALLENGER, CHAMPION, Registry
 from hematovision.settings import get_settings
-from hematovision.training.retrain import export_step, is_holdout, load_retrain_manifest
+from hematovision.training.corrections_data import is_holdout
+from hematovision.training.retrain import export_step, load_retrain_manifest
 
 from conftest import PBC
 

@@ -39,6 +39,7 @@ from PIL import Image
 from hematovision import CLASSES
 from hematovision.data.imaging import ImageError, load_rgb
 from hematovision.database import connect, private_dir, rows_as_dicts, transaction, utc_now
+from hematovision.model.open_set import UNKNOWN
 from hematovision.serving.prediction_log import image_files, purge_files
 
 logger = logging.getLogger("hematovision.lab.corrections")
@@ -226,8 +227,10 @@ class Corrections:
             "per_model_version": grouped(lambda r: str(r["model_version"])),
             "per_day": grouped(lambda r: r["created_at"][:10]),
             "confusion": {
-                "classes": list(self.classes),
-                "matrix": [[confusion[(p, t)] for t in self.classes] for p in self.classes],
+                "classes": list(self.classes),  # the columns: what reviewers may answer
+                # the rows: the model's answers, "unknown" and any class a past model had included
+                "predicted": (predicted := _predicted_axis(self.classes, [r["predicted_class"] for r in rows])),
+                "matrix": [[confusion[(p, t)] for t in self.classes] for p in predicted],
                 "rows": "predicted",
                 "columns": "corrected",
             },
@@ -315,6 +318,13 @@ class Corrections:
             "unreadable": len(unreadable),
             "unreadable_images": sorted(unreadable),
         }
+
+
+def _predicted_axis(classes: tuple[str, ...], predicted: list[str]) -> list[str]:
+    """The model's side of the confusion: the four classes, then ``unknown``, then any other class a
+    model answered with (one the laboratory added), in a stable order."""
+    base = [c for c in CLASSES if c in classes or c in predicted]
+    return base + [UNKNOWN] + sorted(set(predicted) - set(base) - {UNKNOWN})
 
 
 def _audit(db, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:

@@ -4,9 +4,12 @@ retraining and full retraining all end here."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from hematovision.model.classifier import Classifier, dihedral_view
+from hematovision.model.embeddings import EmbeddingCache, cached_embeddings
 from hematovision.model.open_set import OpenSet, expected_calibration_error
 from hematovision.params import OpenSetParams
 
@@ -66,3 +69,23 @@ def fit_open_set(
         mean_of_views(view_embeddings(classifier, fit_crops), views), fit_labels, classifier.classes
     )
     return calibrate(classifier, statistics, view_embeddings(classifier, val_crops), val_labels, params)
+
+
+def extend_open_set(
+    classifier: Classifier,
+    add_paths: list[Path],
+    add_labels: list[str],
+    val_paths: list[Path],
+    val_labels: list[str],
+    cache: EmbeddingCache,
+    params: OpenSetParams,
+) -> dict[str, float]:
+    """Retraining on an unchanged backbone: the parent's class statistics with ``add_paths`` (the
+    corrections trained on) merged in, a type the parent lacked becoming a class, then calibrated
+    again on ``val_paths`` (raw validation cells and the corrections' holdout). Embeddings come
+    through the cache: training and evaluation embed the same views."""
+    views = classifier.config.tta_views
+    added = mean_of_views(cached_embeddings(classifier, add_paths, cache, views=views), views)
+    open_set = classifier.open_set.add(added, add_labels)
+    labels = np.array([classifier.classes.index(label) for label in val_labels])
+    return calibrate(classifier, open_set, cached_embeddings(classifier, val_paths, cache, views=views), labels, params)

@@ -107,6 +107,12 @@ def flatten_for_mlflow(metrics: dict[str, Any], prefix: str) -> dict[str, float]
     for name, scores in metrics.get("per_class", {}).items():
         for score in ("precision", "recall", "f1"):
             flat[f"{prefix}_{score}_{name}"] = scores[score]
+    # the open set and calibration (model/open_set.py)
+    for key in ("unknown_rate", "ece", "ece_uncalibrated", "open_set_auroc", "temperature", "open_set_threshold"):
+        if metrics.get(key) is not None:
+            flat[f"{prefix}_{key}"] = float(metrics[key])
+    for label, rate in metrics.get("unknown_rate_by_label", {}).items():
+        flat[f"{prefix}_unknown_rate_{label}"] = float(rate)
     return flat
 
 

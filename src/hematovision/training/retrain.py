@@ -23,8 +23,6 @@ Steps (``flows/retraining.py`` runs each as a Prefect task; ``hematovision retra
 from __future__ import annotations
 
 import json
-import logging
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,12 +32,10 @@ from typing import Any
 import pandas as pd
 
 from hematovision import stores
-from hematovision.data.dataset import limit_per_cell, scan_class_folders
+from hematovision.data.dataset import limit_per_cell
 from hematovision.data.dvc import dvc_data_hash
-from hematovision.data.imaging import ImageError, load_rgb
 from hematovision.lab.export import export_corrections
-from hematovision.model.classifier import Classifier
-from hematovision.model.embeddings import file_sha256
+from hematovision.model.classifier import CONFIG_FILE, Classifier
 from hematovision.monitoring.drift import log_reference
 from hematovision.params import Params
 from hematovision.registry import gate
@@ -47,6 +43,8 @@ from hematovision.registry.paired import pair_answers
 from hematovision.registry.registry import CHAMPION
 from hematovision.registry.tracking import configure_mlflow, git_commit
 from hematovision.settings import Settings
+from hematovision.training.calibrate import extend_open_set
+from hematovision.training.corrections_data import HOLDOUT, challenger_classes, corrections_rows
 from hematovision.training.evaluate import score_rows
 from hematovision.training.head import train_head
 from hematovision.training.metrics import flatten_for_mlflow
@@ -63,18 +61,10 @@ REPORT = "report.json"
 PARENT_DIR = "parent"
 # The folder's name is the artifact's key in the logged model (packaging.ARTIFACT_KEY).
 CHALLENGER_DIR = "challenger/classifier"
-HOLDOUT = "holdout"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class RetrainError(RuntimeError):
     """Retraining cannot start (no champion, no data)."""
-
-
-def is_holdout(sha256: str, fraction: float) -> bool:
-    """Whether a correction image is in the new site's holdout: a fixed function of its content,
-    so an image never moves between training and holdout as corrections accumulate."""
-    return int(sha256[:12], 16) / float(1 << 48) < fraction
 
 
 def _out(settings: Settings) -> Path:
@@ -98,49 +88,6 @@ def export_step(settings: Settings) -> dict[str, Any]:
 
 
 # --- 2. manifest -----------------------------------------------------------------------------------
-def corrections_rows(folder: Path, holdout_fraction: float) -> pd.DataFrame:
-    """Manifest rows of an exported corrections folder: absolute path, split (``train`` or
-    ``holdout``), label, group (each image its own cell), source, sha256. A file that does not
-    decode as training decodes it is left out and reported (the log, and ``attrs["unreadable"]``
-    of the answer: relative path -> why), never fatal."""
-    columns = ["path", "split", "label", "group", "source", "sha256"]
-    if not folder.is_dir():
-        return pd.DataFrame(columns=columns)
-    rows, _ = scan_class_folders(folder)
-    out, unreadable = [], {}
-    for row in rows.itertuples():
-        path = folder / row.path
-        try:
-            load_rgb(path)
-        except ImageError as error:
-            unreadable[row.path] = f"{error.code}: {error.message}"
-            continue
-        except Exception as error:  # noqa: BLE001 - one bad file must not stop retraining
-            unreadable[row.path] = f"{type(error).__name__}: {error}"
-            continue
-        sha = path.stem if _SHA256.match(path.stem) else file_sha256(path)
-        out.append(
-            {
-                "path": str(path),
-                "split": HOLDOUT if is_holdout(sha, holdout_fraction) else "train",
-                "label": row.label,
-                "group": f"corrections/{sha}",
-                "source": "corrections",
-                "sha256": sha,
-            }
-        )
-    if unreadable:
-        logging.getLogger(__name__).warning(
-            "%d of %d correction images left out, unreadable: %s",
-            len(unreadable),
-            len(rows),
-            "; ".join(f"{path} ({why})" for path, why in unreadable.items()),
-        )
-    frame = pd.DataFrame(out, columns=columns)
-    frame.attrs["unreadable"] = unreadable
-    return frame
-
-
 def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
     """Write ``retrain/manifest.csv`` (raw + corrections, with the holdout) and pin the parent."""
     import mlflow
@@ -179,7 +126,12 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
         raise RetrainError(f"retrain.mode must be 'head' or 'finetune', not {rp.mode!r}")
     test = official_test_rows(raw, params)
     corrections_dir = settings.path(settings.paths.corrections_dataset_dir)
-    corrections = corrections_rows(corrections_dir, rp.holdout_fraction)
+    parent_classes = json.loads((parent_dir / CONFIG_FILE).read_text())["classes"]
+    corrections = corrections_rows(
+        corrections_dir, rp.holdout_fraction, [*parent_classes, *stores.answerable_types(settings)]
+    )
+    classes, waiting = challenger_classes(parent_classes, corrections, settings.lab.new_class_min_corrections)
+    corrections = corrections[corrections.label.isin(classes)]
     manifest = pd.concat([learn, test, corrections], ignore_index=True)[
         ["path", "split", "label", "group", "source", "sha256"]
     ]
@@ -189,6 +141,9 @@ def manifest_step(settings: Settings, params: Params) -> dict[str, Any]:
         "data_hash": dvc_data_hash(data_dir.with_suffix(".dvc")),
         "corrections_hash": dvc_data_hash(corrections_dir.with_name(corrections_dir.name + ".dvc")),
         "mode": rp.mode,
+        "classes": classes,
+        "new_classes": [c for c in classes if c not in parent_classes],
+        "waiting_types": waiting,
         "n_raw_train": int((manifest.source.eq("raw") & manifest.split.isin(["train", "val"])).sum()),
         "n_test": int(len(test)),
         "n_corrections_train": int((manifest.source.eq("corrections") & manifest.split.eq("train")).sum()),
@@ -239,15 +194,31 @@ def train_challenger_step(settings: Settings, params: Params, progress: Progress
     if not (manifest.source.eq("corrections") & manifest.split.eq("train")).any():
         raise RetrainError("no corrections to learn from (all of them are held out, or there are none)")
     started = time.perf_counter()
+    classes = _read(settings, CONTEXT)["classes"]
     with stores.embedding_cache(settings) as cache:
         if params.retrain.mode == "head":
             classifier = Classifier.load(out / PARENT_DIR)
+            if classifier.classes != classes:  # the laboratory added a type: a new head with its class
+                classifier = classifier.with_classes(classes)
             result = train_head(classifier, manifest, params, cache, report)
+            if classifier.open_set is not None:  # a parent saved before open sets existed has none to extend
+                report("fitting the open set", 0, 1)
+                fixes = manifest[(manifest.source == "corrections") & (manifest.split == "train")]
+                calibration_rows = manifest[manifest.split.isin(["val", HOLDOUT])]
+                result["calibration"] = extend_open_set(
+                    classifier,
+                    [Path(p) for p in fixes.path],
+                    list(fixes.label),
+                    [Path(p) for p in calibration_rows.path],
+                    list(calibration_rows.label),
+                    cache,
+                    params.open_set,
+                )
         else:
             from hematovision.training.train import train  # heavy: imports Keras
 
             rows = manifest[manifest.split.isin(["train", "val"])].copy()
-            result_full = train(rows, Path("/"), params, cache, progress)
+            result_full = train(rows, Path("/"), params, cache, progress, classes)
             classifier = result_full.classifier
             result = {
                 "val": result_full.val_metrics,
@@ -317,6 +288,7 @@ def register_step(settings: Settings, params: Params) -> dict[str, Any]:
         "corrections_hash": context["corrections_hash"],
         "parent_version": context["parent_version"],
         "git_commit": commit,
+        "classes": ",".join(context["classes"]),
     }
     with mlflow.start_run(run_name=f"retrain-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         mlflow.set_tags({**lineage, "step": "retrain", "retrain_mode": context["mode"]})

@@ -130,6 +130,7 @@ def train_step(settings: Settings, params: Params, progress: Progress | None = N
             "git_commit": commit,
             "n_train_images": result.n_train_images,
             "n_train_cells": result.n_train_cells,
+            "classes": list(result.classifier.classes),
             "val": result.val_metrics,
             "history": result.history,
             "timings": {**result.timings, "total_s": time.perf_counter() - started},
@@ -217,7 +218,12 @@ def register_step(settings: Settings) -> dict[str, Any]:
     report = load_train_report(settings)
     metrics_path = settings.path(settings.paths.reports_dir) / METRICS_FILE
     evaluation = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    tags = {"data_hash": report["data_hash"], "git_commit": report["git_commit"], "run_id": report["run_id"]}
+    tags = {
+        "data_hash": report["data_hash"],
+        "git_commit": report["git_commit"],
+        "run_id": report["run_id"],
+        "classes": ",".join(report.get("classes", CLASSES)),
+    }
     for split, key in (
         ("val", "accuracy"),
         ("val", "macro_f1"),

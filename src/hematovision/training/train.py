@@ -47,8 +47,10 @@ def train(
     params: Params,
     cache: EmbeddingCache,
     progress: Progress | None = None,
+    classes: list[str] | None = None,
 ) -> TrainResult:
-    """Train on the manifest rows split ``train``, validate on ``val``; returns the best model."""
+    """Train on the manifest rows split ``train``, validate on ``val``; returns the best model.
+    ``classes`` defaults to the four; retraining passes a laboratory's added ones too."""
     import tensorflow as tf
 
     from hematovision.model.backbone import trainable_top
@@ -56,7 +58,7 @@ def train(
     report = progress or (lambda *_: None)
     keras.utils.set_random_seed(params.seed)
     timings: dict[str, float] = {}
-    classes = list(CLASSES)
+    classes = list(classes or CLASSES)
     train_rows = limit_per_cell(rows[rows.split == "train"], params.train.max_images_per_cell, params.seed)
     val_rows = limit_per_cell(rows[rows.split == "val"], params.train.max_images_per_cell, params.seed)
     if train_rows.empty or val_rows.empty:
