@@ -108,7 +108,7 @@ def profile_images(classifier, paths: list[Path]):
         answers = run_model(classifier, prepared)
         probabilities, emb = answers.probabilities, answers.embeddings
         stats += [p.stats for p in prepared]
-        labels += [classifier.classes[i] for i in probabilities.argmax(axis=1)]
+        labels += answers.labels(classifier.classes)
         confidences += list(probabilities.max(axis=1))
         embeddings.append(emb)
     import numpy as np

@@ -63,12 +63,12 @@ def log_images(store: PredictionStore, classifier, version: str, paths: list[Pat
     answers = run_model(classifier, prepared)
     probabilities, embeddings = answers.probabilities, answers.embeddings
     records = []
-    for image, probs, embedding in zip(prepared, probabilities, embeddings):
+    for image, probs, embedding, label in zip(prepared, probabilities, embeddings, answers.labels(classifier.classes)):
         best = int(probs.argmax())
         records.append(
             PredictionRecord(
                 version,
-                classifier.classes[best],
+                label,
                 float(probs[best]),
                 dict(zip(classifier.classes, map(float, probs))),
                 bool(probs[best] < 0.7),

@@ -97,10 +97,10 @@ def build_reference(classifier, image_paths: Sequence[Path], batch_size: int = 3
             rgb = load_rgb(path)
             stats.append(image_stats(rgb))
             crops.append(crop_wbc(np.asarray(rgb), size))
-        probabilities, emb = classifier.predict_with_embeddings(np.stack(crops))
-        labels += [classifier.classes[i] for i in probabilities.argmax(axis=1)]
-        confidences += list(probabilities.max(axis=1))
-        embeddings.append(emb)
+        answers = classifier.predict_answers(np.stack(crops))
+        labels += answers.labels(classifier.classes)  # "unknown" where the service would say it
+        confidences += list(answers.probabilities.max(axis=1))
+        embeddings.append(answers.embeddings)
     return profile_frame(stats, labels, confidences, np.concatenate(embeddings))
 
 
