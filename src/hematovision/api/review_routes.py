@@ -29,6 +29,7 @@ from hematovision.api.auth import authenticated, read_form, require
 from hematovision.api.errors import ApiError, from_serving
 from hematovision.lab.corrections import CorrectionError
 from hematovision.lab.report import report_pdf
+from hematovision.model.open_set import UNKNOWN
 from hematovision.serving.images import ImageRejected, prepare_image, strip_metadata
 from hematovision.settings import get_settings
 
@@ -60,17 +61,27 @@ def review_queue(
     since: str | None = None,
     until: str | None = None,
 ) -> dict:
-    """Predictions awaiting review, least certain first (filters: predicted label, model version,
-    ISO time range)."""
+    """Predictions awaiting review, least certain first (filters: predicted label, ``unknown``
+    included, model version, ISO time range). ``classes`` is what a reviewer may answer: the
+    model's classes and the laboratory's vocabulary (``stores.answerable_types``), the list the
+    review page makes its answer buttons from. An item the model answered ``unknown`` (beyond its
+    open-set threshold) says so; its probabilities still say what it resembles."""
     require(request, "pathologist")
     settings = get_settings()
     corrections = stores.corrections(settings)
     items = stores.prediction_log(settings).review_queue(
-        corrections.reviewed_prediction_ids(), max(1, min(limit, 500)), label, model_version, since, until
+        corrections.reviewed_prediction_ids(),
+        max(1, min(limit, 500)),
+        label.strip().lower() if label else None,  # the log stores labels in lower case
+        model_version,
+        since,
+        until,
     )
     return {
-        "items": [{**item, "image_url": f"/review/image/{item['id']}"} for item in items],
-        "classes": list(corrections.classes),
+        "items": [
+            {**item, "unknown": item["label"] == UNKNOWN, "image_url": f"/review/image/{item['id']}"} for item in items
+        ],
+        "classes": list(stores.answerable_types(settings)),
     }
 
 
