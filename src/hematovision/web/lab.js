@@ -1,14 +1,20 @@
-// Lab statistics page: GET /feedback/stats as tables with bars.
+// Lab statistics page: GET /feedback/stats as tables with bars. The model's answers include
+// "unknown" (a cell beyond its open-set threshold) and any class the lab added; reviewers answer
+// with the laboratory's whole vocabulary, so the confusion is not square: its rows are
+// `predicted` (older services sent only `classes`, for both), its columns `classes`.
 "use strict";
 
 (() => {
   const { el, request, errorOf, pct, title } = HV;
   const $ = (id) => document.getElementById(id);
+  const UNKNOWN = "unknown";
+
+  function typeName(label) { return label === UNKNOWN ? "Unknown type" : title(label); }
 
   function agreementTable(groups, keyName, format = (k) => k) {
     const keys = Object.keys(groups);
     if (!keys.length) return el("p", { class: "muted", text: "No reviews yet." });
-    return el("table", { class: "data agreement" },
+    return el("div", { class: "scroll" }, el("table", { class: "data agreement" },
       el("thead", {}, el("tr", {}, el("th", { text: keyName }), el("th", { class: "num", text: "reviewed" }),
         el("th", { class: "num", text: "confirmed" }), el("th", { text: "agreement" }), el("th", { class: "num", text: "" }))),
       el("tbody", {}, keys.map((key) => {
@@ -17,18 +23,24 @@
         return el("tr", { "data-key": key }, el("th", { scope: "row", text: format(key) }),
           el("td", { class: "num", text: g.reviewed }), el("td", { class: "num", text: g.confirmed }),
           el("td", { class: "barcell" }, HV.bar(g.agreement, kind)), el("td", { class: "num", text: pct(g.agreement) }));
-      })));
+      }))));
   }
 
   function confusionTable(confusion) {
+    const columns = confusion.classes;
+    const rows = confusion.predicted || confusion.classes;
     const max = Math.max(1, ...confusion.matrix.flat());
-    return el("table", { class: "data confusion" },
-      el("thead", {}, el("tr", {}, el("th", { text: "model \\ reviewer" }), confusion.classes.map((c) => el("th", { text: title(c) })))),
-      el("tbody", {}, confusion.classes.map((predicted, i) => el("tr", {}, el("th", { scope: "row", text: title(predicted) }),
-        confusion.matrix[i].map((n, j) => el("td", {
-          class: i === j ? "diag" : null, "data-predicted": predicted, "data-corrected": confusion.classes[j],
-          style: n ? `background: rgba(${i === j ? "46,125,79" : "179,38,30"}, ${(0.12 + 0.5 * n / max).toFixed(2)})` : null,
-          text: n }))))));
+    return el("div", { class: "scroll" }, el("table", { class: "data confusion" },
+      el("thead", {}, el("tr", {}, el("th", { text: "model \\ reviewer" }), columns.map((c) => el("th", { scope: "col", text: title(c) })))),
+      el("tbody", {}, rows.map((predicted, i) => el("tr", { "data-predicted": predicted, class: predicted === UNKNOWN ? "unknown" : null },
+        el("th", { scope: "row", text: typeName(predicted) }),
+        (confusion.matrix[i] || []).map((n, j) => {
+          const agree = predicted === columns[j];
+          return el("td", {
+            class: agree ? "diag" : null, "data-predicted": predicted, "data-corrected": columns[j],
+            style: n ? `background: rgba(${agree ? "46,125,79" : predicted === UNKNOWN ? "47,93,138" : "179,38,30"}, ${(0.12 + 0.5 * n / max).toFixed(2)})` : null,
+            text: n });
+        }))))));
   }
 
   function disputedTable(disputed) {
@@ -64,7 +76,7 @@
       tile(o.reviewed - o.confirmed, "model corrected", "tile-corrected"),
       tile(pct(o.agreement), "agreement model vs. reviewers", "tile-agreement"),
       tile(Object.keys(stats.disputed_images).length, "images in dispute", "tile-disputed"));
-    $("per-class").replaceChildren(agreementTable(stats.per_class, "predicted type", title));
+    $("per-class").replaceChildren(agreementTable(stats.per_class, "predicted type", typeName));
     $("per-version").replaceChildren(agreementTable(stats.per_model_version, "model version", (v) => `version ${v}`));
     $("per-day").replaceChildren(agreementTable(stats.per_day, "day"));
     $("confusion").replaceChildren(confusionTable(stats.confusion));

@@ -1,5 +1,7 @@
 // Predict page: upload images (pick or drop), POST /predict_batch in chunks of at most 64,
 // then POST /explain for each good one's Grad-CAM overlay; results as CSV built in the browser.
+// An answer "unknown" (a cell beyond the model's open-set threshold: a type it was not trained on)
+// is shown as such, with the class it most resembles, never as that class; it goes to review.
 // Uploads carry the session cookie (HV.request: same origin); a service that predicts only for
 // signed-in users and API tokens (the default) answers 401 to nobody, and the page then says so
 // with a sign-in link that comes back here, sending none of the remaining images.
@@ -10,7 +12,8 @@
   const MAX_PER_REQUEST = 64;     // the service refuses more files in one request
   const EXPLAIN_PARALLEL = 2;     // Grad-CAM requests in flight at once
   const entries = [];             // {file, name, card, status: pending|done|error, result, error}
-  let classes = null;             // class order, from the first answer
+  let classes = [];               // every class the answers named, in order (a new model may add one)
+  const UNKNOWN = "unknown";      // the model's answer for a cell it does not know
   let busy = 0;
   let needsSignIn = false;        // the service refused this upload to nobody: send no more of it
   const explainQueue = [];
@@ -62,22 +65,37 @@
     none: "No white cell found in the picture: the label is a guess.",
   };
 
+  function isUnknown(r) { return r.unknown === true || r.label === UNKNOWN; }
+
+  function reviewReason(r) {
+    if (isUnknown(r)) return "not a type the model knows: a pathologist names it";
+    return r.cell_in_view === "none" ? "no white cell found in the picture" : "confidence below the review threshold";
+  }
+
   function showResult(entry) {
     const r = entry.result;
     const card = entry.card;
-    card.className = "card result done";
+    const unknown = isUnknown(r);
+    const [resembles] = Object.entries(r.probabilities).sort((a, b) => b[1] - a[1])[0] || [null];
+    card.className = `card result done${unknown ? " unknown" : ""}`;
     card.dataset.label = r.label;
     const info = el("div", { class: "info" },
       el("div", { class: "name", text: entry.name }),
-      el("div", {}, el("span", { class: "label", text: title(r.label) }), " ",
-        r.needs_review ? el("span", { class: "badge review", text: "needs review",
-                                      title: r.cell_in_view === "none" ? "no white cell found in the picture" : "confidence below the review threshold" })
+      el("div", {}, el("span", { class: "label", text: unknown ? "Unknown cell type" : title(r.label) }), " ",
+        r.needs_review ? el("span", { class: "badge review", text: "needs review", title: reviewReason(r) })
                        : el("span", { class: "badge sure", text: "confident" })),
+      unknown ? el("p", { class: "unknown-note" }, "Not one of the types this model knows: it resembles ",
+                   el("strong", { class: "resembles", text: title(resembles) }),
+                   " most, and goes to the pathologists' review queue.") : "",
       VIEW_NOTES[r.cell_in_view] ? el("p", { class: "view-note", text: VIEW_NOTES[r.cell_in_view] }) : "",
-      el("div", { class: "conf" }, el("span", { text: "confidence" }), HV.bar(r.confidence, r.needs_review ? "big warn" : "big ok"),
+      el("div", { class: "conf" }, el("span", { text: unknown ? `resembles ${title(resembles)}` : "confidence" }),
+        HV.bar(r.confidence, r.needs_review ? "big warn" : "big ok"),
         el("span", { class: "num confidence", text: pct(r.confidence) })),
-      HV.probabilities(r.probabilities, r.label),
-      el("div", { class: "meta" }, `model version ${r.model_version} · id `, el("code", { text: r.prediction_id })));
+      HV.probabilities(r.probabilities, unknown ? null : r.label),
+      el("div", { class: "meta" }, `model version ${r.model_version} · id `, el("code", { text: r.prediction_id }),
+        r.open_set_score === null || r.open_set_score === undefined ? ""
+          : el("span", { class: "open-set-score", title: "distance from the model's classes: above its threshold a cell is unknown" },
+               ` · open-set score ${Number(r.open_set_score).toFixed(1)}`)));
     card.replaceChildren(card.querySelector("figure"),
       el("div", { class: "placeholder gradcam-slot", text: "Grad-CAM…" }), info);
     explainQueue.push(entry);
@@ -147,7 +165,7 @@
   function succeed(entry, result) {
     entry.status = "done";
     entry.result = result;
-    if (!classes) classes = Object.keys(result.probabilities);
+    Object.keys(result.probabilities).forEach((c) => { if (!classes.includes(c)) classes.push(c); });
     showResult(entry);
     update();
   }
@@ -183,10 +201,11 @@
     const done = entries.filter((e) => e.status === "done");
     const failed = entries.filter((e) => e.status === "error").length;
     const review = done.filter((e) => e.result.needs_review).length;
+    const unknown = done.filter((e) => isUnknown(e.result)).length;
     const pending = entries.length - done.length - failed;
     $("summary").classList.toggle("hidden", entries.length === 0);
     $("counts").textContent = `${entries.length} image${entries.length === 1 ? "" : "s"}: ${done.length} classified` +
-      (review ? `, ${review} need review` : "") + (failed ? `, ${failed} not classified` : "") +
+      (unknown ? `, ${unknown} unknown` : "") + (review ? `, ${review} need review` : "") + (failed ? `, ${failed} not classified` : "") +
       (pending ? `, ${pending} waiting…` : "");
     $("download-csv").disabled = busy > 0 || pending > 0 || entries.length === 0;
   }
@@ -199,15 +218,19 @@
   }
 
   function csv() {
-    const cls = classes || [];
-    const header = ["filename", "label", "confidence", ...cls.map((c) => `p_${c}`), "needs_review", "cell_in_view",
-      "model_version", "prediction_id", "error"];
+    const cls = classes;
+    // label is "unknown" for a cell the model does not know (the p_ columns say what it resembles);
+    // open_set_score is empty for a model without an open set, a p_ column for a class the
+    // answering model lacked is empty too.
+    const header = ["filename", "label", "unknown", "confidence", "open_set_score", ...cls.map((c) => `p_${c}`),
+      "needs_review", "cell_in_view", "model_version", "prediction_id", "error"];
     const rows = entries.filter((e) => e.status !== "pending").map((e) => {
       const r = e.result;
       return r
-        ? [e.name, r.label, r.confidence.toFixed(6), ...cls.map((c) => (r.probabilities[c] ?? 0).toFixed(6)),
+        ? [e.name, r.label, isUnknown(r), r.confidence.toFixed(6), r.open_set_score ?? "",
+          ...cls.map((c) => (c in r.probabilities ? r.probabilities[c].toFixed(6) : "")),
           r.needs_review, r.cell_in_view ?? "", r.model_version, r.prediction_id, ""]
-        : [e.name, "", "", ...cls.map(() => ""), "", "", "", "", `${e.error.error}: ${e.error.detail}`];
+        : [e.name, "", "", "", "", ...cls.map(() => ""), "", "", "", "", `${e.error.error}: ${e.error.detail}`];
     });
     return [header, ...rows].map((row) => row.map(csvField).join(",")).join("\r\n") + "\r\n";
   }
@@ -225,7 +248,7 @@
   function clear() {
     entries.splice(0).forEach((e) => e.card.querySelectorAll("img").forEach((img) => URL.revokeObjectURL(img.src)));
     explainQueue.length = 0;
-    classes = null;
+    classes = [];
     $("results").replaceChildren();
     $("message").replaceChildren();
     update();

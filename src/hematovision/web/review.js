@@ -1,6 +1,11 @@
 // Review page: GET /review/queue (least certain first), show each item's image and Grad-CAM,
-// one key or click per class to confirm or correct (POST /feedback), then the next at once.
-// The next items' image and heat-map are fetched while the current one is on screen.
+// one key or click per type to confirm or correct (POST /feedback), then the next at once.
+// The types are the queue's `classes`: the model's classes and the laboratory's vocabulary
+// (any number of them): digits 1-9 answer the first nine, a letter the one type it alone starts
+// (S skips), and the type-ahead (/ or any other letter) answers any type by name.
+// An item the model answered "unknown" (a cell beyond its open-set threshold) is shown as such,
+// with the class it most resembles. The next items' image and heat-map are fetched while the
+// current one is on screen.
 "use strict";
 
 (() => {
@@ -8,6 +13,8 @@
   const $ = (id) => document.getElementById(id);
   const PAGE = 50;        // queue items fetched at a time
   const PREFETCH = 2;     // items loaded ahead of the one shown
+  const UNKNOWN = "unknown";           // the model's answer for a cell beyond its open-set threshold
+  const RESERVED = new Set(["s"]);     // S skips: never a type's key
 
   let classes = [];
   let keys = {};          // key -> class
@@ -49,21 +56,73 @@
     return true;
   }
 
+  // The answer buttons, the type-ahead's list and the filter's options, once, from the queue's types.
   function setClasses(list) {
-    if (classes.length) return;
+    if (classes.length || !list || !list.length) return;
     classes = list;
     const letters = {};
     list.forEach((c) => { letters[c[0]] = (letters[c[0]] || 0) + 1; });
     keys = {};
     const select = $("f-label");
+    select.append(el("option", { value: UNKNOWN, text: "Unknown (not a type the model knows)" }));
     list.forEach((cls, i) => {
-      const keyHints = [String(i + 1)];
-      if (letters[cls[0]] === 1) keyHints.push(cls[0]);
+      const keyHints = i < 9 ? [String(i + 1)] : [];
+      if (letters[cls[0]] === 1 && /[a-z]/.test(cls[0]) && !RESERVED.has(cls[0])) keyHints.push(cls[0]);
       keyHints.forEach((k) => { keys[k] = cls; });
+      const shown = keyHints.map((k) => k.toUpperCase());
       select.append(el("option", { value: cls, text: title(cls) }));
-      $("answers").append(el("button", { type: "button", "data-class": cls, id: `answer-${cls}`, onclick: () => answer(cls) },
-        ...keyHints.map((k) => el("kbd", { text: k.toUpperCase() })), el("span", { text: title(cls) })));
+      $("type-list").append(el("option", { value: cls }));
+      $("answers").append(el("button", {
+        type: "button", "data-class": cls, "data-keys": keyHints.join(" "), id: `answer-${cls.replace(/\W+/g, "-")}`,
+        "aria-keyshortcuts": shown.length ? shown.join(" ") : null,
+        "aria-label": `${title(cls)}: ${shown.length ? `key ${shown.join(" or ")}` : "type its name after /"}`,
+        onclick: () => answer(cls),
+      },
+      ...(shown.length ? shown.map((k) => el("kbd", { text: k })) : [el("kbd", { text: "/", title: "type its name" })]),
+      el("span", { text: title(cls) })));
     });
+  }
+
+  // --- type-ahead: any type by (part of) its name ---------------------------------------------
+  function matching(text) {
+    const q = text.trim().toLowerCase().replace(/\s+/g, " ");
+    if (!q) return [];
+    const exact = classes.filter((c) => c === q);
+    if (exact.length) return exact;
+    const starts = classes.filter((c) => c.startsWith(q) || c.split(" ").some((word) => word.startsWith(q)));
+    return starts.length ? starts : classes.filter((c) => c.includes(q));
+  }
+
+  function showMatches() {
+    const text = $("type-ahead").value;
+    const found = matching(text);
+    document.querySelectorAll("#answers button").forEach((b) => b.classList.toggle("match", found.includes(b.dataset.class)));
+    $("type-ahead-match").textContent = !text.trim() ? ""
+      : found.length === 1 ? `Enter answers: ${title(found[0])}`
+      : found.length ? `${found.length} types match (${found.map(title).join(", ")}): type more`
+      : "No type has this name.";
+    return found;
+  }
+
+  function closeTypeAhead() {
+    $("type-ahead").value = "";
+    showMatches();
+    $("type-ahead").blur();
+  }
+
+  function onTypeAheadKey(event) {
+    if (event.key !== "Escape" && event.key !== "Enter") return;
+    event.preventDefault();
+    event.stopPropagation();  // the page's keys (Enter confirms) are not for this box
+    if (event.key === "Escape") { closeTypeAhead(); return; }
+    const found = showMatches();
+    if (found.length !== 1) return;  // the line under the box says why
+    closeTypeAhead();
+    if (!$("workspace").classList.contains("hidden") && pos < queue.length) answer(found[0]);
+  }
+
+  function topClass(probabilities) {
+    return Object.entries(probabilities).sort((a, b) => b[1] - a[1])[0] || [null, null];
   }
 
   function blobImage(blob, alt) {
@@ -100,15 +159,28 @@
     $("message").replaceChildren();
     $("workspace").classList.remove("hidden");
     const item = queue[pos];
+    const unknown = item.unknown || item.label === UNKNOWN;
     $("item").dataset.predictionId = item.id;
-    $("item-label").textContent = `Model says: ${title(item.label)}`;
-    $("item-badge").replaceChildren(el("span", { class: "badge review", text: `${pct(item.confidence)} confident` }));
-    $("item-meta").textContent = `version ${item.model_version} · ${item.created_at.slice(0, 16).replace("T", " ")}`;
-    $("item-probs").replaceChildren(HV.probabilities(item.probabilities, item.label));
+    $("item").dataset.unknown = String(unknown);
+    $("item").classList.toggle("unknown", unknown);
+    if (unknown) {  // not one of the model's classes: say what it resembles, never answer as it
+      const [resembles, p] = topClass(item.probabilities);
+      $("item-label").textContent = `Model says: unknown cell type — resembles ${title(resembles)} ${pct(p)}`;
+      $("item-badge").replaceChildren(el("span", { class: "badge unknown", text: "not a type the model knows",
+        title: "beyond the model's open-set threshold: name its type" }));
+      $("probs-title").textContent = "What it resembles (the model's classes)";
+    } else {
+      $("item-label").textContent = `Model says: ${title(item.label)}`;
+      $("item-badge").replaceChildren(el("span", { class: "badge review", text: `${pct(item.confidence)} confident` }));
+      $("probs-title").textContent = "Model's probabilities";
+    }
+    $("item-meta").textContent = `version ${item.model_version} · ${item.created_at.slice(0, 16).replace("T", " ")}` +
+      (item.open_set_score === null || item.open_set_score === undefined ? "" : ` · open-set score ${Number(item.open_set_score).toFixed(1)}`);
+    $("item-probs").replaceChildren(HV.probabilities(item.probabilities, unknown ? null : item.label));
     document.querySelectorAll("#answers button").forEach((b) => {
       const predicted = b.dataset.class === item.label;
       b.classList.toggle("predicted", predicted);
-      b.title = predicted ? "confirm the model's type" : `correct to ${title(b.dataset.class)}`;
+      b.title = predicted ? "confirm the model's type" : unknown ? `answer ${title(b.dataset.class)}` : `correct to ${title(b.dataset.class)}`;
     });
     $("queue-pos").textContent = `Item ${pos + 1} of ${queue.length} loaded · least certain first`;
     $("image-slot").replaceChildren();
@@ -168,7 +240,9 @@
       sitting.reviewed++;
       sitting[confirmed ? "confirmed" : "corrected"]++;
       renderCount();
-      $("flash").textContent = confirmed ? `Saved: confirmed ${title(trueClass)}.` : `Saved: corrected ${title(item.label)} → ${title(trueClass)}.`;
+      $("flash").textContent = confirmed ? `Saved: confirmed ${title(trueClass)}.`
+        : item.label === UNKNOWN ? `Saved: unknown → ${title(trueClass)}.`
+        : `Saved: corrected ${title(item.label)} → ${title(trueClass)}.`;
       $("comment").value = "";
       next(item);
     } catch (e) {
@@ -197,13 +271,25 @@
     if ($("workspace").classList.contains("hidden") || pos >= queue.length) return;
     const key = event.key.toLowerCase();
     if (keys[key]) { event.preventDefault(); answer(keys[key]); }
-    else if (key === "enter") { event.preventDefault(); answer(queue[pos].label); }
+    else if (key === "enter") {
+      event.preventDefault();
+      if (classes.includes(queue[pos].label)) answer(queue[pos].label);
+      else $("flash").textContent = "The model named no type here: answer with a type's key or name.";
+    }
     else if (key === "s") { event.preventDefault(); $("flash").textContent = "Skipped."; next(queue[pos]); }
+    else if (key === "/" || /^[a-z]$/.test(key)) {  // the type-ahead, with the letter typed
+      event.preventDefault();
+      $("type-ahead").value = key === "/" ? "" : key;
+      $("type-ahead").focus();
+      showMatches();
+    }
   }
 
   document.addEventListener("DOMContentLoaded", () => {
     renderCount();
     document.addEventListener("keydown", onKey);
+    $("type-ahead").addEventListener("keydown", onTypeAheadKey);
+    $("type-ahead").addEventListener("input", showMatches);
     $("filters").addEventListener("submit", (e) => { e.preventDefault(); queue = []; pos = 0; document.activeElement.blur(); show(); });
     show();
   });
