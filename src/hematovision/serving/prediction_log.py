@@ -321,9 +321,10 @@ class PredictionStore:
         until: str | None = None,
     ) -> list[dict[str, Any]]:
         """Predictions flagged needs_review whose image is kept and not yet reviewed (ids in
-        ``exclude``), least certain first; filterable by predicted class, version, time."""
+        ``exclude``): cells of a type the model does not know first (however confident it was about
+        what they resemble), then the least certain; filterable by predicted class, version, time."""
         sql = (
-            "SELECT id, created_at, model_version, label, confidence, probabilities, image_sha256 "
+            "SELECT id, created_at, model_version, label, confidence, probabilities, image_sha256, open_set_score "
             "FROM predictions WHERE needs_review = 1"
         )
         params: list[Any] = []
@@ -336,7 +337,7 @@ class PredictionStore:
             if value:
                 sql += f" AND {column} {op} ?"
                 params.append(value)
-        sql += " ORDER BY confidence ASC, created_at ASC"
+        sql += " ORDER BY label = 'unknown' DESC, confidence ASC, created_at ASC"
         out = []
         with self._lock:
             cursor = self._conn.execute(sql, params)
