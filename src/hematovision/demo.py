@@ -34,6 +34,7 @@ from typing import Any
 from hematovision import CLASSES, stores
 from hematovision.api.process import start_service, stop_service
 from hematovision.data.dataset import scan_class_folders, scan_kaggle
+from hematovision.model.open_set import UNKNOWN
 from hematovision.monitoring.monitor import RetrainingTrigger, run_monitoring
 from hematovision.registry.registry import CHAMPION
 from hematovision.settings import Settings
@@ -160,7 +161,12 @@ def _predict_all(url: str, images: list[tuple[Path, str]], workers: int, token: 
 
 
 def _accuracy(results: list[dict[str, Any]]) -> float:
+    """Share answered with the right class (an ``unknown`` answer is not one)."""
     return sum(r["label"] == r["true_class"] for r in results) / len(results) if results else float("nan")
+
+
+def _unknown_share(results: list[dict[str, Any]]) -> float:
+    return sum(r["label"] == UNKNOWN for r in results) / len(results) if results else float("nan")
 
 
 def _served_version(url: str) -> str | None:
@@ -284,6 +290,10 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
         "new_site_accuracy_after": _accuracy(held_after),
         "test_accuracy_before": _accuracy(test_before),
         "test_accuracy_after": _accuracy(test_after),
+        "new_site_unknown_before": _unknown_share(held_before),
+        "new_site_unknown_after": _unknown_share(held_after),
+        "test_unknown_before": _unknown_share(test_before),
+        "test_unknown_after": _unknown_share(test_after),
         "new_site_images_scored": len(held),
         "test_images_scored": len(test_images),
         "corrections": len(to_correct),
@@ -304,6 +314,11 @@ def run_demo(settings: Settings, config: DemoConfig | None = None, say: Say = pr
     say(
         f"  TEST accuracy:         {result['test_accuracy_before']:.3f} -> {result['test_accuracy_after']:.3f}"
         f"  ({len(test_images)} images)"
+    )
+    say(
+        f"  answered unknown:      new site {result['new_site_unknown_before']:.3f} -> "
+        f"{result['new_site_unknown_after']:.3f}, TEST {result['test_unknown_before']:.3f} -> "
+        f"{result['test_unknown_after']:.3f}  (cells beyond the model's open-set threshold, sent to review)"
     )
     for name, what in (("in_distribution", "drift on TEST traffic:"), ("new_site", "drift on new-site traffic:")):
         d = drift[name]
