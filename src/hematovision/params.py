@@ -25,6 +25,8 @@ class PrepareParams:
 
 @dataclass
 class ModelParams:
+    # ImageNet backbone (model/backbone.py): efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2
+    backbone: str = "efficientnet-lite0"
     image_size: int = 192  # side of the square white-cell crop fed to the backbone
     dropout: float = 0.3
     tta_views: int = 4  # dihedral test-time views averaged at prediction (1 = off; 2, 4 or 8)

