@@ -50,6 +50,7 @@ FILE_STAGES = {
     "training/evaluate.py": {"evaluate"},
     "training/retrain.py": NONE,
     "training/head.py": NONE,
+    "training/cv.py": NONE,  # cross-validation (`hematovision cv`): no stage runs it
     "training/corrections_data.py": NONE,  # retraining's rows from the corrections  # retraining's head on cached embeddings
     "registry/__init__.py": NONE,
     "registry/packaging.py": {"train"},

@@ -3,7 +3,7 @@
 Every command is registered here, in the order ``--help`` lists them; each lives in the module of
 its audience: ``lifecycle`` (the main job, its steps, the registry, retraining, the demo),
 ``service`` (serving and local predictions), ``people`` (accounts, corrections), ``monitor``
-(drift), ``deploy`` (lab mode: the Prefect deployments). Exit codes scripts can trust: 0 done, 1 refused or failed (the gate said no, bad input),
+(drift), ``evidence`` (cross-validating recipes), ``deploy`` (lab mode: the Prefect deployments). Exit codes scripts can trust: 0 done, 1 refused or failed (the gate said no, bad input),
 2 usage.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from hematovision.cli import deploy, lifecycle, monitor, people, service
+from hematovision.cli import deploy, evidence, lifecycle, monitor, people, service
 
 app = typer.Typer(
     help="HematoVision: train, evaluate, register and promote the white-blood-cell classifier.",
@@ -39,6 +39,7 @@ app.add_typer(service.predictions_app, name="predictions")
 app.add_typer(people.users_app, name="users")
 app.add_typer(people.feedback_app, name="feedback")
 app.command()(lifecycle.retrain)
+app.command()(evidence.cv)
 app.command()(lifecycle.demo)
 app.add_typer(monitor.monitor_app, name="monitor")
 app.command()(deploy.deploy)
