@@ -61,8 +61,8 @@ def review_queue(
     since: str | None = None,
     until: str | None = None,
 ) -> dict:
-    """Predictions awaiting review, least certain first (filters: predicted label, ``unknown``
-    included, model version, ISO time range). ``classes`` is what a reviewer may answer: the
+    """Predictions awaiting review, those answered ``unknown`` first, then the least certain
+    (filters: predicted label, ``unknown`` included, model version, ISO time range). ``classes`` is what a reviewer may answer: the
     model's classes and the laboratory's vocabulary (``stores.answerable_types``), the list the
     review page makes its answer buttons from. An item the model answered ``unknown`` (beyond its
     open-set threshold) says so; its probabilities still say what it resembles."""
