@@ -108,17 +108,20 @@ def fold_result(fold: int, accuracy: float, monocyte_support: int = 3) -> dict:
 
 
 def test_summary_has_mean_and_corrected_t_interval_per_metric():
-    folds = [fold_result(i, a, monocyte_support=0 if i == 0 else 3) for i, a in enumerate([0.8, 0.9, 0.85, 0.95])]
+    folds = [fold_result(i, a, monocyte_support=0 if i == 0 else 3) for i, a in enumerate([0.7, 0.8, 0.75, 0.85])]
     summary = cv.summarise(folds)
     acc = summary["accuracy"]
-    assert acc["mean"] == pytest.approx(0.875)
-    sd = np.std([0.8, 0.9, 0.85, 0.95], ddof=1)
+    assert acc["mean"] == pytest.approx(0.775)
+    sd = np.std([0.7, 0.8, 0.75, 0.85], ddof=1)
     half = 3.182446 * sd * math.sqrt(1 / 4 + 1 / 3)  # t(0.975, 3), Nadeau-Bengio's 1/k + 1/(k-1)
-    assert (acc["low"], acc["high"]) == pytest.approx((0.875 - half, 0.875 + half), abs=1e-5)
+    assert (acc["low"], acc["high"]) == pytest.approx((0.775 - half, 0.775 + half), abs=1e-5)
     assert summary["f1_monocyte"]["n"] == 3  # a fold without monocytes held out says nothing of them
     assert summary["f1_eosinophil"]["n"] == 4
     assert {"macro_f1", "cell_accuracy", "ece", "unknown_rate", "fold_s", "answers_per_s_per_core"} <= set(summary)
     assert summary["ece"]["low"] == pytest.approx(0.05)  # no spread, no width
+    wide = cv.summarise([fold_result(0, 0.1), fold_result(1, 0.99)])  # two folds: t(0.975, 1) is 12.7
+    assert wide["accuracy"]["low"] == 0.0 and wide["accuracy"]["high"] == 1.0  # a share stays a share
+    assert wide["fold_s"]["low"] >= 0.0
     one = cv.interval([0.5])
     assert one["mean"] == 0.5 and math.isnan(one["low"])
 

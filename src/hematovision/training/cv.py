@@ -196,10 +196,15 @@ def fold_values(fold: dict[str, Any]) -> dict[str, float]:
     return {key: float(v) for key, v in values.items()}
 
 
-def interval(values: Sequence[float], confidence: float = 0.95, k: int | None = None) -> dict[str, float]:
+def interval(
+    values: Sequence[float],
+    confidence: float = 0.95,
+    k: int | None = None,
+    bounds: tuple[float | None, float | None] = (None, None),
+) -> dict[str, float]:
     """Mean and a t-interval over folds, the variance corrected for overlapping training sets
-    (Nadeau & Bengio 2003: ``1/n + n_test/n_train``, which is ``1/(k-1)`` for k-fold); with one
-    value the interval is unknown (nan)."""
+    (Nadeau & Bengio 2003: ``1/n + n_test/n_train``, which is ``1/(k-1)`` for k-fold), cut to the
+    metric's ``bounds`` (a share is in [0, 1]); with one value the interval is unknown (nan)."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     n = len(x)
     k = k or n
@@ -208,14 +213,22 @@ def interval(values: Sequence[float], confidence: float = 0.95, k: int | None = 
         return {**out, "low": float("nan"), "high": float("nan"), "sd": float("nan")}
     sd = float(x.std(ddof=1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd * math.sqrt(1 / n + 1 / max(k - 1, 1))
-    return {**out, "low": out["mean"] - half, "high": out["mean"] + half, "sd": sd}
+    low, high = out["mean"] - half, out["mean"] + half
+    low = low if bounds[0] is None else max(low, bounds[0])
+    high = high if bounds[1] is None else min(high, bounds[1])
+    return {**out, "low": low, "high": high, "sd": sd}
 
 
 def summarise(folds: Sequence[dict[str, Any]], confidence: float = 0.95) -> dict[str, dict[str, float]]:
     """metric -> mean, low, high, sd, n over the folds (see :func:`interval`)."""
     values = [fold_values(f) for f in folds]
     keys = list(dict.fromkeys(key for v in values for key in v))
-    return {key: interval([v[key] for v in values if key in v], confidence, len(folds)) for key in keys}
+    return {key: interval([v[key] for v in values if key in v], confidence, len(folds), _bounds(key)) for key in keys}
+
+
+def _bounds(metric: str) -> tuple[float | None, float | None]:
+    """Every summarised metric but the costs is a share in [0, 1]; costs are not negative."""
+    return (0.0, None) if metric in COSTS else (0.0, 1.0)
 
 
 def paired_differences(
@@ -229,7 +242,7 @@ def paired_differences(
         diffs = [
             mine[i][key] - base[i][key] for i in sorted(base.keys() & mine.keys()) if key in base[i] and key in mine[i]
         ]
-        out[key] = interval(diffs, confidence, len(base))
+        out[key] = interval(diffs, confidence, len(base), (-1.0, 1.0))
     return out
 
 
