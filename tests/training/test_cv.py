@@ -210,3 +210,14 @@ def test_cv_flow_logs_folds_under_one_parent_run(project, trained):
         assert child.info.status == "FINISHED"
         assert {"heldout_accuracy", "heldout_macro_f1", "time_fold_s"} <= set(child.data.metrics)
         assert child.data.params["model.image_size"] == "96"
+
+
+def test_cv_command_prints_the_table(capsys):
+    from hematovision.cli.evidence import print_summary
+
+    base = [fold_result(i, a) for i, a in enumerate([0.8, 0.9, 0.85])]
+    summary = cv.summarise_recipes({"default": base, "other": base}, k=3, seed=0)
+    print_summary(summary, "abc123")
+    out = capsys.readouterr().out
+    assert "Cross-validation: 3 folds" in out and "other - default (paired, same folds)" in out
+    assert "MLflow parent run: abc123" in out
