@@ -107,8 +107,9 @@ def main() -> None:
 
     def score(classifier) -> dict:
         with stores.embedding_cache(base) as cache:
-            site_scores = evaluate_rows(classifier, eval_rows, Path("/"), cache, 0, params.seed)
-            test_scores = evaluate_rows(classifier, test_rows, Path("/"), cache, 0, params.seed)
+            samples = params.evaluate.bootstrap_samples
+            site_scores = evaluate_rows(classifier, eval_rows, Path("/"), cache, samples, params.seed)
+            test_scores = evaluate_rows(classifier, test_rows, Path("/"), cache, samples, params.seed)
         return {"site": site_scores, "test": test_scores}
 
     results = [
@@ -178,8 +179,8 @@ def main() -> None:
         f"{args.eval_per_type} of each other type; corrections drawn from the rest (site: balanced by class)",
         "",
         "| model | TEST unknown | site's 4 classes unknown | basophil | immature granulocyte | erythroblast | platelet | "
-        "open-set AUROC (site) | ECE TEST / site | site accuracy (4 classes) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "open-set AUROC (site) | ECE TEST / site | site accuracy (4 classes) | TEST accuracy [95% CI, cells resampled] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["scores"]
@@ -188,7 +189,8 @@ def main() -> None:
             f"| {r['name']} | {s['test']['unknown_rate']:.3f} | {rate(s, CLASSES):.3f} | "
             + " | ".join(f"{by[t]:.3f}" + (" (a class)" if t in r.get("classes", CLASSES) else "") for t in OTHER_TYPES)
             + f" | {s['site'].get('open_set_auroc', float('nan')):.3f} | {s['test']['ece']:.3f} / {s['site']['ece']:.3f} | "
-            f"{s['site']['accuracy']:.3f} |"
+            f"{s['site']['accuracy']:.3f} | {s['test']['accuracy']:.3f} "
+            f"[{s['test'].get('accuracy_ci95', [float('nan')] * 2)[0]:.3f}, {s['test'].get('accuracy_ci95', [float('nan')] * 2)[1]:.3f}] |"
         )
     site_model = results[1]
     lines.append("")
