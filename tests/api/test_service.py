@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from hematovision import CLASSES, stores
 from hematovision.cli import app
+from hematovision.model.open_set import UNKNOWN
 from hematovision.params import PromoteParams
 from hematovision.registry.gate import promote
 from hematovision.registry.registry import CHAMPION, Registry
@@ -35,6 +36,7 @@ from conftest import BLOOD_CELLS, REPO, SERVICE_MAX_REQUEST_BYTES, SERVICE_REVIE
 
 CELL_IMAGES = {c: sorted((BLOOD_CELLS / "TEST" / c.upper()).glob("*.jpeg"))[:3] for c in CLASSES}
 A_CELL = CELL_IMAGES["neutrophil"][0]
+ANSWERS = (*CLASSES, UNKNOWN)  # a cell beyond the model's open-set threshold is answered "unknown"
 
 
 def post_image(
@@ -80,7 +82,7 @@ def test_predict_answers_with_every_field_and_logs_the_prediction(project, servi
     response = post_image(service_url, A_CELL.read_bytes())
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["label"] in CLASSES
+    assert body["label"] in ANSWERS and body["unknown"] == (body["label"] == UNKNOWN)
     assert set(body["probabilities"]) == set(CLASSES)
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert body["confidence"] == pytest.approx(max(body["probabilities"].values()))
@@ -119,7 +121,7 @@ def test_predict_batch_answers_in_order_with_errors_in_place(service_url):
     assert response.status_code == 200, response.text
     results = response.json()
     assert len(results) == 3
-    assert results[0]["label"] in CLASSES and results[2]["label"] in CLASSES
+    assert results[0]["label"] in ANSWERS and results[2]["label"] in ANSWERS
     assert results[1]["error"] == "not_an_image"
     single = post_image(service_url, CELL_IMAGES["lymphocyte"][0].read_bytes()).json()
     assert results[2]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-4)  # batching changes nothing
@@ -287,7 +289,7 @@ def bad_inputs() -> dict[str, tuple[bytes, int, str]]:
 def test_unusual_but_valid_images_are_converted_and_classified(service_url, name):
     response = post_image(service_url, convertible_inputs()[name], name="cell.img")
     assert response.status_code == 200, f"{name}: {response.text}"
-    assert response.json()["label"] in CLASSES
+    assert response.json()["label"] in ANSWERS
 
 
 @pytest.mark.e2e
@@ -449,7 +451,7 @@ def test_unreachable_registry_keeps_the_loaded_model_serving(project, trained):
     source.down = True
     assert models.poll() == champion_version()
     assert "unreachable" in models.status()["last_error"]["message"]
-    assert predictor.predict([A_CELL.read_bytes()])[0]["label"] in CLASSES
+    assert predictor.predict([A_CELL.read_bytes()])[0]["label"] in ANSWERS
 
 
 def test_a_version_refused_for_a_passing_reason_is_retried_one_that_fails_its_check_is_not(tmp_path):
@@ -562,7 +564,7 @@ def test_predict_command_writes_csv_for_files_and_folders(project, trained, tmp_
     }
     assert set(table.cell_in_view.dropna()) <= {"whole", "cut", "none"}
     assert table.error.notna().sum() == 1 and "broken.jpg" in table[table.error.notna()].file.iloc[0]
-    assert set(table.label.dropna()) <= set(CLASSES)
+    assert set(table.label.dropna()) <= set(ANSWERS)
 
     missing = CliRunner().invoke(app, ["predict", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1
