@@ -7,8 +7,9 @@ Two things fitted with the model and saved beside it (``open_set.npz``):
   a multiple of the identity, since a few hundred cells cannot fill a 1280-dimensional covariance).
   A softmax head must spread all of its probability over the classes it has, so an erythroblast gets
   "neutrophil 0.95"; a distance in the model's own representation grows for what it never saw.
-  ``benchmarks/open_set.py`` compared it with k-nearest-neighbour distances, class-specific
-  covariances and the head's own confidence and energy: see ``benchmarks/RESULTS.md``.
+  ``benchmarks/open_set.py`` measures it (``benchmarks/RESULTS.md``): once a new site's corrections
+  are in the statistics, basophils and immature granulocytes sit as close to the classes as the
+  site's own cells do, which is why a laboratory adds frequent types as classes.
 * **A temperature** for the head's probabilities, fitted on validation by likelihood, so that
   "0.9" is right about nine times in ten (the expected calibration error is reported).
 
