@@ -92,21 +92,6 @@ class OpenSet:
             classes, counts, means, scatter, self.shrinkage, self.threshold, self.temperature, self.known_quantile
         )
 
-    def restricted_to(self, classes: list[str]) -> OpenSet:
-        """The statistics of ``classes`` in that order (a model's own class list), the pooled
-        scatter kept: it describes how cells of any type vary."""
-        index = [self.classes.index(name) for name in classes]
-        return OpenSet(
-            list(classes),
-            self.counts[index],
-            self.means[index],
-            self.scatter,
-            self.shrinkage,
-            self.threshold,
-            self.temperature,
-            self.known_quantile,
-        )
-
     def calibrate(
         self, embeddings: np.ndarray, probabilities: np.ndarray, labels: np.ndarray, known_quantile: float
     ) -> OpenSet:
