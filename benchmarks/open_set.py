@@ -30,7 +30,7 @@ from hematovision.settings import quiet_environment
 quiet_environment()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
+from training import code_version, machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
 
 OTHER_TYPES = {
     "basophil": "basophil",
@@ -65,11 +65,7 @@ def main() -> None:
     from hematovision.training.retrain import CHALLENGER_DIR
     from hematovision.training.steps import load_manifest, official_test_rows
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-    ).stdout.strip():
-        commit += " (with uncommitted changes)"
+    commit = code_version()
     base = get_settings()
     params = load_params(Path("params.yaml"), args.profile)
     configure_mlflow(base)

@@ -28,7 +28,7 @@ from hematovision.settings import quiet_environment
 quiet_environment()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
+from training import code_version, machine, record  # noqa: E402 - a sibling script, importable once benchmarks/ is on sys.path
 
 
 def main() -> None:
@@ -55,11 +55,7 @@ def main() -> None:
     from hematovision.training.evaluate import evaluate_rows
     from hematovision.training.retrain import CHALLENGER_DIR, PARENT_DIR
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-    ).stdout.strip():
-        commit += " (with uncommitted changes)"
+    commit = code_version()
     base = get_settings()
     params = load_params(Path("params.yaml"), args.profile)
     configure_mlflow(base)

@@ -39,6 +39,17 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {int(memory_gb) / 1024**2:.0f} GiB RAM, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
+def code_version() -> str:
+    """The commit the code that runs comes from, marked when tracked files differ from it (read at
+    the start: commits may land while a benchmark runs)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip():
+        commit += " (with uncommitted changes)"
+    return commit
+
+
 def record(lines: list[str]) -> None:
     """Append one dated section to RESULTS.md (newest last)."""
     if not RESULTS.exists():
@@ -65,11 +76,7 @@ def main() -> None:
     from hematovision.settings import get_settings
 
     # The code that ran is the code at the start (commits may land while it runs).
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-    ).stdout.strip():
-        commit += " (with uncommitted changes)"
+    commit = code_version()
     p = load_params(Path("params.yaml"), args.profile)
     recipe = (
         f"seed {p.seed}, crop {p.model.image_size} px, head {p.train.head_epochs} epochs, fine-tune top {p.train.finetune_blocks} "
