@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import time
 from pathlib import Path
 
@@ -205,7 +206,11 @@ def test_predict_page_shows_each_image_with_grad_cam_and_downloads_csv(
         assert card.get_attribute("data-label") == expected["label"]
         shown = "unknown cell type" if expected["unknown"] else expected["label"]  # a TEST cell may be unknown too
         assert card.find_element(By.CSS_SELECTOR, ".label").text.lower() == shown
-        assert card.find_element(By.CSS_SELECTOR, ".confidence").text == f"{100 * expected['confidence']:.1f} %"
+        # The page's batch and this lone request differ in the last float digits: compare within rounding.
+        confidence = card.find_element(By.CSS_SELECTOR, ".confidence").text
+        assert confidence.endswith(" %") and float(confidence[:-2]) == pytest.approx(
+            100 * expected["confidence"], abs=0.11
+        )
         meter = card.find_element(By.CSS_SELECTOR, ".conf [role=meter]")
         assert float(meter.get_attribute("aria-valuenow")) == pytest.approx(expected["confidence"], abs=1e-3)
         rows = card.find_elements(By.CSS_SELECTOR, "table.probs tr")
@@ -289,7 +294,10 @@ def test_predict_page_shows_a_cell_the_model_does_not_know_as_unknown(serving_ch
             assert not card.find_elements(By.CSS_SELECTOR, "table.probs tr.top")  # no class put forward as its type
         else:
             assert label.lower() == answer["label"] and not card.find_elements(By.CSS_SELECTOR, ".unknown-note")
-        assert f"open-set score {answer['open_set_score']:.1f}" in card.find_element(By.CSS_SELECTOR, ".meta").text
+        # The page asked for this cell in a batch, the test alone: the float arithmetic differs in the last
+        # digits, so the shown score is compared with a tolerance, not as text rounded to one decimal.
+        shown = re.search(r"open-set score (-?[\d.]+)", card.find_element(By.CSS_SELECTOR, ".meta").text)
+        assert shown and float(shown.group(1)) == pytest.approx(answer["open_set_score"], rel=1e-4, abs=0.1)
     assert f"{len(unknown)} unknown" in browser.find_element(By.ID, "counts").text
 
     rows = download_csv(browser, downloads)
