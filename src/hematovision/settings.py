@@ -205,6 +205,13 @@ class LabSettings(BaseSettings):
 
     model_config = _config()
 
+    database_url: str = Field(
+        "",
+        validation_alias=_env("database_url"),
+        description="Lab mode's shared database: a postgresql+psycopg://user:password@host/db URL holds the lab "
+        "database, the prediction log and the monitoring state for every host (empty: the sqlite files lab_db, "
+        "serving.predictions_db and monitoring.state_db, the embedded mode).",
+    )
     lab_db: Path = Field(
         Path("monitoring/lab.sqlite"), description="Accounts, sessions, corrections and the audit log (sqlite, WAL)."
     )
@@ -268,6 +275,11 @@ class MonitoringSettings(BaseSettings):
     workspace: Path = Field(
         Path("monitoring/workspace"),
         description="Evidently workspace holding every window's snapshot (`hematovision monitor ui`).",
+    )
+    workspace_url: str = Field(
+        "",
+        description="Lab mode: the http(s) URL of an Evidently UI service (`evidently ui`) that every window's "
+        "snapshot is also sent to, where ops open them from their own machine (empty: the local workspace only).",
     )
     reports_dir: Path = Field(
         Path("monitoring/reports"), description="Each window's Evidently report as HTML, linked from the ops page."
