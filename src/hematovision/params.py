@@ -30,6 +30,9 @@ class ModelParams:
     image_size: int = 192  # side of the square white-cell crop fed to the backbone
     dropout: float = 0.3
     tta_views: int = 4  # dihedral test-time views averaged at prediction (1 = off; 2, 4 or 8)
+    # Stain normalisation of every crop before the backbone, at training and serving alike
+    # (data/stain.py): "none", or a method that maps a laboratory's stain onto a fixed reference.
+    stain: str = "none"
 
 
 @dataclass
@@ -44,6 +47,7 @@ class TrainParams:
     finetune_images_per_epoch: int = 6000  # images drawn per fine-tuning epoch, balanced by class
     colour_jitter: float = 0.1  # strength of the stain/colour augmentation (hue/saturation/brightness)
     crop_jitter: float = 0.25  # random zoom-in/shift of the crop while fine-tuning: up to this share of its side
+    stain_jitter: float = 0.0  # stain augmentation while fine-tuning: random scaling/shift of each stain's optical density (data/stain.py)
 
 
 @dataclass
@@ -54,6 +58,16 @@ class OpenSetParams:
         0.95  # threshold at this quantile of validation cells' scores: ~5% of known cells go unknown
     )
     images_per_cell: int = 4  # training pictures per cell whose embeddings fit the class statistics
+
+
+@dataclass
+class ExportParams:
+    """Cheaper answers (``model/export.py``): an int8 export registered as a flavour of the same version."""
+
+    int8: bool = True  # build an int8 TensorFlow Lite export of every registered version
+    # The export is served instead of the full model only when the paired interval of (its validation
+    # accuracy - the full model's) lies above -max_accuracy_loss.
+    max_accuracy_loss: float = 0.01
 
 
 @dataclass
@@ -108,6 +122,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     open_set: OpenSetParams = field(default_factory=OpenSetParams)
+    export: ExportParams = field(default_factory=ExportParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
