@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hematovision import CLASSES
+from hematovision.data import stain
 from hematovision.data.imaging import load_rgb
 from hematovision.data.localize import CROP_SIGNATURE, crop_wbc
 from hematovision.model.open_set import UNKNOWN, OpenSet
@@ -36,6 +37,9 @@ class ClassifierConfig:
     # (1, 2, 4 or 8). A cell on a slide has no orientation, and averaging views steadies the
     # answer on off-centre, wedge-cut copies; it costs one backbone pass per view.
     tta_views: int = 1
+    # Stain normalisation applied to every crop before the backbone (data/stain.py); models saved
+    # before it existed read as "none", which is what they were trained with.
+    stain: str = "none"
 
 
 def build_keras_model(config: ClassifierConfig, pretrained: bool = True, backbone=None):
@@ -125,7 +129,13 @@ class Classifier:
         return read_crops(sources, self.config.image_size)
 
     def embed(self, crops: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        return _predict(self.backbone, crops.astype(np.float32), batch_size)
+        """Backbone embeddings of raw crops (0..255): stain-normalised as in training, then the network."""
+        return self.run_backbone(stain.normalise(crops.astype(np.float32), self.config.stain), batch_size)
+
+    def run_backbone(self, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The backbone network alone, on crops already prepared by :meth:`embed` (an export
+        replaces this and nothing else)."""
+        return _predict(self.backbone, inputs.astype(np.float32), batch_size)
 
     def classify_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         return _predict(self.head, embeddings.astype(np.float32), 1024)
@@ -182,7 +192,12 @@ class Classifier:
         embeddings are never reused across a fine-tuned backbone, a different crop size or a
         changed localiser."""
         if self._backbone_fingerprint is None:
-            digest = hashlib.sha256(f"{self.config.backbone}:{self.config.image_size}:{CROP_SIGNATURE}".encode())
+            # The stain normalisation changes every input, so embeddings under another are different ones
+            # (the suffix only when set: the embeddings cached before stain existed stay valid).
+            stain_tag = "" if self.config.stain == "none" else f":stain={self.config.stain}"
+            digest = hashlib.sha256(
+                f"{self.config.backbone}:{self.config.image_size}:{CROP_SIGNATURE}{stain_tag}".encode()
+            )
             for weight in self.backbone.weights:
                 digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
             self._backbone_fingerprint = digest.hexdigest()[:16]
