@@ -10,16 +10,20 @@ store                  what lives there                                 setting
 =====================  ===============================================  ==============================
 registry               model versions, aliases, runs and artifacts       ``registry.*``, MLFLOW_TRACKING_URI
 embedding cache        backbone embeddings by image content              ``paths.cache_dir``
-prediction log         every served prediction, retained images          ``serving.predictions_db``
-lab database           accounts, sessions, corrections, audit            ``lab.lab_db``
-monitor state          drift windows, alerts, checkpoints                ``monitoring.state_db``
+prediction log         every served prediction, retained images          ``serving.predictions_db`` [1]_
+lab database           accounts, sessions, corrections, audit            ``lab.lab_db`` [1]_
+monitor state          drift windows, alerts, checkpoints                ``monitoring.state_db`` [1]_
 drift workspace        Evidently snapshots and dashboards                ``monitoring.workspace``
 =====================  ===============================================  ==============================
+
+.. [1] or, when ``lab.database_url`` is set (lab mode), all three in that PostgreSQL database
+   (``database.py``, ``docs/database.md``); the images stay on each host's disk.
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from hematovision import CLASSES
 from hematovision.lab.accounts import Accounts
@@ -34,10 +38,16 @@ from hematovision.settings import Settings, get_settings
 
 EMBEDDINGS_FILE = "embeddings.sqlite"
 
-# One prediction log per process and file: it holds a sqlite connection that every request
-# thread of a serving worker shares.
+# One prediction log per process and database: every request thread of a serving worker shares its
+# connection pool.
 _prediction_logs: dict[tuple, PredictionStore] = {}
 _prediction_logs_lock = threading.Lock()
+
+
+def database(settings: Settings, sqlite_file: Path) -> str | Path:
+    """Where a store's tables live: lab mode's PostgreSQL (``lab.database_url``) when set, shared by
+    every store and host; otherwise the store's own sqlite file."""
+    return settings.lab.database_url or settings.path(sqlite_file)
 
 
 def registry(settings: Settings | None = None) -> Registry:
@@ -58,7 +68,7 @@ def prediction_log(settings: Settings | None = None) -> PredictionStore:
     settings = settings or get_settings()
     serving = settings.serving
     key = (
-        settings.path(serving.predictions_db),
+        database(settings, serving.predictions_db),
         settings.path(serving.images_dir),
         serving.retain_images_days > 0,
         serving.review_image_days > 0,
@@ -72,7 +82,7 @@ def prediction_log(settings: Settings | None = None) -> PredictionStore:
 def accounts(settings: Settings | None = None) -> Accounts:
     """Accounts, roles, sessions and API tokens (the lab database)."""
     settings = settings or get_settings()
-    return Accounts(settings.path(settings.lab.lab_db), settings.lab.session_hours)
+    return Accounts(database(settings, settings.lab.lab_db), settings.lab.session_hours)
 
 
 def answerable_types(settings: Settings | None = None) -> tuple[str, ...]:
@@ -87,7 +97,7 @@ def corrections(settings: Settings | None = None) -> Corrections:
     """Pathologists' corrections and the audit log (the lab database), with the corrected images."""
     settings = settings or get_settings()
     return Corrections(
-        settings.path(settings.lab.lab_db),
+        database(settings, settings.lab.lab_db),
         settings.path(settings.lab.corrections_images_dir),
         answerable_types(settings),
     )
@@ -96,7 +106,7 @@ def corrections(settings: Settings | None = None) -> Corrections:
 def monitor_state(settings: Settings | None = None) -> MonitorState:
     """The drift monitor's windows, alerts and checkpoints."""
     settings = settings or get_settings()
-    return MonitorState(settings.path(settings.monitoring.state_db))
+    return MonitorState(database(settings, settings.monitoring.state_db))
 
 
 def drift_workspace(settings: Settings | None = None):

@@ -102,7 +102,9 @@ def test_a_retention_pass_deletes_every_kind_past_its_setting_and_audits_it(tmp_
     corrections = stores.corrections(settings)
     stale = corrections.submit("pat", "monocyte", picture(3))
     fresh = corrections.submit("pat", "lymphocyte", picture(4))
-    corrections.db.execute("UPDATE corrections SET created_at = ? WHERE id = ?", (days_ago(5), stale["id"]))
+    corrections.db.execute(
+        "UPDATE corrections SET created_at = :at WHERE id = :id", {"at": days_ago(5), "id": stale["id"]}
+    )
     age(corrections.image_path(stale["image_sha256"]), 5)
     exported = settings.path(settings.paths.corrections_dataset_dir)
     corrections.export(exported)
@@ -214,7 +216,9 @@ def test_a_correction_written_while_a_purge_runs_keeps_its_image(tmp_path, monke
     corrections = stores.corrections(settings_in(tmp_path))
     image = picture(9)
     old = corrections.submit("pat", "monocyte", image)
-    corrections.db.execute("UPDATE corrections SET created_at = ? WHERE id = ?", (days_ago(5), old["id"]))
+    corrections.db.execute(
+        "UPDATE corrections SET created_at = :at WHERE id = :id", {"at": days_ago(5), "id": old["id"]}
+    )
     path = corrections.image_path(old["image_sha256"])
     age(path, 5)
     real = corrections_module.purge_files

@@ -13,8 +13,8 @@ Failed sign-ins are kept here too (``login_failures``), so the sign-in limit is 
 serving worker and replica that opens this database; each record is deleted once it is older than
 the limit's window, so the table holds at most the window's failed attempts, whatever names they use.
 
-Everything lives in one sqlite file (WAL) next to the prediction log: no server to run, and the
-audit log (``audit.py``) shares its transactions.
+Everything lives in the lab database (``database.py``: a sqlite file next to the prediction log, or
+lab mode's PostgreSQL), whose schema is the ``lab`` migrations'; the audit log shares it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,8 +29,10 @@ from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
-from hematovision.database import connect, transaction, utc_now
+from hematovision.database import connect, utc_now
 
 ROLES = ("pathologist", "engineer", "ops", "admin")
 MIN_PASSWORD_LENGTH = 10
@@ -41,50 +42,11 @@ _hasher = PasswordHasher()  # argon2id with the library's current recommended pa
 # times do not reveal which usernames exist.
 _DUMMY_HASH = _hasher.hash("not a real password, only for timing")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    username      TEXT PRIMARY KEY,
-    password_hash TEXT NOT NULL,
-    roles         TEXT NOT NULL,          -- comma-separated, from ROLES
-    disabled      INTEGER NOT NULL DEFAULT 0,
-    created_at    TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    id_sha256    TEXT PRIMARY KEY,
-    username     TEXT NOT NULL REFERENCES users(username),
-    csrf_token   TEXT NOT NULL,           -- echoed by the page's forms (synchroniser token)
-    created_at   TEXT NOT NULL,
-    expires_at   TEXT NOT NULL,
-    last_seen_at TEXT                     -- idle timeout; touched at most once per TOUCH_SECONDS
-);
-CREATE TABLE IF NOT EXISTS api_tokens (
-    token_sha256 TEXT PRIMARY KEY,
-    username     TEXT NOT NULL REFERENCES users(username),
-    name         TEXT NOT NULL,
-    created_at   TEXT NOT NULL,
-    expires_at   TEXT,                    -- NULL only in databases older than expiry (see _migrate)
-    last_used_at TEXT
-);
-CREATE TABLE IF NOT EXISTS login_failures (
-    username TEXT NOT NULL,
-    address  TEXT NOT NULL,
-    at       REAL NOT NULL                -- Unix time: shared by processes and machines, unlike a monotonic clock
-);
-CREATE INDEX IF NOT EXISTS login_failures_key ON login_failures (username, address, at);
-CREATE INDEX IF NOT EXISTS login_failures_at ON login_failures (at);
-"""
-# Columns added since the first schema: (table, column, declaration).
-_ADDED_COLUMNS = (
-    ("sessions", "last_seen_at", "TEXT"),
-    ("api_tokens", "expires_at", "TEXT"),
-    ("api_tokens", "last_used_at", "TEXT"),
-)
 DEFAULT_IDLE_MINUTES = 30.0
 DEFAULT_TOKEN_DAYS = 90.0  # also the lifetime given to tokens made before tokens expired
 TOUCH_SECONDS = 60.0  # a session's or token's last use is written at most this often (a write is an fsync)
 TOKEN_ID_LENGTH = 12  # hex digits of the token's SHA-256 shown as its id (the secret is never shown)
 MAX_USERNAME_LENGTH = 64
-_migrated: set[Path] = set()
 
 
 class AccountError(ValueError):
@@ -124,30 +86,13 @@ def _touch_due(last: str | None, now: datetime, idle_seconds: float = TOUCH_SECO
 
 
 class Accounts:
-    def __init__(self, db_path: Path, session_hours: float = 12.0) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, database: str | Path, session_hours: float = 12.0) -> None:
+        """``database``: the lab database's sqlite file, or lab mode's PostgreSQL URL."""
         self.session_hours = session_hours
-        self._db = connect(self.db_path, SCHEMA)
-        if self._db.path not in _migrated:
-            self._migrate()
-            _migrated.add(self._db.path)
+        self._db = connect(database, "lab")
 
-    def _migrate(self) -> None:
-        """Bring a database made before sessions idled out and tokens expired up to date; tokens
-        made before then expire ``DEFAULT_TOKEN_DAYS`` after they were made."""
-        with transaction(self._db) as db:
-            for table, column, declaration in _ADDED_COLUMNS:
-                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                if column not in columns:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-            for token, created in db.execute(
-                "SELECT token_sha256, created_at FROM api_tokens WHERE expires_at IS NULL"
-            ).fetchall():
-                expires = datetime.fromisoformat(created) + timedelta(days=DEFAULT_TOKEN_DAYS)
-                db.execute("UPDATE api_tokens SET expires_at = ? WHERE token_sha256 = ?", (_iso(expires), token))
-
-    def _one(self, sql: str, params: tuple = ()) -> tuple | None:
-        rows = self._db.execute(sql, params)
+    def _one(self, sql: str, params: dict | None = None) -> tuple | None:
+        rows = self._db.query(sql, params)
         return rows[0] if rows else None
 
     # --- administration ---------------------------------------------------------------------
@@ -161,27 +106,36 @@ class Accounts:
         if unknown or not roles:
             raise AccountError(f"roles must be among {', '.join(ROLES)} (got {', '.join(roles) or 'none'})")
         try:
-            with transaction(self._db) as db:
+            with self._db.transaction() as db:
                 db.execute(
-                    "INSERT INTO users VALUES (?, ?, ?, 0, ?)",
-                    (username, _hasher.hash(password), ",".join(sorted(set(roles))), utc_now()),
+                    text(
+                        "INSERT INTO users (username, password_hash, roles, disabled, created_at) "
+                        "VALUES (:username, :hash, :roles, 0, :now)"
+                    ),
+                    {
+                        "username": username,
+                        "hash": _hasher.hash(password),
+                        "roles": ",".join(sorted(set(roles))),
+                        "now": utc_now(),
+                    },
                 )
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             raise AccountError(f"user {username!r} already exists") from None
         return User(username, frozenset(roles))
 
     def list_users(self) -> list[dict]:
-        rows = self._db.execute("SELECT username, roles, disabled, created_at FROM users ORDER BY username")
+        rows = self._db.query("SELECT username, roles, disabled, created_at FROM users ORDER BY username")
         return [{"username": u, "roles": r.split(","), "disabled": bool(d), "created_at": c} for u, r, d, c in rows]
 
     def disable_user(self, username: str) -> None:
         """Disable an account and end its sessions and tokens at once (accounts are never deleted:
         the audit log and corrections keep naming them)."""
-        with transaction(self._db) as db:
-            if db.execute("UPDATE users SET disabled = 1 WHERE username = ?", (username,)).rowcount == 0:
+        who = {"username": username}
+        with self._db.transaction() as db:
+            if db.execute(text("UPDATE users SET disabled = 1 WHERE username = :username"), who).rowcount == 0:
                 raise AccountError(f"no user {username!r}")
-            db.execute("DELETE FROM sessions WHERE username = ?", (username,))
-            db.execute("DELETE FROM api_tokens WHERE username = ?", (username,))
+            db.execute(text("DELETE FROM sessions WHERE username = :username"), who)
+            db.execute(text("DELETE FROM api_tokens WHERE username = :username"), who)
 
     # --- signing in -------------------------------------------------------------------------
     def authenticate(self, username: str, password: str) -> User | None:
@@ -190,7 +144,9 @@ class Accounts:
         username = username.strip().lower()
         if len(username) > MAX_USERNAME_LENGTH:
             return None  # no account has such a name (add_user refuses it): nothing to look up
-        row = self._one("SELECT password_hash, roles, disabled FROM users WHERE username = ?", (username,))
+        row = self._one(
+            "SELECT password_hash, roles, disabled FROM users WHERE username = :username", {"username": username}
+        )
         try:
             _hasher.verify(row[0] if row else _DUMMY_HASH, password)
         except (VerificationError, InvalidHashError):
@@ -198,27 +154,30 @@ class Accounts:
         if row is None or row[2]:
             return None
         if _hasher.check_needs_rehash(row[0]):
-            with transaction(self._db) as db:
-                db.execute("UPDATE users SET password_hash = ? WHERE username = ?", (_hasher.hash(password), username))
+            self._db.execute(
+                "UPDATE users SET password_hash = :hash WHERE username = :username",
+                {"hash": _hasher.hash(password), "username": username},
+            )
         return User(username, frozenset(row[1].split(",")))
 
     def start_session(self, user: User) -> tuple[str, Session]:
         """A new session: returns the secret for the cookie and the session (with its CSRF token)."""
         secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now = datetime.now(UTC)
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM sessions WHERE expires_at < ?", (_iso(now),))
+        with self._db.transaction() as db:
+            db.execute(text("DELETE FROM sessions WHERE expires_at < :now"), {"now": _iso(now)})
             db.execute(
-                "INSERT INTO sessions (id_sha256, username, csrf_token, created_at, expires_at, last_seen_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    _sha256(secret),
-                    user.username,
-                    csrf,
-                    _iso(now),
-                    _iso(now + timedelta(hours=self.session_hours)),
-                    _iso(now),
+                text(
+                    "INSERT INTO sessions (id_sha256, username, csrf_token, created_at, expires_at, last_seen_at) "
+                    "VALUES (:id, :username, :csrf, :now, :expires, :now)"
                 ),
+                {
+                    "id": _sha256(secret),
+                    "username": user.username,
+                    "csrf": csrf,
+                    "now": _iso(now),
+                    "expires": _iso(now + timedelta(hours=self.session_hours)),
+                },
             )
         return secret, Session(user, csrf)
 
@@ -230,21 +189,22 @@ class Accounts:
         now = datetime.now(UTC)
         row = self._one(
             "SELECT s.username, u.roles, s.csrf_token, s.last_seen_at FROM sessions s JOIN users u USING (username) "
-            "WHERE s.id_sha256 = ? AND s.expires_at > ? AND COALESCE(s.last_seen_at, s.created_at) > ? "
+            "WHERE s.id_sha256 = :id AND s.expires_at > :now AND COALESCE(s.last_seen_at, s.created_at) > :idle_since "
             "AND u.disabled = 0",
-            (_sha256(secret), _iso(now), _iso(now - timedelta(minutes=idle_minutes))),
+            {"id": _sha256(secret), "now": _iso(now), "idle_since": _iso(now - timedelta(minutes=idle_minutes))},
         )
         if row is None:
             return None
         if _touch_due(row[3], now, idle_minutes * 60):
-            with transaction(self._db) as db:
-                db.execute("UPDATE sessions SET last_seen_at = ? WHERE id_sha256 = ?", (_iso(now), _sha256(secret)))
+            self._db.execute(
+                "UPDATE sessions SET last_seen_at = :now WHERE id_sha256 = :id",
+                {"now": _iso(now), "id": _sha256(secret)},
+            )
         return Session(User(row[0], frozenset(row[1].split(","))), row[2])
 
     def end_session(self, secret: str | None) -> None:
         if secret:
-            with transaction(self._db) as db:
-                db.execute("DELETE FROM sessions WHERE id_sha256 = ?", (_sha256(secret),))
+            self._db.execute("DELETE FROM sessions WHERE id_sha256 = :id", {"id": _sha256(secret)})
 
     # --- the sign-in limit ------------------------------------------------------------------
     def sign_in_retry_after(
@@ -254,8 +214,9 @@ class Accounts:
         failures within ``window`` seconds."""
         now = time.time() if now is None else now
         row = self._one(
-            "SELECT COUNT(*), MIN(at) FROM login_failures WHERE username = ? AND address = ? AND at > ?",
-            (username, address, now - window),
+            "SELECT COUNT(*), MIN(at) FROM login_failures WHERE username = :username AND address = :address "
+            "AND at > :since",
+            {"username": username, "address": address, "since": now - window},
         )
         count, oldest = row if row else (0, None)
         return 0.0 if count < attempts or oldest is None else max(0.0, oldest + window - now)
@@ -263,31 +224,42 @@ class Accounts:
     def sign_in_failed(self, username: str, address: str, window: float, now: float | None = None) -> None:
         """Record a failed sign-in, and forget every failure older than ``window``."""
         now = time.time() if now is None else now
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM login_failures WHERE at <= ?", (now - window,))
-            db.execute("INSERT INTO login_failures VALUES (?, ?, ?)", (username, address, now))
+        with self._db.transaction() as db:
+            db.execute(text("DELETE FROM login_failures WHERE at <= :before"), {"before": now - window})
+            db.execute(
+                text("INSERT INTO login_failures (username, address, at) VALUES (:username, :address, :at)"),
+                {"username": username, "address": address, "at": now},
+            )
 
     def sign_in_succeeded(self, username: str, address: str) -> None:
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM login_failures WHERE username = ? AND address = ?", (username, address))
+        self._db.execute(
+            "DELETE FROM login_failures WHERE username = :username AND address = :address",
+            {"username": username, "address": address},
+        )
 
     def sign_in_failures(self) -> int:
         """Failed sign-ins on record (all within the window, once the next failure has pruned)."""
-        return int(self._db.execute("SELECT COUNT(*) FROM login_failures")[0][0])
+        return int(self._db.query("SELECT COUNT(*) FROM login_failures")[0][0])
 
     # --- API tokens -------------------------------------------------------------------------
     def create_token(self, username: str, name: str, days: float = DEFAULT_TOKEN_DAYS) -> str:
         """A new API token for ``username``, valid for ``days`` (shown once; only its hash is kept)."""
-        row = self._one("SELECT disabled FROM users WHERE username = ?", (username,))
+        row = self._one("SELECT disabled FROM users WHERE username = :username", {"username": username})
         if row is None or row[0]:
             raise AccountError(f"no active user {username!r}")
         token = "hv_" + secrets.token_urlsafe(32)
         now = datetime.now(UTC)
-        with transaction(self._db) as db:
-            db.execute(
-                "INSERT INTO api_tokens (token_sha256, username, name, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (_sha256(token), username, name, _iso(now), _iso(now + timedelta(days=days))),
-            )
+        self._db.execute(
+            "INSERT INTO api_tokens (token_sha256, username, name, created_at, expires_at) "
+            "VALUES (:sha, :username, :name, :now, :expires)",
+            {
+                "sha": _sha256(token),
+                "username": username,
+                "name": name,
+                "now": _iso(now),
+                "expires": _iso(now + timedelta(days=days)),
+            },
+        )
         return token
 
     def token_user(self, token: str | None) -> User | None:
@@ -297,24 +269,26 @@ class Accounts:
         now = datetime.now(UTC)
         row = self._one(
             "SELECT u.username, u.roles, t.last_used_at FROM api_tokens t JOIN users u USING (username) "
-            "WHERE t.token_sha256 = ? AND t.expires_at > ? AND u.disabled = 0",
-            (_sha256(token), _iso(now)),
+            "WHERE t.token_sha256 = :sha AND t.expires_at > :now AND u.disabled = 0",
+            {"sha": _sha256(token), "now": _iso(now)},
         )
         if row is None:
             return None
         if _touch_due(row[2], now):
-            with transaction(self._db) as db:
-                db.execute("UPDATE api_tokens SET last_used_at = ? WHERE token_sha256 = ?", (_iso(now), _sha256(token)))
+            self._db.execute(
+                "UPDATE api_tokens SET last_used_at = :now WHERE token_sha256 = :sha",
+                {"now": _iso(now), "sha": _sha256(token)},
+            )
         return User(row[0], frozenset(row[1].split(",")))
 
     def list_tokens(self, username: str) -> list[dict]:
         """``username``'s tokens, oldest first: id (a prefix of the secret's hash), name, created,
         expires, last used, expired. Never the secret."""
         now = _iso(datetime.now(UTC))
-        rows = self._db.execute(
+        rows = self._db.query(
             "SELECT token_sha256, name, created_at, expires_at, last_used_at FROM api_tokens "
-            "WHERE username = ? ORDER BY created_at",
-            (username,),
+            "WHERE username = :username ORDER BY created_at",
+            {"username": username},
         )
         return [
             {
@@ -333,14 +307,17 @@ class Accounts:
         token_id = token_id.strip().lower()
         if not re.fullmatch(r"[0-9a-f]{6,64}", token_id):
             raise AccountError("a token id is at least 6 hex digits, as `hematovision users tokens` shows it")
-        with transaction(self._db) as db:
+        with self._db.transaction() as db:
             rows = db.execute(
-                "SELECT token_sha256, name FROM api_tokens WHERE username = ? AND substr(token_sha256, 1, ?) = ?",
-                (username, len(token_id), token_id),
-            ).fetchall()
+                # hex digits only (checked above): nothing in the prefix is a LIKE wildcard
+                text(
+                    "SELECT token_sha256, name FROM api_tokens WHERE username = :username AND token_sha256 LIKE :prefix"
+                ),
+                {"username": username, "prefix": token_id + "%"},
+            ).all()
             if len(rows) != 1:
                 raise AccountError(
                     f"no token {token_id!r} of {username!r}" if not rows else f"{token_id!r} names several tokens"
                 )
-            db.execute("DELETE FROM api_tokens WHERE token_sha256 = ?", (rows[0][0],))
+            db.execute(text("DELETE FROM api_tokens WHERE token_sha256 = :sha"), {"sha": rows[0][0]})
         return {"id": rows[0][0][:TOKEN_ID_LENGTH], "name": rows[0][1]}

@@ -5,9 +5,11 @@ predicted class) it confirms or corrects. Durability, in order:
 
 1. the image is written content-addressed (temporary file, fsync, atomic rename, fsync of the
    folder) *before* the row, so a row never points at a missing image;
-2. the row and its audit entry are one transaction in the laboratory database (WAL,
-   ``synchronous=FULL``): after the answer the correction is on disk; a crash before COMMIT leaves
-   nothing but, at worst, an unreferenced image file.
+2. the row and its audit entry are one transaction in the laboratory database (sqlite: WAL,
+   ``synchronous=FULL``; lab mode's PostgreSQL: a commit returns once flushed): ``submit`` returns
+   after the COMMIT, so after the answer the correction is on disk; a crash before COMMIT leaves
+   nothing but, at worst, an unreferenced image file. A database that cannot be reached raises
+   :class:`~hematovision.database.DatabaseUnavailable` and nothing is acknowledged.
 
 Images are kept unless the lab sets ``lab.correction_image_days`` (a correction is training data):
 :meth:`Corrections.purge_images` then deletes an image, and its copy in the exported folder, once its
@@ -35,40 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from sqlalchemy import bindparam, text
 
 from hematovision import CLASSES
 from hematovision.data.imaging import ImageError, load_rgb
-from hematovision.database import connect, private_dir, rows_as_dicts, transaction, utc_now
+from hematovision.database import connect, private_dir, utc_now
 from hematovision.model.open_set import UNKNOWN
 from hematovision.serving.prediction_log import image_files, purge_files
 
 logger = logging.getLogger("hematovision.lab.corrections")
 # The formats a correction may be in (those the service accepts), and their file extensions.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "BMP": "bmp"}
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS corrections (
-    id              TEXT PRIMARY KEY,
-    created_at      TEXT NOT NULL,
-    reviewer        TEXT NOT NULL,
-    image_sha256    TEXT NOT NULL,
-    true_class      TEXT NOT NULL,
-    predicted_class TEXT,              -- NULL when the image came without a prediction
-    model_version   TEXT,
-    prediction_id   TEXT,
-    comment         TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS corrections_image ON corrections (image_sha256);
-CREATE INDEX IF NOT EXISTS corrections_prediction ON corrections (prediction_id);
-CREATE TABLE IF NOT EXISTS audit (
-    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
-    at     TEXT NOT NULL,
-    actor  TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL DEFAULT '',
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-"""
 
 
 class CorrectionError(ValueError):
@@ -109,8 +88,9 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 class Corrections:
-    def __init__(self, db_path: Path, images_dir: Path, classes: tuple[str, ...] = CLASSES) -> None:
-        self.db = connect(Path(db_path), SCHEMA)
+    def __init__(self, database: str | Path, images_dir: Path, classes: tuple[str, ...] = CLASSES) -> None:
+        """``database``: the lab database's sqlite file, or lab mode's PostgreSQL URL."""
+        self.db = connect(database, "lab")
         self.images_dir = Path(images_dir)
         self.classes = tuple(classes)
 
@@ -145,9 +125,9 @@ class Corrections:
             "prediction_id": (prediction or {}).get("id"),
             "comment": comment.strip()[:2000],
         }
-        with transaction(self.db) as db:
+        with self.db.transaction() as db:
             db.execute(
-                f"INSERT INTO corrections ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+                text(f"INSERT INTO corrections ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})"), row
             )
             _audit(
                 db,
@@ -162,28 +142,28 @@ class Corrections:
         return row
 
     def audit(self, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None) -> None:
-        with transaction(self.db) as db:
+        with self.db.transaction() as db:
             _audit(db, actor, action, target, detail or {})
 
     # --- reading ----------------------------------------------------------------------------
     def count(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM corrections")[0][0])
+        return int(self.db.query("SELECT COUNT(*) FROM corrections")[0][0])
 
     def count_since(self, since: str) -> int:
         """Corrections recorded after ``since`` (ISO time)."""
-        return int(self.db.execute("SELECT COUNT(*) FROM corrections WHERE created_at > ?", (since,))[0][0])
+        return int(self.db.query("SELECT COUNT(*) FROM corrections WHERE created_at > :since", {"since": since})[0][0])
 
     def all(self) -> list[dict[str, Any]]:
-        return rows_as_dicts(self.db, "SELECT * FROM corrections ORDER BY created_at, id")
+        return self.db.rows("SELECT * FROM corrections ORDER BY created_at, id")
 
     def reviewed_prediction_ids(self) -> set[str]:
         return {
             r[0]
-            for r in self.db.execute("SELECT DISTINCT prediction_id FROM corrections WHERE prediction_id IS NOT NULL")
+            for r in self.db.query("SELECT DISTINCT prediction_id FROM corrections WHERE prediction_id IS NOT NULL")
         }
 
     def audit_log(self, limit: int = 200) -> list[dict[str, Any]]:
-        rows = rows_as_dicts(self.db, "SELECT * FROM audit ORDER BY seq DESC LIMIT ?", (limit,))
+        rows = self.db.rows("SELECT * FROM audit ORDER BY seq DESC LIMIT :limit", {"limit": int(limit)})
         for row in rows:
             row["detail"] = json.loads(row["detail"])
         return rows
@@ -244,23 +224,23 @@ class Corrections:
         the corrections themselves stay. Returns ``{"images": n, "exported": m}``."""
         now = time.time()
         cutoff = datetime.fromtimestamp(now - older_than_days * 86400, UTC).isoformat(timespec="milliseconds")
-        last = dict(self.db.execute("SELECT image_sha256, MAX(created_at) FROM corrections GROUP BY image_sha256"))
+        last = dict(self.db.query("SELECT image_sha256, MAX(created_at) FROM corrections GROUP BY image_sha256"))
         candidates = [
             path
             for path, stat in image_files(self.images_dir)
             if stat.st_mtime <= now - older_than_days * 86400 and last.get(path.name, "") <= cutoff
         ]
 
+        corrected = text(
+            "SELECT DISTINCT image_sha256 FROM corrections WHERE image_sha256 IN :hashes AND created_at > :cutoff"
+        ).bindparams(bindparam("hashes", expanding=True))
+
         def corrected_since(hashes: list[str]) -> set[str]:
             found: set[str] = set()
-            for start in range(0, len(hashes), 500):
-                chunk = hashes[start : start + 500]
-                rows = self.db.execute(
-                    f"SELECT DISTINCT image_sha256 FROM corrections WHERE image_sha256 IN ({', '.join('?' * len(chunk))})"
-                    " AND created_at > ?",
-                    (*chunk, cutoff),
-                )
-                found.update(r[0] for r in rows)
+            with self.db.reading() as db:
+                for start in range(0, len(hashes), 500):
+                    rows = db.execute(corrected, {"hashes": hashes[start : start + 500], "cutoff": cutoff})
+                    found.update(r[0] for r in rows)
             return found
 
         images = purge_files(candidates, corrected_since)
@@ -329,6 +309,12 @@ def _predicted_axis(classes: tuple[str, ...], predicted: list[str]) -> list[str]
 
 def _audit(db, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
     db.execute(
-        "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
-        (utc_now(), actor, action, target, json.dumps(detail, sort_keys=True)),
+        text("INSERT INTO audit (at, actor, action, target, detail) VALUES (:at, :actor, :action, :target, :detail)"),
+        {
+            "at": utc_now(),
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "detail": json.dumps(detail, sort_keys=True),
+        },
     )

@@ -1,9 +1,11 @@
 """The prediction log: one row per served prediction, for drift monitoring, audits and review queues.
 
-Why sqlite in WAL mode: it needs no server, and several serving workers (separate processes) append
-to one file while a monitoring job reads it; WAL lets readers run during writes, and
-``busy_timeout`` makes concurrent writers wait their turn instead of failing. The schema is plain
-SQL, so moving to a server database later is a copy, not a rewrite.
+Where: a sqlite file in WAL mode by default (no server; several serving workers, separate processes,
+append to one file while a monitoring job reads it; WAL lets readers run during writes, and
+``busy_timeout`` makes concurrent writers wait their turn instead of failing), or lab mode's
+PostgreSQL, which every replica on every host appends to (``database.py``; the schema is the
+``predictions`` migrations'). Each row has a ``seq``, the order it was logged in: the drift monitor
+reads the log window by window after a checkpoint ``seq``.
 
 What a row holds and why:
 
@@ -34,9 +36,7 @@ import contextlib
 import json
 import os
 import re
-import sqlite3
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -46,29 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import bindparam, text
 
-from hematovision.database import open_sqlite, private_dir, private_file
+from hematovision.database import connect, private_dir
 
-SCHEMA_VERSION = 2  # 2: open_set_score
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    id            TEXT PRIMARY KEY,      -- uuid4 hex, returned to the client as prediction_id
-    created_at    TEXT NOT NULL,         -- UTC ISO 8601
-    model_version TEXT NOT NULL,
-    label         TEXT NOT NULL,
-    confidence    REAL NOT NULL,
-    probabilities TEXT NOT NULL,         -- JSON {class: probability}
-    needs_review  INTEGER NOT NULL,      -- 0/1
-    embedding     BLOB,                  -- float16 little-endian, embedding_dim values
-    embedding_dim INTEGER,
-    image_stats   TEXT NOT NULL,         -- JSON, see imaging.image_stats
-    latency_ms    REAL NOT NULL,
-    image_sha256  TEXT NOT NULL,
-    open_set_score REAL                  -- the model's open-set score (model/open_set.py); NULL without one
-);
-CREATE INDEX IF NOT EXISTS predictions_created_at ON predictions (created_at);
-CREATE INDEX IF NOT EXISTS predictions_model_version ON predictions (model_version);
-"""
 _COLUMNS = (
     "id",
     "created_at",
@@ -132,38 +113,25 @@ def decode_embedding(blob: bytes | None) -> np.ndarray | None:
 
 
 class PredictionStore:
-    """Appends predictions to the sqlite log; safe to share between threads and processes."""
+    """Appends predictions to the log; safe to share between threads and processes."""
 
     def __init__(
         self,
-        db_path: Path,
+        database: str | Path,
         images_dir: Path | None = None,
         retain_images: bool = False,
         retain_review_images: bool = False,
     ) -> None:
-        self.db_path = Path(db_path)
-        self.images_dir = Path(images_dir) if images_dir is not None else self.db_path.parent / "images"
+        """``database``: the log's sqlite file, or lab mode's PostgreSQL URL (then ``images_dir``
+        is needed: retained images stay on this host's disk)."""
+        if images_dir is None and isinstance(database, str) and "://" in database:
+            raise ValueError("a prediction log in a database server needs images_dir")
+        # NORMAL is durable across application crashes in WAL mode; only an OS crash or power cut
+        # can lose the last few transactions, an acceptable risk for a monitoring log.
+        self.db = connect(database, "predictions", synchronous="NORMAL")
+        self.images_dir = Path(images_dir) if images_dir is not None else self.db.path.parent / "images"
         self.retain_images = retain_images
         self.retain_review_images = retain_review_images
-        self._lock = threading.Lock()  # one connection per store, used by one thread at a time
-        self._conn = open_sqlite(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            self._conn.execute("PRAGMA busy_timeout = 30000")
-            _retry_locked(lambda: self._conn.execute("PRAGMA journal_mode = WAL"))
-            # NORMAL is durable across application crashes in WAL mode; only an OS crash or power
-            # cut can lose the last few transactions, an acceptable risk for a monitoring log.
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            _retry_locked(lambda: self._conn.executescript(_SCHEMA))
-            _retry_locked(self._upgrade)
-            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        private_file(self.db_path)  # the -wal and -shm files WAL mode has made
-
-    def _upgrade(self) -> None:
-        """Bring a log written by an older version up to this schema (columns only ever added)."""
-        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(predictions)")}
-        if "open_set_score" not in columns:
-            self._conn.execute("ALTER TABLE predictions ADD COLUMN open_set_score REAL")
 
     def log(self, record: PredictionRecord, image: bytes | None = None) -> str:
         return self.log_many([record], None if image is None else [image])[0]
@@ -180,28 +148,22 @@ class PredictionStore:
         return [r.id for r in records]
 
     def _insert(self, records: Sequence[PredictionRecord]) -> None:
-        placeholders = ", ".join("?" * len(_COLUMNS))
-        sql = f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
-        rows = [r.row() for r in records]
-        with self._lock:
-
-            def write() -> None:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._conn.executemany(sql, rows)
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-
-            _retry_locked(write)
+        sql = text(f"INSERT INTO predictions ({', '.join(_COLUMNS)}) VALUES ({', '.join(':' + c for c in _COLUMNS)})")
+        rows = [dict(zip(_COLUMNS, r.row())) for r in records]
+        with self.db.transaction() as db:
+            if not self.db.is_sqlite:
+                # One writer at a time, as on sqlite: seq values are drawn inside the lock and
+                # committed before it is released, so a reader never sees seq 11 while 10 is still
+                # uncommitted, and the monitor's checkpoint (the last seq read) skips no row.
+                db.execute(text("LOCK TABLE predictions IN EXCLUSIVE MODE"))
+            db.execute(sql, rows)
 
     def get(self, prediction_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
-        if row is None:
+        rows = self.db.rows("SELECT * FROM predictions WHERE id = :id", {"id": prediction_id})
+        if not rows:
             return None
-        out = dict(row)
+        out = rows[0]
+        out.pop("seq")
         out["probabilities"] = json.loads(out["probabilities"])
         out["image_stats"] = json.loads(out["image_stats"])
         out["needs_review"] = bool(out["needs_review"])
@@ -211,8 +173,7 @@ class PredictionStore:
         return out
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+        return int(self.db.query("SELECT COUNT(*) FROM predictions")[0][0])
 
     def image_path(self, sha256: str) -> Path:
         return self.images_dir / sha256[:2] / sha256
@@ -246,17 +207,18 @@ class PredictionStore:
         ]
         cutoff, review_cutoff = _iso(now - older_than_days * 86400), _iso(now - review_days * 86400)
 
+        newer = text(
+            "SELECT DISTINCT image_sha256 FROM predictions WHERE image_sha256 IN :hashes "
+            "AND (created_at > :cutoff OR (needs_review = 1 AND created_at > :review_cutoff))"
+        ).bindparams(bindparam("hashes", expanding=True))
+
         def named_by_a_newer_row(hashes: list[str]) -> set[str]:
             found: set[str] = set()
-            for start in range(0, len(hashes), 500):
-                chunk = hashes[start : start + 500]
-                with self._lock:
-                    rows = self._conn.execute(
-                        "SELECT DISTINCT image_sha256 FROM predictions WHERE image_sha256 IN "
-                        f"({', '.join('?' * len(chunk))}) AND (created_at > ? OR (needs_review = 1 AND created_at > ?))",
-                        [*chunk, cutoff, review_cutoff],
-                    ).fetchall()
-                found.update(r[0] for r in rows)
+            with self.db.reading() as db:
+                for start in range(0, len(hashes), 500):
+                    chunk = hashes[start : start + 500]
+                    rows = db.execute(newer, {"hashes": chunk, "cutoff": cutoff, "review_cutoff": review_cutoff})
+                    found.update(r[0] for r in rows)
             return found
 
         return purge_files(candidates, named_by_a_newer_row)
@@ -280,36 +242,36 @@ class PredictionStore:
 
     def drop_embeddings(self, older_than_days: float) -> int:
         """Clear the embedding of every row logged more than ``older_than_days`` ago (the rest of the
-        row stays); returns how many rows. The freed pages are overwritten (``secure_delete``)."""
+        row stays); returns how many rows. On sqlite the freed pages are overwritten
+        (``secure_delete``); PostgreSQL reuses the space once vacuumed (autovacuum)."""
         cutoff = _iso(time.time() - older_than_days * 86400)
-        with self._lock:
-            self._conn.execute("PRAGMA secure_delete = ON")
-            cursor = _retry_locked(
-                lambda: self._conn.execute(
-                    "UPDATE predictions SET embedding = NULL, embedding_dim = NULL "
-                    "WHERE embedding IS NOT NULL AND created_at < ?",
-                    (cutoff,),
-                )
+        with self.db.transaction() as db:
+            if self.db.is_sqlite:
+                db.exec_driver_sql("PRAGMA secure_delete = ON")
+            return int(
+                db.execute(
+                    text(
+                        "UPDATE predictions SET embedding = NULL, embedding_dim = NULL "
+                        "WHERE embedding IS NOT NULL AND created_at < :cutoff"
+                    ),
+                    {"cutoff": cutoff},
+                ).rowcount
             )
-            return int(cursor.rowcount)
 
     def logged_after(self, model_version: str, after_rowid: int) -> list[dict[str, Any]]:
-        """A version's predictions with an embedding after a checkpoint (``rowid``), in log order:
-        what the drift monitor reads window by window."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT rowid, created_at, label, confidence, embedding, image_stats FROM predictions "
-                "WHERE model_version = ? AND rowid > ? AND embedding IS NOT NULL ORDER BY rowid",
-                (str(model_version), int(after_rowid)),
-            ).fetchall()
+        """A version's predictions with an embedding after a checkpoint (a ``seq``, named ``rowid``
+        here as the monitor knows it), in log order: what the drift monitor reads window by window."""
+        rows = self.db.query(
+            "SELECT seq, created_at, label, confidence, embedding, image_stats FROM predictions "
+            "WHERE model_version = :version AND seq > :after AND embedding IS NOT NULL ORDER BY seq",
+            {"version": str(model_version), "after": int(after_rowid)},
+        )
         return [
             dict(zip(("rowid", "created_at", "label", "confidence", "embedding", "image_stats"), row)) for row in rows
         ]
 
     def review_image_hashes(self) -> set[str]:
-        with self._lock:
-            rows = self._conn.execute("SELECT DISTINCT image_sha256 FROM predictions WHERE needs_review = 1").fetchall()
-        return {r[0] for r in rows}
+        return {r[0] for r in self.db.query("SELECT DISTINCT image_sha256 FROM predictions WHERE needs_review = 1")}
 
     def review_queue(
         self,
@@ -327,21 +289,20 @@ class PredictionStore:
             "SELECT id, created_at, model_version, label, confidence, probabilities, image_sha256, open_set_score "
             "FROM predictions WHERE needs_review = 1"
         )
-        params: list[Any] = []
-        for column, op, value in (
-            ("label", "=", label),
-            ("model_version", "=", model_version),
-            ("created_at", ">=", since),
-            ("created_at", "<", until),
+        params: dict[str, Any] = {}
+        for name, column, op, value in (
+            ("label", "label", "=", label),
+            ("model_version", "model_version", "=", model_version),
+            ("since", "created_at", ">=", since),
+            ("until", "created_at", "<", until),
         ):
             if value:
-                sql += f" AND {column} {op} ?"
-                params.append(value)
+                sql += f" AND {column} {op} :{name}"
+                params[name] = str(value)
         sql += " ORDER BY label = 'unknown' DESC, confidence ASC, created_at ASC"
         out = []
-        with self._lock:
-            cursor = self._conn.execute(sql, params)
-            for row in cursor:
+        with self.db.reading() as db:
+            for row in db.execute(text(sql), params).mappings():
                 if row["id"] in exclude or not self.image_path(row["image_sha256"]).exists():
                     continue
                 out.append({**dict(row), "probabilities": json.loads(row["probabilities"])})
@@ -350,8 +311,8 @@ class PredictionStore:
         return out
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        """Close the pooled connections (the store opens new ones if used again)."""
+        self.db.dispose()
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -408,16 +369,3 @@ def purge_files(paths: Sequence[Path], still_wanted: Callable[[list[str]], set[s
             moved.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _retry_locked(action, attempts: int = 20) -> Any:
-    """Run ``action``, retrying while another process holds the database (beyond busy_timeout,
-    e.g. while it switches the journal mode at start-up)."""
-    for attempt in range(attempts):
-        try:
-            return action()
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error) and "busy" not in str(error) or attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    return None
