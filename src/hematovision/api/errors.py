@@ -5,20 +5,26 @@ Every refusal answers ``{"error": code, "detail": message}`` with the code repea
 is already shaped, so it passes untouched. Routes raise :class:`ApiError` (the handler that
 :func:`install` adds turns it into the response); the serving layer's domain errors, a refused
 image or no model yet, become one through :func:`from_serving`, which is where their HTTP
-statuses are decided.
+statuses are decided. A database that cannot be reached (lab mode's PostgreSQL down) is a 503
+``database_unavailable`` wherever a route meets it: the handler :func:`install` adds answers it, and
+the routes that shape their own answers pass it through :func:`from_serving`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
+from hematovision.database import DatabaseUnavailable
 from hematovision.serving.images import ImageRejected
 from hematovision.serving.predictor import NotReady
 
+logger = logging.getLogger("hematovision.api")
 ERROR_HEADER = "x-hematovision-error"
+DATABASE_RETRY_SECONDS = 5  # Retry-After while the database is down: a restart or failover takes seconds
 # HTTP status per ImageRejected code; codes not listed are 422 (well-formed request, unusable image).
 IMAGE_STATUS = {
     "too_large": 413,
@@ -56,17 +62,31 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     )
 
 
-def from_serving(error: ImageRejected | NotReady) -> ApiError:
-    """A serving error as the HTTP refusal it means: an image's code decides 4xx, no model is 503."""
+def from_serving(error: ImageRejected | NotReady | DatabaseUnavailable) -> ApiError:
+    """A serving error as the HTTP refusal it means: an image's code decides 4xx, no model or no
+    database is 503."""
+    if isinstance(error, DatabaseUnavailable):
+        logger.error("answering 503: %s", error)  # the server's address stays in the log, not the answer
+        return ApiError(
+            503,
+            "database_unavailable",
+            "the laboratory database cannot be reached right now; nothing was saved, try again shortly",
+            {"retry-after": str(DATABASE_RETRY_SECONDS)},
+        )
     if isinstance(error, NotReady):
         return ApiError(503, error.code, str(error))
     return ApiError(IMAGE_STATUS.get(error.code, 422), error.code, error.message)
 
 
 def install(app: FastAPI) -> None:
-    """Answer every :class:`ApiError` a route of ``app`` raises in the error shape."""
+    """Answer every :class:`ApiError` a route of ``app`` raises in the error shape, and a database
+    that cannot be reached as a 503."""
 
     async def refused(_request: Request, error: ApiError) -> Response:
         return error.response()
 
+    async def database_unavailable(_request: Request, error: DatabaseUnavailable) -> Response:
+        return from_serving(error).response()
+
     app.add_exception_handler(ApiError, refused)
+    app.add_exception_handler(DatabaseUnavailable, database_unavailable)

@@ -3,15 +3,16 @@
 Every command is registered here, in the order ``--help`` lists them; each lives in the module of
 its audience: ``lifecycle`` (the main job, its steps, the registry, retraining, the demo),
 ``service`` (serving and local predictions), ``people`` (accounts, corrections), ``monitor``
-(drift), ``evidence`` (cross-validating recipes), ``deploy`` (lab mode: the Prefect deployments). Exit codes scripts can trust: 0 done, 1 refused or failed (the gate said no, bad input),
-2 usage.
+(drift), ``evidence`` (cross-validating recipes), ``deploy`` (lab mode: the Prefect deployments),
+``database`` (the stores' schema migrations, ``hematovision db upgrade``). Exit codes scripts can
+trust: 0 done, 1 refused or failed (the gate said no, bad input), 2 usage.
 """
 
 from __future__ import annotations
 
 import typer
 
-from hematovision.cli import deploy, evidence, lifecycle, monitor, people, service
+from hematovision.cli import database, deploy, evidence, lifecycle, monitor, people, service
 
 app = typer.Typer(
     help="HematoVision: train, evaluate, register and promote the white-blood-cell classifier.",
@@ -43,6 +44,7 @@ app.command()(evidence.cv)
 app.command()(lifecycle.demo)
 app.add_typer(monitor.monitor_app, name="monitor")
 app.command()(deploy.deploy)
+app.add_typer(database.db_app, name="db")
 
 if __name__ == "__main__":
     app()
