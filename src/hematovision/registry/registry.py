@@ -7,6 +7,7 @@ model so that ``rollback`` knows where to go back to, whoever moved it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hematovision.registry.gate import GateDecision
+    from hematovision.registry.packaging import FlavourDecision
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -105,6 +107,28 @@ class Registry:
     def record_gate(self, version: str | int, decision: GateDecision) -> None:
         """Write the gate's decision and its reasons on the version (tag ``gate``)."""
         self.client.set_model_version_tag(self.name, str(version), "gate", decision.summary()[:5000])
+
+    def record_flavour(self, version: str | int, decision: FlavourDecision, export: bytes | None = None) -> None:
+        """Store a version's int8 export in its own run (same run, lineage and gate as the full
+        model), the comparison's figures as run metrics, and the decision as version tags
+        (``serving_flavour``, its evidence, the export's sha256)."""
+        from hematovision.registry.packaging import EXPORT_DIR, INT8_FILE, INT8_SHA256_TAG
+
+        model_version = self.get_version(version)
+        tags = decision.tags()
+        if model_version.run_id:
+            if export is not None:
+                with tempfile.TemporaryDirectory() as folder:
+                    path = Path(folder) / INT8_FILE
+                    path.write_bytes(export)
+                    self.client.log_artifact(model_version.run_id, str(path), EXPORT_DIR)
+                tags[INT8_SHA256_TAG] = hashlib.sha256(export).hexdigest()
+            for key, value in decision.figures().items():
+                self.client.log_metric(model_version.run_id, key, value)
+        elif decision.flavour != "full":
+            raise RegistryError(f"version {version} has no run to hold its int8 export")
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), key, value)
 
     def rollback(self) -> tuple[str, str]:
         """Move ``champion`` back to the version that held it before; returns (from, to)."""

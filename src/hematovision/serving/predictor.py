@@ -19,6 +19,7 @@ import numpy as np
 
 from hematovision import stores
 from hematovision.model.classifier import Answers
+from hematovision.model.export import flavour_of
 from hematovision.model.gradcam import explain_image
 from hematovision.model.open_set import UNKNOWN
 from hematovision.serving.batcher import Batcher
@@ -67,8 +68,9 @@ class Predictor:
         return self._store
 
     def predict(self, images: Sequence[bytes], errors: Literal["raise", "return"] = "raise") -> list[dict[str, Any]]:
-        """One dict per image: label, confidence, probabilities, model_version, prediction_id,
-        needs_review, cell_in_view (whole / cut / none). A bad image raises :class:`ImageRejected`
+        """One dict per image: label, confidence, probabilities, model_version, model_flavour (``full``
+        or ``int8``: which of the version's flavours answered), prediction_id, needs_review,
+        cell_in_view (whole / cut / none). A bad image raises :class:`ImageRejected`
         (``errors="raise"``) or is answered in place by ``{"error": code, "detail": message}``
         (``errors="return"``). Images that together declare more than ``max_request_pixels``
         refuse the whole request (``too_many_pixels``), before any is decoded."""
@@ -108,6 +110,7 @@ class Predictor:
                     "unknown": record.label == UNKNOWN,
                     "open_set_score": record.open_set_score,
                     "model_version": model.version,
+                    "model_flavour": flavour_of(model.classifier),
                     "prediction_id": record.id,
                     "needs_review": record.needs_review,
                     "cell_in_view": prepared.cell_in_view,

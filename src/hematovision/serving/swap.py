@@ -9,6 +9,11 @@ serving; so does an unreachable registry. A refusal for a passing reason (out of
 network error: :func:`passing_failure`) is retried after a back-off that doubles each time
 (``retry_seconds``, at most an hour); a version that loads but fails the check stays refused.
 ``/model`` says which. Plain Python, so it can be tested without BentoML.
+
+A version whose ``serving_flavour`` tag says ``int8`` is served by its int8 export (the same
+classifier with the backbone run by TensorFlow Lite: ``model/export.py``), fetched from the
+version's run and checked like any model; if the export cannot be fetched, loaded or fails the
+check, the version's full model serves instead (``/model``'s ``flavour_error`` says why).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from hematovision import stores
-from hematovision.registry.packaging import ARTIFACT_KEY, load_classifier
+from hematovision.model.export import INT8, Int8Classifier, flavour_of
+from hematovision.registry.packaging import ARTIFACT_KEY, FLAVOUR_TAG, INT8_SHA256_TAG, download_int8, load_classifier
 from hematovision.registry.registry import Registry
 from hematovision.serving.batcher import run_model
 from hematovision.serving.images import prepare_image
@@ -87,6 +93,11 @@ class LoadedModel:
     loaded_at: str
     registry: dict[str, Any] = field(default_factory=dict)  # tags, metrics, run id of the version
 
+    @property
+    def flavour(self) -> str:
+        """Which flavour answers: ``int8`` (the export) or ``full``."""
+        return flavour_of(self.classifier)
+
 
 class RegistrySource:
     """Where versions come from: the platform's registry (``stores.registry``), opened at first use."""
@@ -132,6 +143,12 @@ class RegistrySource:
         uri = f"models:/{registry.name}/{version}"
         return f"{mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=into)}/artifacts/{ARTIFACT_KEY}"
 
+    def download_int8(self, info: dict[str, Any], into: str) -> bytes:
+        """The int8 export the registry compared for the version ``info`` describes (its run's
+        artifact, checked against the version's ``int8_sha256`` tag)."""
+        _ = self.registry  # opening it points MLflow's artifact downloads at the registry
+        return download_int8(info["run_id"], into, info.get("tags", {}).get(INT8_SHA256_TAG)).read_bytes()
+
 
 class ModelWatcher:
     """The model one serving worker answers with, and the thread that keeps it current."""
@@ -157,6 +174,7 @@ class ModelWatcher:
         self._refused: dict[str, dict[str, Any]] = {}
         self._retry_at: dict[str, float] = {}  # version -> monotonic time of its next try (passing failures)
         self._loading: str | None = None
+        self._flavour_error: dict[str, str] | None = None  # why the version's int8 flavour is not serving
         self._last_error: dict[str, str] | None = None
         self._last_poll: str | None = None
         self._stop = threading.Event()
@@ -244,7 +262,11 @@ class ModelWatcher:
             try:  # loading and checking: failures are the version's, remembered
                 started = time.perf_counter()
                 classifier = self._load(local)
-                self._check(classifier)
+                flavoured = self._flavoured(version, info, classifier, workdir)
+                if flavoured is None:
+                    self._check(classifier)
+                else:
+                    classifier = flavoured
             except Exception as error:  # noqa: BLE001 - any failure refuses the version, not the worker
                 self._refuse(version, error)
                 return
@@ -254,14 +276,31 @@ class ModelWatcher:
             self._refused.pop(version, None)  # a passing failure that passed
             self._retry_at.pop(version, None)
             logger.info(
-                "now serving model version %s (was %s); loaded and checked in %.1f s",
+                "now serving model version %s (%s; was %s); loaded and checked in %.1f s",
                 version,
+                self._current.flavour,
                 previous,
                 time.perf_counter() - started,
             )
         finally:
             self._loading = None
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _flavoured(self, version: str, info: dict[str, Any], classifier, workdir: str):
+        """The version's int8 flavour, checked, when its tag asks for it; None to serve the full model
+        (not asked, or the export failed: the full model is the one the gate judged)."""
+        self._flavour_error = None
+        if info.get("tags", {}).get(FLAVOUR_TAG) != INT8:
+            return None
+        try:
+            int8 = Int8Classifier.from_classifier(classifier, self.source.download_int8(info, workdir))
+            self._check(int8)
+            return int8
+        except Exception as error:  # noqa: BLE001 - the full model of the same version serves instead
+            reason = f"{type(error).__name__}: {error}"[:500]
+            logger.error("version %s: int8 flavour not served, serving its full model: %s", version, reason)
+            self._flavour_error = {"version": version, "reason": reason, "at": utc_now()}
+            return None
 
     def _refuse(self, version: str, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"[:500]
@@ -304,6 +343,8 @@ class ModelWatcher:
             "model": self.settings.registry.registered_model,
             "alias": self.alias,
             "version": self.version,
+            "flavour": current.flavour if current else None,
+            "flavour_error": self._flavour_error,
             "loaded_at": current.loaded_at if current else None,
             "data_hash": info.get("data_hash"),
             "run_id": info.get("run_id"),
@@ -329,6 +370,9 @@ class ModelWatcher:
             "# HELP hematovision_model_ready 1 when a checked model is loaded.\n"
             "# TYPE hematovision_model_ready gauge\n"
             f"hematovision_model_ready {int(self.ready)}\n"
+            "# HELP hematovision_model_int8 1 when the served version answers with its int8 export.\n"
+            "# TYPE hematovision_model_int8 gauge\n"
+            f"hematovision_model_int8 {int(self._current is not None and self._current.flavour == INT8)}\n"
             "# HELP hematovision_model_refused Versions this worker refused to serve.\n"
             "# TYPE hematovision_model_refused gauge\n"
             f"hematovision_model_refused {refused}\n"

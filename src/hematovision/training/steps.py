@@ -26,7 +26,7 @@ from hematovision.data.dvc import dvc_data_hash
 from hematovision.model.classifier import Classifier, ClassifierConfig
 from hematovision.model.embeddings import cached_embeddings
 from hematovision.monitoring.drift import log_reference
-from hematovision.params import Params
+from hematovision.params import Params, load_params
 from hematovision.progress import counting
 from hematovision.registry import gate
 from hematovision.registry.paired import pair_answers
@@ -212,9 +212,11 @@ def _reporting(progress: Progress | None, what: str) -> Callable[[int, int], Non
 
 
 # --- register and promote -------------------------------------------------------------------------
-def register_step(settings: Settings) -> dict[str, Any]:
+def register_step(settings: Settings, params: Params | None = None) -> dict[str, Any]:
     """Register the trained run's model as a new version (alias ``challenger``), tagged with its
-    lineage and headline metrics."""
+    lineage and headline metrics; with ``export.int8``, build its int8 flavour and decide which
+    flavour serves (:func:`int8_flavour_step`). ``params``: the project's ``params.yaml`` unless given."""
+    params = params or load_params(settings.path(Path("params.yaml")), None)
     report = load_train_report(settings)
     metrics_path = settings.path(settings.paths.reports_dir) / METRICS_FILE
     evaluation = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -236,7 +238,58 @@ def register_step(settings: Settings) -> dict[str, Any]:
         if key in source:
             tags[f"{split}_{key}"] = f"{source[key]:.4f}"
     version = stores.registry(settings).register(report["model_uri"], tags)
-    return {"version": version, "tags": tags}
+    registered: dict[str, Any] = {"version": version, "tags": tags}
+    if params.export.int8:
+        registered["flavour"] = int8_flavour_step(settings, params, version)
+    return registered
+
+
+CALIBRATION_IMAGES_PER_CLASS = 32  # real training crops that calibrate the int8 export's ranges
+
+
+def int8_flavour_step(settings: Settings, params: Params, version: str) -> dict[str, Any]:
+    """Export ``version``'s backbone to int8 (calibrated on training crops of the prepared split),
+    answer this run's validation cells with both flavours, and record which one serves: int8 only
+    when the paired interval of (int8 - full) accuracy lies above ``-export.max_accuracy_loss``
+    (``packaging.choose_flavour``). The version is registered whatever happens here: a failed
+    export leaves it serving its full model, with the reason on its ``serving_flavour_evidence`` tag."""
+    from hematovision.model.export import FULL, export_int8
+    from hematovision.registry.packaging import FlavourDecision, load_classifier
+
+    registry = stores.registry(settings)
+    started = time.perf_counter()
+    try:
+        classifier = load_classifier(f"models:/{registry.name}/{version}")
+        manifest = load_manifest(settings)
+        data_dir = settings.path(settings.paths.data_dir)
+        calibration = manifest[manifest.split == "train"].groupby("label", group_keys=False)
+        calibration = calibration.apply(
+            lambda g: g.sample(min(len(g), CALIBRATION_IMAGES_PER_CLASS), random_state=params.seed)
+        )
+        export = export_int8(classifier, classifier.crops([data_dir / p for p in calibration.path]))
+        decision = compare_flavours(settings, params, classifier, export, manifest)
+    except Exception as error:  # the version stands; only its cheaper flavour is lost
+        logger.warning("no int8 flavour for version %s: %s", version, error, exc_info=True)
+        export, decision = None, FlavourDecision(FULL, f"full: the int8 export failed: {type(error).__name__}: {error}")
+    registry.record_flavour(version, decision, export)
+    logger.info("version %s serves %s (%.0f s)", version, decision.reason, time.perf_counter() - started)
+    return {"flavour": decision.flavour, "reason": decision.reason, **decision.figures()}
+
+
+def compare_flavours(settings: Settings, params: Params, classifier: Classifier, export: bytes, manifest: pd.DataFrame):
+    """Both flavours of ``classifier`` on the manifest's validation cells (the rows the gate scores;
+    the full model's answers through the embedding cache, the export's under its own fingerprint),
+    paired: the full model as the champion, the export as the challenger."""
+    from hematovision.model.export import Int8Classifier
+    from hematovision.registry.packaging import choose_flavour
+
+    val_rows = limit_per_cell(manifest[manifest.split == "val"], params.train.max_images_per_cell, params.seed)
+    answers = {}
+    with stores.embedding_cache(settings) as cache:
+        for who, model in (("full", classifier), ("int8", Int8Classifier.from_classifier(classifier, export))):
+            answers[who] = score_rows(model, val_rows, settings.path(settings.paths.data_dir), cache, 0, params.seed)[1]
+    paired = pair_answers(answers["full"], answers["int8"])
+    return choose_flavour(paired, classifier.classes, params.export, params.promote)
 
 
 def promote_step(settings: Settings, params: Params, version: str, force: bool = False) -> gate.GateDecision:
