@@ -8,15 +8,23 @@ of the channels, so those are jittered per image.
 
 from __future__ import annotations
 
+from hematovision.data.stain import jitter_stains
 
-def augment_crop(image, colour_jitter: float, seed=None, crop_jitter: float = 0.0):
+
+def augment_crop(image, colour_jitter: float, seed=None, crop_jitter: float = 0.0, stain_jitter: float = 0.0):
     """One random variant of a (H, W, 3) float32 crop in 0..255 (a tf.data map function).
+
+    ``stain_jitter`` > 0 first varies the amount of each stain in optical density
+    (:func:`hematovision.data.stain.jitter_stains`): another laboratory's staining, not just another
+    light.
 
     ``crop_jitter`` > 0 cuts a random square of (1 - crop_jitter .. 1) x the side out of the crop
     and scales it back: the cell a little larger and off-centre, as when the localiser's box lands
     differently on a rotated or shifted copy (TEST holds many such copies)."""
     import tensorflow as tf
 
+    if stain_jitter > 0:
+        image = jitter_stains(image, stain_jitter)
     if crop_jitter > 0:
         side = tf.random.uniform([], 1.0 - crop_jitter, 1.0)
         y0, x0 = tf.random.uniform([], 0.0, 1.0 - side), tf.random.uniform([], 0.0, 1.0 - side)

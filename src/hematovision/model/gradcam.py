@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from hematovision.data import stain
 from hematovision.data.imaging import load_rgb
 from hematovision.data.localize import WbcBox, crop_wbc, locate_wbc
 from hematovision.model.classifier import Classifier
@@ -92,7 +93,9 @@ def gradcam(classifier: Classifier, crop: np.ndarray, class_index: int | None = 
     if class_index is not None and not 0 <= class_index < len(classifier.classes):
         raise ValueError(f"class_index must be in 0..{len(classifier.classes) - 1}, got {class_index}")
     requested = np.int32(-1 if class_index is None else class_index)
-    heatmap, used, probabilities = run(crop[None].astype(np.float32), requested)
+    # The network sees the crop as Classifier.embed hands it over: stain-normalised.
+    prepared = stain.normalise(crop[None].astype(np.float32), classifier.config.stain)
+    heatmap, used, probabilities = run(prepared, requested)
     return np.asarray(heatmap, np.float32), int(used), np.asarray(probabilities)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hematovision import CLASSES
+from hematovision.data import stain
 from hematovision.data.augment import augment_crop
 from hematovision.data.dataset import label_indices, limit_per_cell
 from hematovision.model.classifier import Classifier, ClassifierConfig, read_crops
@@ -72,6 +73,7 @@ def train(
             backbone=params.model.backbone,
             dropout=params.model.dropout,
             tta_views=params.model.tta_views,
+            stain=stain.check_method(params.model.stain),
         )
     )
     started = time.perf_counter()
@@ -195,16 +197,33 @@ def _finetune_dataset(crops: np.ndarray, labels: np.ndarray, params: Params, aug
         per_class.append(tf.data.Dataset.from_tensor_slices(index).shuffle(len(index), seed=params.seed).repeat())
     indices = tf.data.Dataset.sample_from_datasets(per_class, seed=params.seed)
     crops_t, labels_t = tf.constant(crops), tf.constant(labels)
-    jitter, crop_jitter = params.train.colour_jitter, params.train.crop_jitter
+    jitter, crop_jitter, stain_jitter = params.train.colour_jitter, params.train.crop_jitter, params.train.stain_jitter
+    method = params.model.stain
+
+    def normalise(batch):
+        # The keras model takes crops as the backbone does; Classifier.embed normalises the stain
+        # before it at every other call, so fine-tuning must see crops the same way: augmented as a
+        # raw crop (another laboratory's crop), then normalised.
+        if method == "none":
+            return batch
+        out = tf.numpy_function(lambda x: stain.normalise(x, method), [batch], tf.float32)
+        return tf.ensure_shape(out, batch.shape)
+
     return (
         indices.map(
             lambda i: (
-                augment(tf.cast(tf.gather(crops_t, i), tf.float32), jitter, crop_jitter=crop_jitter),
+                augment(
+                    tf.cast(tf.gather(crops_t, i), tf.float32),
+                    jitter,
+                    crop_jitter=crop_jitter,
+                    stain_jitter=stain_jitter,
+                ),
                 tf.gather(labels_t, i),
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
         .batch(params.train.batch_size)
+        .map(lambda x, y: (normalise(x), y), num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(2)
     )
 
