@@ -28,6 +28,8 @@ PBC = SHARED / "pbc-sample"
 KAGGLE_CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 
 os.environ.update(TELEMETRY_OFF)
+# The throwaway PostgreSQL's fixtures (postgres_server, postgres_url, backend) for every test folder.
+pytest_plugins = ["postgres"]
 
 
 def copy_cells(split: str, cls: str, dest: Path, cells: int, per_cell: int) -> None:
