@@ -1,5 +1,7 @@
 """A throwaway PostgreSQL server for tests: Debian's ``postgresql`` binaries (``.ci/run`` installs
 them), a cluster in a temporary folder on a free port of 127.0.0.1, stopped and deleted afterwards.
+Its fixtures are a plugin of ``tests/conftest.py`` (``pytest_plugins``), so every test folder has
+them: a second ``conftest.py`` would shadow the top one, which test modules import as ``conftest``.
 
 ``initdb`` and ``postgres`` refuse to run as root; as root (CI containers, this machine) the cluster
 belongs to the unprivileged ``postgres`` user the package creates (``nobody`` without it) and every
@@ -20,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from hematovision.api.process import free_port
 
@@ -94,3 +97,36 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's PostgreSQL server, running at the start of every test that asks for it."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL binaries (apt-get install postgresql; .ci/run installs them)")
+    server = PostgresServer(bindir)
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh database in the running server (a test that stopped the server gets it back)."""
+    if not postgres_server.running():
+        postgres_server.start()
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path) -> dict[str, str | Path]:
+    """Where each store lives for this run: its own sqlite file, or one fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return {
+            "lab": tmp_path / "lab.sqlite",
+            "predictions": tmp_path / "predictions.sqlite",
+            "monitoring": tmp_path / "monitor.sqlite",
+        }
+    url = request.getfixturevalue("postgres_url")
+    return dict.fromkeys(("lab", "predictions", "monitoring"), url)

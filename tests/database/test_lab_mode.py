@@ -82,7 +82,7 @@ def test_two_processes_share_the_log_the_review_queue_and_the_corrections(postgr
     assert seen == {"queue": [], "corrections": [correction["id"]]}
 
 
-def test_postgresql_down_then_back_nothing_acknowledged_is_lost(postgres, postgres_url, tmp_path):
+def test_postgresql_down_then_back_nothing_acknowledged_is_lost(postgres_server, postgres_url, tmp_path):
     corrections = Corrections(postgres_url, tmp_path / "corrected")
     accounts = Accounts(postgres_url)
     log = PredictionStore(postgres_url, tmp_path / "kept")
@@ -112,7 +112,7 @@ def test_postgresql_down_then_back_nothing_acknowledged_is_lost(postgres, postgr
     writer.start()
     try:
         assert enough_before.wait(WAIT_SECONDS)
-        postgres.stop()
+        postgres_server.stop()
         assert refused_once.wait(WAIT_SECONDS)
         # Every store says so, with the one exception type, while the server is down.
         for call in (
@@ -124,13 +124,13 @@ def test_postgresql_down_then_back_nothing_acknowledged_is_lost(postgres, postgr
         ):
             with pytest.raises(DatabaseUnavailable, match="unavailable"):
                 call()
-        postgres.start()
+        postgres_server.start()
         assert enough_after.wait(WAIT_SECONDS)  # the same store, the same process: no restart
     finally:
         stop.set()
         writer.join()
-        if not postgres.running():
-            postgres.start()
+        if not postgres_server.running():
+            postgres_server.start()
 
     assert refused and len(acknowledged) >= 10
     assert set(acknowledged) <= {row["id"] for row in corrections.all()}  # every acknowledged correction is there
@@ -139,7 +139,9 @@ def test_postgresql_down_then_back_nothing_acknowledged_is_lost(postgres, postgr
     assert state.get("checkpoint:3") == 7 and log.count() == 0
 
 
-def test_the_service_answers_503_while_postgresql_is_down_and_recovers(postgres, postgres_url, tmp_path, monkeypatch):
+def test_the_service_answers_503_while_postgresql_is_down_and_recovers(
+    postgres_server, postgres_url, tmp_path, monkeypatch
+):
     monkeypatch.setenv("HEMATOVISION_PROJECT_DIR", str(tmp_path))
     monkeypatch.setenv("HEMATOVISION_DATABASE_URL", postgres_url)
     get_settings.cache_clear()
@@ -160,19 +162,19 @@ def test_the_service_answers_503_while_postgresql_is_down_and_recovers(postgres,
     try:
         first = correct(1)
         assert first.status_code == 201, first.text
-        postgres.stop()
+        postgres_server.stop()
         for refused in (correct(2), client.post("/login", data={"username": "pat", "password": PASSWORD})):
             assert refused.status_code == 503, refused.text
             assert refused.json()["error"] == "database_unavailable"
             assert refused.headers["retry-after"] == str(errors.DATABASE_RETRY_SECONDS)
             assert "127.0.0.1" not in refused.text  # where the database is stays in the server's log
-        postgres.start()
+        postgres_server.start()
         second = correct(3)
         assert second.status_code == 201, second.text
         assert client.post("/login", data={"username": "pat", "password": PASSWORD}).status_code == 200
     finally:
-        if not postgres.running():
-            postgres.start()
+        if not postgres_server.running():
+            postgres_server.start()
         get_settings.cache_clear()
     stored = {row["id"] for row in Corrections(postgres_url, tmp_path / "x").all()}
     assert stored == {first.json()["id"], second.json()["id"]}
