@@ -53,10 +53,22 @@ def main() -> None:
     summary = result["summary"]
 
     lines = [f"\n## Cross-validation of recipes — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"]
-    if args.profile:
+    if args.profile == "quick":
         lines.append(
-            f"**Smoke run on the `{args.profile}` profile** (`benchmarks/cv.py --profile {args.profile}`): it shows "
+            "**Smoke run on the `quick` profile** (`benchmarks/cv.py --profile quick`): it shows "
             "that the machinery works; its figures are NOT evidence for choosing a recipe."
+        )
+    elif args.profile:
+        lines.append(
+            f"**Reduced budget: every recipe on the `{args.profile}` profile** (see params.yaml): the recipes are "
+            "ranked against each other at that budget, paired on the same folds; the figures are not what a "
+            "recipe reaches at the full budget."
+        )
+    if any("site_accuracy" in s for s in summary["by_recipe"].values()):
+        lines.append(
+            f"- site_*: the second laboratory (pbc-sample, {cv.SITE_IMAGES_PER_CLASS} images of each of the four "
+            "classes, distinct cells), answered by every fold's model before any correction; site_min_f1 is the "
+            "weakest class's F1. This site informs the choice of recipe: it is no longer an independent test."
         )
     lines += [
         f"- machine: {machine()}",
@@ -83,7 +95,8 @@ def main() -> None:
             f"- {recipe}: "
             + "; ".join(
                 f"fold {f['fold']} {f['metrics']['accuracy']:.3f} / {f['metrics']['macro_f1']:.3f}, "
-                f"{len(f['held_out_cells'])} cells, {f['n_held_out_images']} images, {f['timings']['fold_s']:.0f} s"
+                + (f"site {f['site_metrics']['accuracy']:.3f}, " if f.get("site_metrics") else "")
+                + f"{len(f['held_out_cells'])} cells, {f['n_held_out_images']} images, {f['timings']['fold_s']:.0f} s"
                 for f in folds
             )
         )

@@ -37,6 +37,7 @@ def fold_task(
     logger = get_run_logger()
     params = cv.recipe_params(Path(params_file), recipe, profile)
     manifest = load_manifest(settings)
+    site = settings.path(settings.paths.new_site_source)
     # Recomputed from (k, seed) rather than shipped: a task on another worker gets the same folds.
     folds = cv.fold_assignments(manifest, k, seed)
     report = reporter(logger)
@@ -49,6 +50,7 @@ def fold_task(
             params,
             cache,
             lambda what, done, total: report(f"{recipe} fold {fold + 1}/{k}: {what}", done, total),
+            site=site if site.is_dir() else None,
         )
     result["run_id"] = cv.log_fold(parent_run_id, recipe, params, result)
     m = result["metrics"]

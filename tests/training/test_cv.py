@@ -126,6 +126,25 @@ def test_summary_has_mean_and_corrected_t_interval_per_metric():
     assert one["mean"] == 0.5 and math.isnan(one["low"])
 
 
+def test_the_second_site_is_summarised_with_its_weakest_class():
+    folds = [fold_result(i, a) for i, a in enumerate([0.8, 0.9, 0.85])]
+    for fold, site_accuracy in zip(folds, [0.6, 0.7, 0.65]):
+        per_class = {c: {"f1": 0.7, "support": 150} for c in CLASSES}
+        per_class["monocyte"] = {"f1": site_accuracy - 0.4, "support": 150}
+        per_class["basophil"] = {"f1": 0.0, "support": 0}  # a type the model lacks: no F1 of its own
+        fold["site_metrics"] = {"accuracy": site_accuracy, "macro_f1": site_accuracy - 0.1, "per_class": per_class}
+    summary = cv.summarise(folds)
+    assert summary["site_accuracy"]["mean"] == pytest.approx(0.65)
+    assert summary["site_min_f1"]["mean"] == pytest.approx(0.25)  # the monocytes, not the absent basophils
+    better = [
+        {**f, "site_metrics": {**f["site_metrics"], "accuracy": f["site_metrics"]["accuracy"] + 0.1}} for f in folds
+    ]
+    compared = cv.summarise_recipes({"default": folds, "stain": better}, k=3, seed=0)
+    assert compared["vs_first"]["stain"]["site_accuracy"]["mean"] == pytest.approx(0.1)
+    assert "site_accuracy" in compared["table"].splitlines()[0]
+    assert "site_accuracy" not in cv.summarise([fold_result(0, 0.8), fold_result(1, 0.9)])  # no site: no column
+
+
 def test_recipes_are_compared_paired_over_the_same_folds():
     base = [fold_result(i, a) for i, a in enumerate([0.8, 0.9, 0.85])]
     better = [fold_result(i, a + 0.05) for i, a in enumerate([0.8, 0.9, 0.85])]
@@ -200,6 +219,9 @@ def test_cv_flow_logs_folds_under_one_parent_run(project, trained):
             summary["by_recipe"]["default"][metric]["mean"]
         )
     assert "cv_default_accuracy_low" in parent.data.metrics and "cv_default_accuracy_high" in parent.data.metrics
+    # Every fold's model also answered the second laboratory (the project's new-site folder).
+    assert all(f["site_metrics"]["n_images"] > 0 for f in folds)
+    assert "cv_default_site_accuracy_mean" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "cv")}
     assert {"cv/summary.json", "cv/table.md"} <= artifacts
     children = client.search_runs(
@@ -208,7 +230,7 @@ def test_cv_flow_logs_folds_under_one_parent_run(project, trained):
     assert sorted(c.data.params["cv.fold"] for c in children) == ["0", "1"]
     for child in children:
         assert child.info.status == "FINISHED"
-        assert {"heldout_accuracy", "heldout_macro_f1", "time_fold_s"} <= set(child.data.metrics)
+        assert {"heldout_accuracy", "heldout_macro_f1", "site_accuracy", "time_fold_s"} <= set(child.data.metrics)
         assert child.data.params["model.image_size"] == "96"
 
 
