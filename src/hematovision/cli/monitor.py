@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from hematovision.cli.common import console, fail
-from hematovision.monitoring.monitor import MonitoringError, workspace_project
+from hematovision.monitoring.monitor import MonitoringError
+from hematovision.monitoring.workspace import workspace_project
 from hematovision.settings import get_settings
 
 monitor_app = typer.Typer(help="Drift monitoring of the champion's predictions (Evidently).", no_args_is_help=True)
@@ -53,9 +54,16 @@ def monitor_run(
 
 @monitor_app.command("ui")
 def monitor_ui(
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on: 127.0.0.1 keeps it on this machine; the host's address (or 0.0.0.0) "
+            "lets ops open it from theirs (the Evidently UI has no sign-in: keep it on the lab's network)."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
 ):
-    """Open the Evidently UI on the monitoring workspace (127.0.0.1 only; telemetry off)."""
+    """Serve the Evidently UI on the monitoring workspace (telemetry off)."""
 
     settings = get_settings()
     workspace_project(settings)  # the project and its dashboard exist before the first window
@@ -63,5 +71,6 @@ def monitor_ui(
     if evidently is None:
         fail("evidently is not installed in this environment")
     workspace = str(settings.path(settings.monitoring.workspace))
-    console.print(f"Evidently UI on http://127.0.0.1:{port}/ (workspace {workspace})")
-    os.execv(evidently, [evidently, "ui", "--workspace", workspace, "--host", "127.0.0.1", "--port", str(port)])
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"Evidently UI on http://{shown}:{port}/ (workspace {workspace})")
+    os.execv(evidently, [evidently, "ui", "--workspace", workspace, "--host", host, "--port", str(port)])

@@ -11,7 +11,8 @@ One monitoring run (:func:`run_monitoring`, called by ``flows/monitoring.py`` an
    profiled by this reference; while the service moves to a new champion (a few seconds of alias
    polling) the old version's rows are left out, and a new champion starts with fresh windows;
 3. checks each window with Evidently (``drift.check_window``), saves its HTML report, adds its
-   snapshot to the Evidently workspace (a project with a dashboard panel per signal) and records it;
+   snapshot to the Evidently workspace (a project with a dashboard panel per signal; in lab mode
+   also to ops' Evidently UI service: ``monitoring/workspace.py``) and records it;
 4. decides with :func:`should_retrain`: drift for ``drift.persistence`` consecutive windows, or
    ``monitoring.retrain_min_corrections`` corrections since the champion was registered, raise an
    alert (one per drift episode, one per champion for corrections): logged, stored, POSTed to
@@ -43,13 +44,13 @@ from hematovision import stores
 from hematovision.database import utc_now
 from hematovision.monitoring.drift import DriftPolicy, check_window, fetch_reference, profile_frame
 from hematovision.monitoring.state import MonitorState
+from hematovision.monitoring.workspace import REMOTE_STATE_KEY, SnapshotSink
 from hematovision.registry.registry import CHAMPION
 from hematovision.serving.prediction_log import PredictionStore, decode_embedding
 from hematovision.settings import Settings, get_settings
 
 logger = logging.getLogger("hematovision.monitoring.monitor")
 
-PROJECT_NAME = "HematoVision drift"
 # Starts retraining and returns what it did (the flow's summary, or a deployment run's id).
 RetrainingTrigger = Callable[[], Any]
 
@@ -191,45 +192,6 @@ def corrections_since(settings: Settings, since: str | None) -> tuple[int, int]:
     return total, (total if since is None else corrections.count_since(since))
 
 
-# --- the Evidently workspace ------------------------------------------------------------------------
-def workspace_project(settings: Settings):
-    """The workspace and its drift project, created with one dashboard panel per signal."""
-    from evidently.sdk.models import PanelMetric  # heavy: Evidently loads only when a window is judged
-    from evidently.sdk.panels import line_plot_panel, text_panel
-
-    workspace = stores.drift_workspace(settings)
-    found = workspace.search_project(PROJECT_NAME)
-    if found:
-        return workspace, found[0]
-    project = workspace.create_project(
-        PROJECT_NAME, description="Each window of the champion's predictions against its reference profile."
-    )
-    dashboard = project.dashboard
-    dashboard.add_panel(
-        text_panel("HematoVision drift", "One point per window of the prediction log; thresholds in settings.py")
-    )
-    panels = [
-        ("Image statistics: share of drifted statistics", "DriftedColumnsCount", {"value_type": "share"}, "share"),
-        ("Embeddings: MMD on PCA of the reference", "EmbeddingsDrift", {}, "MMD"),
-        ("Predictions: class mix (Jensen-Shannon distance)", "ValueDrift", {"column": "label"}, "JS distance"),
-        ("Confidence (normed Wasserstein distance)", "ValueDrift", {"column": "confidence"}, "Wasserstein"),
-    ]
-    for title, metric, labels, legend in panels:
-        dashboard.add_panel(
-            line_plot_panel(title, [PanelMetric(legend=legend, metric=metric, metric_labels=labels)], size="half")
-        )
-    dashboard.add_panel(
-        line_plot_panel(
-            "Image statistics, each (normed Wasserstein distance)",
-            [
-                PanelMetric(legend=column, metric="ValueDrift", metric_labels={"column": column})
-                for column in ("brightness", "saturation", "hue", "sharpness", "dark_fraction")
-            ],
-        )
-    )
-    return workspace, project
-
-
 # --- one run ---------------------------------------------------------------------------------------
 def champion(settings: Settings) -> tuple[str, str]:
     """(version, registered-at ISO time) of the champion."""
@@ -258,7 +220,7 @@ def check_windows(
     policy = DriftPolicy.from_settings(settings)
     reports_dir = settings.path(settings.monitoring.reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    workspace, project = workspace_project(settings)
+    snapshots = SnapshotSink(settings, state)
     recorded = []
     for window in windows:
         if settings.monitoring.window == "time" and len(window) < settings.monitoring.min_window_size:
@@ -295,7 +257,7 @@ def check_windows(
         report = f"window-{window_id:06d}.html"
         result.snapshot.save_html(str(reports_dir / report))
         state.set_report(window_id, report)
-        workspace.add_run(project.id, result.snapshot)
+        remote = snapshots.add(window_id, result.snapshot)
         state.put(checkpoint_key, row["last_rowid"])
         drifted = [name for name, signal in result.signals.items() if signal["drift"]]
         (logger.warning if result.drifting else logger.info)(
@@ -308,7 +270,7 @@ def check_windows(
             "DRIFTING" if result.drifting else "no drift",
             f" (signals: {', '.join(drifted)})" if drifted else "",
         )
-        recorded.append({**row, "id": window_id, "report": report})
+        recorded.append({**row, "id": window_id, "report": report} | ({"remote": remote} if remote else {}))
     prune_reports(settings, state)
     return recorded
 
@@ -403,6 +365,7 @@ def ops_status(settings: Settings | None = None, state: MonitorState | None = No
         "last_run": state.get("last_run"),
         "retrain_trigger": settings.monitoring.retrain_trigger,
         "persistence": settings.drift.persistence,
+        "remote_workspace": state.get(REMOTE_STATE_KEY) if settings.monitoring.workspace_url else None,
         "alerts": [
             {**a, "report_url": f"/ops/reports/{a['detail']['report']}" if a["detail"].get("report") else None}
             for a in state.alerts(limit)
