@@ -474,3 +474,6 @@ def quiet_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # mlflow draws a progress bar per artifact download; in a server log that is noise.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The embedded mode starts Prefect's API in a subprocess per flow; Prefect gives it 20 s, which a
+    # 2-core machine busy training (or running the test suite) overruns, failing the whole flow.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
