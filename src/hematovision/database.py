@@ -214,6 +214,17 @@ def _retry_locked(action, attempts: int = 20) -> Any:
     return None
 
 
+def _forget_connections_in_child() -> None:
+    """A forked process (a serving worker) must not use its parent's connections: sqlite's locks
+    and a PostgreSQL session belong to one process. Drop them (unclosed: they are the parent's);
+    the child's pools open their own. No lock taken: another thread may have held it at the fork."""
+    for database in list(_databases.values()):
+        database.engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_connections_in_child)
+
+
 def get(target: str | Path, synchronous: str = "FULL") -> Database:
     """The process' database for ``target`` (a sqlite file or a PostgreSQL URL), as it is (no
     migration); ``synchronous`` is a sqlite file's durability (FULL or NORMAL), set when first opened."""
