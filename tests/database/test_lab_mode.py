@@ -178,3 +178,36 @@ def test_the_service_answers_503_while_postgresql_is_down_and_recovers(
         get_settings.cache_clear()
     stored = {row["id"] for row in Corrections(postgres_url, tmp_path / "x").all()}
     assert stored == {first.json()["id"], second.json()["id"]}
+
+
+FIRST_USE = """
+import sys
+from pathlib import Path
+from hematovision.lab.accounts import Accounts
+from hematovision.monitoring.state import MonitorState
+from hematovision.serving.prediction_log import PredictionStore
+
+lab, predictions, monitoring, folder = sys.argv[1:5]
+Accounts(lab).sign_in_failed("someone", sys.argv[5], window=60)
+PredictionStore(predictions, Path(folder))
+MonitorState(monitoring).put("started:" + sys.argv[5], True)
+"""
+
+
+def test_processes_starting_together_migrate_one_after_the_other(backend, tmp_path):
+    """Replicas of a new version start at once on a fresh database: each store's first use migrates,
+    under a lock (sqlite's write lock, PostgreSQL's advisory lock), and none of them fails."""
+    stores = [str(backend[store]) for store in ("lab", "predictions", "monitoring")]
+    starting = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_USE, *stores, str(tmp_path / "kept"), f"replica-{n}"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(3)
+    ]
+    for process in starting:
+        _, errors_seen = process.communicate()
+        assert process.returncode == 0, errors_seen
+    assert Accounts(backend["lab"]).sign_in_failures() == 3
+    assert MonitorState(backend["monitoring"]).get("started:replica-2") is True
