@@ -120,24 +120,48 @@ class Database:
             _sqlite_pragmas(self.engine, self.path, synchronous)
         self.dialect = self.engine.dialect.name
         self._writer = self.engine.execution_options(write=True)
+        # The stores whose tables this process uses here, and those already at this version's schema.
+        self._stores: set[str] = set()
+        self._migrated: set[str] = set()
+        self._migrating = threading.Lock()
+
+    def require(self, store: str) -> None:
+        """Note that ``store``'s tables are used here: the first use migrates them (not this call,
+        so a store can be made while the database is down)."""
+        self._stores.add(store)
+
+    def _ensure_schema(self) -> None:
+        if self._stores <= self._migrated:
+            return
+        with self._migrating:
+            for store in sorted(self._stores - self._migrated):
+                migrations.upgrade(self, store)
+                self._migrated.add(store)
 
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """All or nothing: COMMIT on success (durable when this returns), ROLLBACK on any exception."""
-        with self._reachable(), self._writer.begin() as connection:
-            yield connection
+    def transaction(self, migrated: bool = True) -> Iterator[Connection]:
+        """All or nothing: COMMIT on success (durable when this returns), ROLLBACK on any exception.
+        ``migrated=False`` is for the migrations themselves: no schema check first."""
+        with self._reachable():
+            if migrated:
+                self._ensure_schema()
+            with self._writer.begin() as connection:
+                yield connection
 
     @contextmanager
-    def reading(self) -> Iterator[Connection]:
+    def reading(self, migrated: bool = True) -> Iterator[Connection]:
         """A connection for reads (one consistent snapshot on sqlite; each statement its own on
         PostgreSQL's default READ COMMITTED)."""
-        with self._reachable(), self.engine.connect() as connection:
-            yield connection
-            connection.rollback()
+        with self._reachable():
+            if migrated:
+                self._ensure_schema()
+            with self.engine.connect() as connection:
+                yield connection
+                connection.rollback()
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple]:
         """A read, fully fetched."""
@@ -238,7 +262,8 @@ def get(target: str | Path, synchronous: str = "FULL") -> Database:
 
 def connect(target: str | Path, store: str, synchronous: str = "FULL") -> Database:
     """The process' database for ``target``, with the tables of ``store`` (``lab``, ``predictions``,
-    ``monitoring``: see :mod:`hematovision.migrations`) migrated to this version on first use."""
+    ``monitoring``: see :mod:`hematovision.migrations`) migrated to this version on first use.
+    Nothing is opened yet: a store made while its database is down works once it is back."""
     database = get(target, synchronous)
-    migrations.ensure(database, store)
+    database.require(store)
     return database

@@ -139,6 +139,22 @@ def test_postgresql_down_then_back_nothing_acknowledged_is_lost(postgres_server,
     assert state.get("checkpoint:3") == 7 and log.count() == 0
 
 
+def test_a_store_made_while_postgresql_is_down_migrates_and_works_once_it_is_back(
+    postgres_server, postgres_url, tmp_path
+):
+    """A replica that starts during an outage starts (stores touch nothing when made); its first use
+    after the server is back migrates the fresh database."""
+    postgres_server.stop()
+    try:
+        corrections = Corrections(postgres_url, tmp_path / "corrected")
+        with pytest.raises(DatabaseUnavailable):
+            corrections.count()
+    finally:
+        postgres_server.start()
+    assert corrections.count() == 0
+    assert corrections.submit("ann", "monocyte", picture(4))["id"] in {row["id"] for row in corrections.all()}
+
+
 def test_the_service_answers_503_while_postgresql_is_down_and_recovers(
     postgres_server, postgres_url, tmp_path, monkeypatch
 ):

@@ -14,8 +14,9 @@ monitoring    windows, alerts, monitor_kv                            hematovisio
 
 Each history's first revision adopts a database made before Alembic (the ``CREATE TABLE IF NOT
 EXISTS`` schemas of earlier versions) as well as an empty one, so an existing sqlite file is
-upgraded in place. A store migrates its database on first use in a process (:func:`ensure`);
-``hematovision db upgrade`` does it ahead of a deployment (:func:`upgrade`). Migrating runs in one
+upgraded in place. A store migrates its database on first use in a process
+(``Database._ensure_schema``); ``hematovision db upgrade`` does it ahead of a deployment
+(:func:`upgrade`). Migrating runs in one
 transaction: sqlite's write lock, or on PostgreSQL an advisory lock, makes processes that start
 together migrate one after the other.
 
@@ -26,7 +27,6 @@ revision file of that store and point ``down_revision`` at it.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,8 +43,6 @@ STORES = ("lab", "predictions", "monitoring")
 _HERE = Path(__file__).resolve().parent
 # Any fixed 64-bit number: the PostgreSQL advisory lock that serialises migrations.
 _MIGRATION_LOCK = 0x68656D61746F7631  # "hematov1"
-_migrated: set[tuple[str, str]] = set()
-_lock = threading.Lock()
 
 
 def version_table(store: str) -> str:
@@ -69,7 +67,7 @@ def head(store: str) -> str:
 
 def current(database: Database, store: str) -> str | None:
     """The revision ``store``'s tables in ``database`` are at (None: never migrated)."""
-    with database.reading() as connection:
+    with database.reading(migrated=False) as connection:
         return MigrationContext.configure(
             connection, opts={"version_table": version_table(store)}
         ).get_current_revision()
@@ -78,7 +76,7 @@ def current(database: Database, store: str) -> str | None:
 def upgrade(database: Database, store: str) -> tuple[str | None, str]:
     """Migrate ``store``'s tables in ``database`` to this version; returns (before, after)."""
     config = _config(store)
-    with database.transaction() as connection:
+    with database.transaction(migrated=False) as connection:
         if not database.is_sqlite:
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         context = MigrationContext.configure(connection, opts={"version_table": version_table(store)})
@@ -87,17 +85,6 @@ def upgrade(database: Database, store: str) -> tuple[str | None, str]:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     return before, head(store)
-
-
-def ensure(database: Database, store: str) -> None:
-    """Migrate ``store`` in ``database`` once per process (the first store that opens it)."""
-    key = (database.name, store)
-    if key in _migrated:
-        return
-    with _lock:
-        if key not in _migrated:
-            upgrade(database, store)
-            _migrated.add(key)
 
 
 # --- helpers for the revisions: adopting tables an earlier version made without Alembic ---------------
