@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import bindparam, text
 
-from hematovision.database import connect, private_dir
+from hematovision.database import connect, is_server_url, private_dir
 
 _COLUMNS = (
     "id",
@@ -124,7 +124,7 @@ class PredictionStore:
     ) -> None:
         """``database``: the log's sqlite file, or lab mode's PostgreSQL URL (then ``images_dir``
         is needed: retained images stay on this host's disk)."""
-        if images_dir is None and isinstance(database, str) and "://" in database:
+        if images_dir is None and is_server_url(database):
             raise ValueError("a prediction log in a database server needs images_dir")
         # NORMAL is durable across application crashes in WAL mode; only an OS crash or power cut
         # can lose the last few transactions, an acceptable risk for a monitoring log.
