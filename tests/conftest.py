@@ -140,7 +140,8 @@ def project(tmp_path_factory) -> Path:
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # Prefect waits 30 s for its test server by default: on 2 cores busy with other work it takes longer.
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 

@@ -290,7 +290,16 @@
     document.addEventListener("keydown", onKey);
     $("type-ahead").addEventListener("keydown", onTypeAheadKey);
     $("type-ahead").addEventListener("input", showMatches);
-    $("filters").addEventListener("submit", (e) => { e.preventDefault(); queue = []; pos = 0; document.activeElement.blur(); show(); });
+    $("filters").addEventListener("submit", (e) => {
+      e.preventDefault();
+      queue = []; pos = 0; document.activeElement.blur();
+      // Until the filtered queue arrives the shown item is not in it: hide it, so that no key (and no
+      // reader) acts on a cell the new filter may not hold.
+      $("workspace").classList.add("hidden");
+      $("item").dataset.predictionId = "";
+      HV.notice($("message"), "ok", "Loading the queue…");
+      show();
+    });
     show();
   });
 })();
