@@ -253,7 +253,7 @@ def int8_flavour_step(settings: Settings, params: Params, version: str) -> dict[
     when the paired interval of (int8 - full) accuracy lies above ``-export.max_accuracy_loss``
     (``packaging.choose_flavour``). The version is registered whatever happens here: a failed
     export leaves it serving its full model, with the reason on its ``serving_flavour_evidence`` tag."""
-    from hematovision.model.export import FULL, export_int8
+    from hematovision.model.export import FULL
     from hematovision.registry.packaging import FlavourDecision, load_classifier
 
     registry = stores.registry(settings)
@@ -261,12 +261,7 @@ def int8_flavour_step(settings: Settings, params: Params, version: str) -> dict[
     try:
         classifier = load_classifier(f"models:/{registry.name}/{version}")
         manifest = load_manifest(settings)
-        data_dir = settings.path(settings.paths.data_dir)
-        calibration = manifest[manifest.split == "train"].groupby("label", group_keys=False)
-        calibration = calibration.apply(
-            lambda g: g.sample(min(len(g), CALIBRATION_IMAGES_PER_CLASS), random_state=params.seed)
-        )
-        export = export_int8(classifier, classifier.crops([data_dir / p for p in calibration.path]))
+        export = int8_export(settings, params, classifier, manifest)
         decision = compare_flavours(settings, params, classifier, export, manifest)
     except Exception as error:  # the version stands; only its cheaper flavour is lost
         logger.warning("no int8 flavour for version %s: %s", version, error, exc_info=True)
@@ -274,6 +269,17 @@ def int8_flavour_step(settings: Settings, params: Params, version: str) -> dict[
     registry.record_flavour(version, decision, export)
     logger.info("version %s serves %s (%.0f s)", version, decision.reason, time.perf_counter() - started)
     return {"flavour": decision.flavour, "reason": decision.reason, **decision.figures()}
+
+
+def int8_export(settings: Settings, params: Params, classifier: Classifier, manifest: pd.DataFrame) -> bytes:
+    """``classifier``'s int8 export, calibrated on real training crops of the prepared split
+    (``CALIBRATION_IMAGES_PER_CLASS`` of each class, drawn with the run's seed)."""
+    from hematovision.model.export import export_int8
+
+    shuffled = manifest[manifest.split == "train"].sample(frac=1.0, random_state=params.seed)
+    calibration = shuffled.groupby("label").head(CALIBRATION_IMAGES_PER_CLASS)
+    data_dir = settings.path(settings.paths.data_dir)
+    return export_int8(classifier, classifier.crops([data_dir / p for p in calibration.path]))
 
 
 def compare_flavours(settings: Settings, params: Params, classifier: Classifier, export: bytes, manifest: pd.DataFrame):
