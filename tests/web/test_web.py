@@ -429,6 +429,14 @@ def test_review_page_names_unknown_cells_with_the_vocabulary_by_keyboard(service
         assert button.get_attribute("aria-label").lower().startswith(types[i])
     Select(browser.find_element(By.ID, "f-label")).select_by_value(UNKNOWN)
     browser.find_element(By.CSS_SELECTOR, "#filters button[type=submit]").click()
+    wait(  # the filtered queue shown (until it arrives the page hides the item, and its counts)
+        browser,
+        lambda d: (
+            d.find_element(By.ID, "item").get_attribute("data-prediction-id") not in (None, "")
+            and d.find_element(By.ID, "reviewed-count").text
+        ),
+        message="the filtered queue",
+    )
 
     digit_type = next(t for i, t in enumerate(types[:9]) if t not in CLASSES)  # e.g. basophil, on 5
     plans = [  # keys pressed -> the type they name
