@@ -25,6 +25,7 @@ from hematovision.data.dataset import limit_per_cell, prepare
 from hematovision.data.dvc import dvc_data_hash
 from hematovision.model.classifier import Classifier, ClassifierConfig
 from hematovision.model.embeddings import cached_embeddings
+from hematovision.model.export import FULL, Int8Classifier, export_int8
 from hematovision.monitoring.drift import log_reference
 from hematovision.params import Params, load_params
 from hematovision.progress import counting
@@ -253,7 +254,6 @@ def int8_flavour_step(settings: Settings, params: Params, version: str) -> dict[
     when the paired interval of (int8 - full) accuracy lies above ``-export.max_accuracy_loss``
     (``packaging.choose_flavour``). The version is registered whatever happens here: a failed
     export leaves it serving its full model, with the reason on its ``serving_flavour_evidence`` tag."""
-    from hematovision.model.export import FULL
     from hematovision.registry.packaging import FlavourDecision, load_classifier
 
     registry = stores.registry(settings)
@@ -274,7 +274,6 @@ def int8_flavour_step(settings: Settings, params: Params, version: str) -> dict[
 def int8_export(settings: Settings, params: Params, classifier: Classifier, manifest: pd.DataFrame) -> bytes:
     """``classifier``'s int8 export, calibrated on real training crops of the prepared split
     (``CALIBRATION_IMAGES_PER_CLASS`` of each class, drawn with the run's seed)."""
-    from hematovision.model.export import export_int8
 
     shuffled = manifest[manifest.split == "train"].sample(frac=1.0, random_state=params.seed)
     calibration = shuffled.groupby("label").head(CALIBRATION_IMAGES_PER_CLASS)
@@ -286,7 +285,6 @@ def compare_flavours(settings: Settings, params: Params, classifier: Classifier,
     """Both flavours of ``classifier`` on the manifest's validation cells (the rows the gate scores;
     the full model's answers through the embedding cache, the export's under its own fingerprint),
     paired: the full model as the champion, the export as the challenger."""
-    from hematovision.model.export import Int8Classifier
     from hematovision.registry.packaging import choose_flavour
 
     val_rows = limit_per_cell(manifest[manifest.split == "val"], params.train.max_images_per_cell, params.seed)
