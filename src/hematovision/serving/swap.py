@@ -262,7 +262,7 @@ class ModelWatcher:
             try:  # loading and checking: failures are the version's, remembered
                 started = time.perf_counter()
                 classifier = self._load(local)
-                flavoured = self._flavoured(version, info, classifier, workdir)
+                flavoured, flavour_error = self._flavoured(version, info, classifier, workdir)
                 if flavoured is None:
                     self._check(classifier)
                 else:
@@ -272,6 +272,7 @@ class ModelWatcher:
                 return
             previous = self.version
             self._current = LoadedModel(classifier, version, utc_now(), info)  # the atomic swap
+            self._flavour_error = flavour_error
             self._last_error = None
             self._refused.pop(version, None)  # a passing failure that passed
             self._retry_at.pop(version, None)
@@ -287,20 +288,19 @@ class ModelWatcher:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _flavoured(self, version: str, info: dict[str, Any], classifier, workdir: str):
-        """The version's int8 flavour, checked, when its tag asks for it; None to serve the full model
-        (not asked, or the export failed: the full model is the one the gate judged)."""
-        self._flavour_error = None
+        """The version's int8 flavour, checked, when its tag asks for it, or None to serve the full
+        model (not asked, or the export failed: the full model is the one the gate judged), with
+        why it failed (None if it did not)."""
         if info.get("tags", {}).get(FLAVOUR_TAG) != INT8:
-            return None
+            return None, None
         try:
             int8 = Int8Classifier.from_classifier(classifier, self.source.download_int8(info, workdir))
             self._check(int8)
-            return int8
+            return int8, None
         except Exception as error:  # noqa: BLE001 - the full model of the same version serves instead
             reason = f"{type(error).__name__}: {error}"[:500]
             logger.error("version %s: int8 flavour not served, serving its full model: %s", version, reason)
-            self._flavour_error = {"version": version, "reason": reason, "at": utc_now()}
-            return None
+            return None, {"version": version, "reason": reason, "at": utc_now()}
 
     def _refuse(self, version: str, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"[:500]
@@ -362,7 +362,8 @@ class ModelWatcher:
     def prometheus(self) -> str:
         """Gauges appended to BentoML's /metrics (this worker's view)."""
         refused = len(self._refused)
-        version = self.version
+        current = self._current
+        version = None if current is None else current.version
         return (
             "# HELP hematovision_model_version Registry version of the model being served (0: none).\n"
             "# TYPE hematovision_model_version gauge\n"
@@ -372,7 +373,7 @@ class ModelWatcher:
             f"hematovision_model_ready {int(self.ready)}\n"
             "# HELP hematovision_model_int8 1 when the served version answers with its int8 export.\n"
             "# TYPE hematovision_model_int8 gauge\n"
-            f"hematovision_model_int8 {int(self._current is not None and self._current.flavour == INT8)}\n"
+            f"hematovision_model_int8 {int(current is not None and current.flavour == INT8)}\n"
             "# HELP hematovision_model_refused Versions this worker refused to serve.\n"
             "# TYPE hematovision_model_refused gauge\n"
             f"hematovision_model_refused {refused}\n"
