@@ -266,7 +266,11 @@ def int8_flavour_step(settings: Settings, params: Params, version: str) -> dict[
     except Exception as error:  # the version stands; only its cheaper flavour is lost
         logger.warning("no int8 flavour for version %s: %s", version, error, exc_info=True)
         export, decision = None, FlavourDecision(FULL, f"full: the int8 export failed: {type(error).__name__}: {error}")
-    registry.record_flavour(version, decision, export)
+    try:
+        registry.record_flavour(version, decision, export)
+    except Exception as error:  # untagged, the version serves its full model; registering again would duplicate it
+        logger.warning("could not record version %s's flavour: %s", version, error, exc_info=True)
+        return {"flavour": FULL, "reason": f"not recorded: {type(error).__name__}: {error}"}
     logger.info("version %s serves %s (%.0f s)", version, decision.reason, time.perf_counter() - started)
     return {"flavour": decision.flavour, "reason": decision.reason, **decision.figures()}
 
