@@ -39,7 +39,7 @@ from hematovision.model.embeddings import EmbeddingCache
 from hematovision.params import Params, _apply, load_params
 from hematovision.registry.tracking import configure_mlflow, git_commit
 from hematovision.settings import Settings
-from hematovision.training.evaluate import score_rows
+from hematovision.training.evaluate import evaluate_folder, score_rows
 from hematovision.training.metrics import flatten_for_mlflow
 
 Progress = Callable[[str, int, int], None]
@@ -160,7 +160,6 @@ def run_fold(
     service answers (test-time views, temperature, open set); returns its metrics, sizes and times.
     With ``site`` (a folder of class-named subfolders from another laboratory), the fold's model
     answers a sample of it too (``site_metrics``)."""
-    from hematovision.training.evaluate import evaluate_folder
     from hematovision.training.train import train  # heavy: imports Keras
 
     started = time.perf_counter()
