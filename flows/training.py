@@ -64,8 +64,8 @@ def evaluate(params_file: str, profile: str | None) -> dict:
 
 
 @task(name="register", retries=2, retry_delay_seconds=2)
-def register() -> dict:
-    result = steps.register_step(get_settings())
+def register(params_file: str, profile: str | None) -> dict:
+    result = steps.register_step(get_settings(), load_params(Path(params_file), profile))
     get_run_logger().info("registered version %s as challenger", result["version"])
     return result
 
@@ -88,7 +88,7 @@ def training_flow(profile: str | None = None, params_file: str = "params.yaml", 
     timed("prepare", prepare, params_file, profile)
     report = timed("train", train, params_file, profile)
     results = timed("evaluate", evaluate, params_file, profile)
-    registered = timed("register", register)
+    registered = timed("register", register, params_file, profile)
     if promote:
         gate = timed("promote", promote_version, registered["version"], params_file, profile)
     else:

@@ -187,9 +187,10 @@ def evaluate(
         )
 
 
-def register():
-    """Register the last trained model as a new version with the 'challenger' alias."""
-    result = register_step(get_settings())
+def register(profile: ProfileOption = None, params_file: ParamsOption = Path("params.yaml")):
+    """Register the last trained model as a new version with the 'challenger' alias (and, with
+    export.int8, its int8 flavour)."""
+    result = register_step(get_settings(), read_params(params_file, profile))
     console.print(f"registered {get_settings().registry.registered_model} v{result['version']} (alias challenger)")
 
 
