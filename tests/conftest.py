@@ -103,6 +103,15 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comple
     return result
 
 
+@pytest.fixture(autouse=True)
+def settings_read_afresh(monkeypatch):
+    """Settings are cached per process: a test that changes the environment (monkeypatch) would
+    otherwise leave its values to every later test. Cleared before its monkeypatch is undone, so the
+    next read sees the restored environment."""
+    yield
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
     """A temporary HematoVision project, made the working directory for the session."""
