@@ -29,7 +29,16 @@ STORES_MODULE = PACKAGE / "stores.py"
 
 # The classes behind the platform's stores; only stores.py calls them.
 STORE_CLASSES = frozenset(
-    {"Registry", "EmbeddingCache", "PredictionStore", "Accounts", "Corrections", "MonitorState", "Workspace"}
+    {
+        "Registry",
+        "EmbeddingCache",
+        "PredictionStore",
+        "Accounts",
+        "Corrections",
+        "MonitorState",
+        "Workspace",
+        "RemoteWorkspace",
+    }
 )
 
 # Project modules that may be imported inside a function: importing them loads TensorFlow (seconds,

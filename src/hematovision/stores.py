@@ -14,6 +14,7 @@ prediction log         every served prediction, retained images          ``servi
 lab database           accounts, sessions, corrections, audit            ``lab.lab_db`` [1]_
 monitor state          drift windows, alerts, checkpoints                ``monitoring.state_db`` [1]_
 drift workspace        Evidently snapshots and dashboards                ``monitoring.workspace``
+ops' drift workspace   a copy of them on an Evidently UI service         ``monitoring.workspace_url``
 =====================  ===============================================  ==============================
 
 .. [1] or, when ``lab.database_url`` is set (lab mode), all three in that PostgreSQL database
@@ -22,7 +23,10 @@ drift workspace        Evidently snapshots and dashboards                ``monit
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from hematovision import CLASSES
@@ -117,3 +121,30 @@ def drift_workspace(settings: Settings | None = None):
     path = settings.path(settings.monitoring.workspace)
     path.mkdir(parents=True, exist_ok=True)
     return Workspace(str(path))
+
+
+# evidently's RemoteWorkspace sends with no timeout: a host that never answers would hang the
+# monitoring run, so the service is asked for its version with one before anything is sent.
+EVIDENTLY_REACH_TIMEOUT_SECONDS = 10.0
+EVIDENTLY_APPLICATION = "Evidently UI"  # what `GET /api/version` of `evidently ui` answers as "application"
+
+
+def check_evidently_service(url: str, timeout: float = EVIDENTLY_REACH_TIMEOUT_SECONDS) -> None:
+    """Raise unless ``url`` is an http(s) address where an Evidently UI service answers in time."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"monitoring.workspace_url {url!r} is not an http(s) URL of an Evidently UI service")
+    with urllib.request.urlopen(urllib.parse.urljoin(url, "/api/version"), timeout=timeout) as response:
+        application = json.loads(response.read()).get("application")
+    if application != EVIDENTLY_APPLICATION:
+        raise ValueError(f"{url} answers, but not as an Evidently UI service (application: {application!r})")
+
+
+def remote_drift_workspace(settings: Settings | None = None):
+    """Lab mode: a client of the Evidently UI service at ``monitoring.workspace_url``, checked to
+    answer first."""
+    from evidently.ui.workspace import RemoteWorkspace  # heavy: loaded only by the monitor
+
+    settings = settings or get_settings()
+    url = settings.monitoring.workspace_url.strip()
+    check_evidently_service(url)
+    return RemoteWorkspace(url, verify=False)  # verified above, with a timeout

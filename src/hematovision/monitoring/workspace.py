@@ -16,10 +16,7 @@ is not sent again later.
 
 from __future__ import annotations
 
-import json
 import logging
-import urllib.parse
-import urllib.request
 from typing import Any
 
 from hematovision import stores
@@ -31,11 +28,7 @@ logger = logging.getLogger("hematovision.monitoring.workspace")
 
 PROJECT_NAME = "HematoVision drift"
 REMOTE_STATE_KEY = "remote_workspace"
-# evidently's RemoteWorkspace sends with no timeout: a host that never answers would hang the
-# monitoring run, so the service is asked for its version with one before anything is sent.
-REACH_TIMEOUT_SECONDS = 10.0
-EVIDENTLY_APPLICATION = "Evidently UI"
-MISSED_KEPT = 100  # the newest windows whose snapshot did not reach the service, listed for ops  # what `GET /api/version` of `evidently ui` answers as "application"
+MISSED_KEPT = 100  # the newest windows whose snapshot did not reach the service, listed for ops
 
 
 def drift_project(workspace):
@@ -82,24 +75,6 @@ def workspace_project(settings: Settings):
     return workspace, drift_project(workspace)
 
 
-def check_evidently_service(url: str, timeout: float = REACH_TIMEOUT_SECONDS) -> None:
-    """Raise unless ``url`` is an http(s) address where an Evidently UI service answers in time."""
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise ValueError(f"monitoring.workspace_url {url!r} is not an http(s) URL of an Evidently UI service")
-    with urllib.request.urlopen(urllib.parse.urljoin(url, "/api/version"), timeout=timeout) as response:
-        application = json.loads(response.read()).get("application")
-    if application != EVIDENTLY_APPLICATION:
-        raise ValueError(f"{url} answers, but not as an Evidently UI service (application: {application!r})")
-
-
-def remote_workspace(url: str):
-    """A client of the Evidently UI service at ``url`` (checked to answer first)."""
-    from evidently.ui.workspace import RemoteWorkspace  # heavy: loaded only by the monitor
-
-    check_evidently_service(url)
-    return RemoteWorkspace(url, verify=False)  # verified above, with a timeout
-
-
 class SnapshotSink:
     """Where one monitoring run puts its windows' snapshots: the local workspace, and the Evidently
     UI service when ``monitoring.workspace_url`` is set. Opened once per run, when a window is judged."""
@@ -112,7 +87,7 @@ class SnapshotSink:
         self.remote_error: str | None = None
         if self.remote_url:
             try:
-                self.remote = remote_workspace(self.remote_url)
+                self.remote = stores.remote_drift_workspace(settings)
                 self.remote_project = drift_project(self.remote)
             except Exception as error:  # noqa: BLE001 - any failure to reach ops' copy is recorded, the run goes on
                 self.remote = None
