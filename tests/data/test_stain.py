@@ -107,3 +107,24 @@ def test_a_classifier_normalises_before_its_backbone_and_remembers_how(crops, tm
     assert not np.allclose(grey.embed(crops), plain.embed(crops), atol=1e-3)
     assert grey.backbone_fingerprint() != plain.backbone_fingerprint()  # no cached embedding is shared
     assert Classifier.load(grey.save(tmp_path / "grey")).config.stain == "grey"
+
+
+def test_fine_tuning_sees_crops_stain_jittered_then_normalised_as_the_classifier_does(crops):
+    """The fine-tuning stream must feed the network what Classifier.embed feeds it: a grey model's
+    batches are grey whatever the stain jitter did to the raw crop before."""
+    import tensorflow as tf
+
+    from hematovision.params import Params
+    from hematovision.training.train import _finetune_dataset
+
+    params = Params()
+    params.model.stain, params.train.stain_jitter, params.train.batch_size = "grey", 0.2, 4
+    batch, labels = next(
+        iter(_finetune_dataset(crops.astype(np.uint8), np.array([0, 1, 2, 3]), params, augment_crop, tf))
+    )
+    batch = batch.numpy()
+    assert batch.shape == (4, SIZE, SIZE, 3) and len(labels) == 4
+    assert np.allclose(batch[..., 0], batch[..., 1]) and np.allclose(batch[..., 1], batch[..., 2])
+    params.model.stain = "none"  # ... and a model without normalisation gets the jittered colours
+    batch, _ = next(iter(_finetune_dataset(crops.astype(np.uint8), np.array([0, 1, 2, 3]), params, augment_crop, tf)))
+    assert not np.allclose(batch.numpy()[..., 0], batch.numpy()[..., 2])
