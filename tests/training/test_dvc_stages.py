@@ -32,6 +32,7 @@ PACKAGE_STAGES = {
     "api": NONE,
     "web": NONE,
     "cli": NONE,  # the commands' glue and printing: the steps they call are the dependencies
+    "migrations": NONE,  # the lab database's schema: no stage opens it
 }
 # Top-level modules, and the files of the packages stages use one file at a time.
 FILE_STAGES = {
@@ -51,7 +52,7 @@ FILE_STAGES = {
     "training/retrain.py": NONE,
     "training/head.py": NONE,
     "training/cv.py": NONE,  # cross-validation (`hematovision cv`): no stage runs it
-    "training/corrections_data.py": NONE,  # retraining's rows from the corrections  # retraining's head on cached embeddings
+    "training/corrections_data.py": NONE,  # retraining's rows from the corrections
     "registry/__init__.py": NONE,
     "registry/packaging.py": {"train"},
     "registry/tracking.py": {"train", "evaluate"},
@@ -62,6 +63,7 @@ FILE_STAGES = {
     "monitoring/drift.py": {"evaluate"},  # evaluate logs the drift reference
     "monitoring/monitor.py": NONE,
     "monitoring/state.py": NONE,
+    "monitoring/workspace.py": NONE,  # the monitor's Evidently workspaces: no stage writes snapshots
 }
 PARAM_STAGES = {
     "seed": ALL,
