@@ -332,31 +332,40 @@ def test_time_windows_judge_only_elapsed_windows_with_enough_predictions(project
     assert [w["report"] for w in MonitorState(settings.monitoring.state_db).windows()] == [next_hour["report"], None]
 
 
-@pytest.mark.e2e
-def test_monitor_ui_serves_the_workspace_on_localhost_without_telemetry(project, tmp_path):
-    import os
-    import signal
+def start_monitor_ui(env: dict, port: int, host: str = "127.0.0.1", options: tuple[str, ...] = ()):
+    """`hematovision monitor ui` (with ``options``) on ``host:port`` in its own process group, and its
+    answer to ``/api/projects`` once it serves (None if it exited or never answered in 90 s)."""
     import subprocess
     import time
 
-    port = free_port()
-    env = {**os.environ, "HEMATOVISION_MONITOR_WORKSPACE": str(tmp_path / "workspace")}
-    env.pop("DO_NOT_TRACK", None)  # the command itself must switch evidently's telemetry off
     ui = subprocess.Popen(
-        [str(Path(sys.executable).parent / "hematovision"), "monitor", "ui", "--port", str(port)],
+        [str(Path(sys.executable).parent / "hematovision"), "monitor", "ui", *options, "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    deadline, projects = time.monotonic() + 90, None
+    while time.monotonic() < deadline and ui.poll() is None:
+        try:
+            projects = requests.get(f"http://{host}:{port}/api/projects", timeout=5).json()
+            break
+        except (requests.ConnectionError, ValueError):
+            time.sleep(0.5)
+    return ui, projects
+
+
+@pytest.mark.e2e
+def test_monitor_ui_serves_the_workspace_on_localhost_without_telemetry(project, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    port = free_port()
+    env = {**os.environ, "HEMATOVISION_MONITOR_WORKSPACE": str(tmp_path / "workspace")}
+    env.pop("DO_NOT_TRACK", None)  # the command itself must switch evidently's telemetry off
+    ui, projects = start_monitor_ui(env, port)
     try:
-        deadline, projects = time.monotonic() + 90, None
-        while time.monotonic() < deadline and ui.poll() is None:
-            try:
-                projects = requests.get(f"http://127.0.0.1:{port}/api/projects", timeout=5).json()
-                break
-            except (requests.ConnectionError, ValueError):
-                time.sleep(0.5)
         assert projects is not None, ui.stdout.read().decode()[-3000:] if ui.poll() is not None else "no answer"
         assert [p["name"] for p in projects] == ["HematoVision drift"]
         environ = dict(

@@ -145,22 +145,8 @@ def test_monitor_ui_serves_the_local_workspace_on_the_address_ops_give(project, 
     # listens where it is told without opening a port to the network from a test.
     port = free_port()
     env = {**os.environ, "HEMATOVISION_MONITOR_WORKSPACE": str(tmp_path / "workspace")}
-    command = [str(Path(sys.executable).parent / "hematovision"), "monitor", "ui", "--host", "127.0.0.2"]
-    ui = subprocess.Popen(
-        [*command, "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    ui, projects = test_monitoring.start_monitor_ui(env, port, "127.0.0.2", ("--host", "127.0.0.2"))
     try:
-        deadline, projects = time.monotonic() + 90, None
-        while time.monotonic() < deadline and ui.poll() is None:
-            try:
-                projects = requests.get(f"http://127.0.0.2:{port}/api/projects", timeout=5).json()
-                break
-            except (requests.ConnectionError, ValueError):
-                time.sleep(0.5)
         assert projects is not None, ui.stdout.read().decode()[-3000:] if ui.poll() is not None else "no answer"
         assert [p["name"] for p in projects] == [PROJECT_NAME]
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
