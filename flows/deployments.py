@@ -19,24 +19,38 @@ on a worker (``prefect worker start --pool NAME --type process``), in the projec
 project directory, the same path on every worker). With ``deploy.retrain_on_worker`` the monitor
 starts retraining as a run of the retraining deployment (:func:`start_retraining_deployment`), never
 in its own process.
+
+A worker (or its machine) that dies mid-run leaves its run "Running" on the server for ever, and a
+one-at-a-time deployment would then never run again. So every run reports a heartbeat every
+``deploy.heartbeat_seconds`` (Prefect's ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, set in the
+deployments' job environment: nothing to configure on the workers), and an automation
+(:data:`CRASH_SILENT_RUNS`) marks a run of these deployments Crashed once it has been silent for
+:data:`SILENT_HEARTBEATS` heartbeats; its slot is freed and the next run starts on another worker.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy, StateType
 from prefect.deployments import run_deployment
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
 
 from hematovision.settings import Settings
 
 TAG = "hematovision"
+CRASH_SILENT_RUNS = "hematovision: crash runs whose worker died"
+# Heartbeats a run may miss before it is called dead: one late heartbeat on a busy machine is not a
+# death, three are.
+SILENT_HEARTBEATS = 3
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,7 @@ def plan(settings: Settings) -> list[dict[str, Any]]:
             "timezone": settings.deploy.timezone if spec.cron_setting else None,
             "concurrency_limit": 1 if spec.one_at_a_time else None,
             "source": source_of(settings),
+            "heartbeat_seconds": settings.deploy.heartbeat_seconds,
         }
         for spec in SPECS
     ]
@@ -158,12 +173,53 @@ def deploy_all(settings: Settings) -> dict[str, Any]:
             ),
             description=spec.description,
             tags=[TAG],
+            job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(item["heartbeat_seconds"])}},
         )
         # RunnerDeployment.apply, not prefect.deploy(): this Prefect's deploy() first lists the
         # pool's online workers with a request its own server refuses (422, limit/offset None), and
         # a process pool needs neither an image nor a build.
         ids.append(str(deployment.apply(work_pool_name=item["work_pool"])))
-    return {"work_pools_created": created, "deployments": planned, "ids": ids}
+    automation = crash_silent_runs(ids, settings.deploy.heartbeat_seconds)
+    return {"work_pools_created": created, "deployments": planned, "ids": ids, "automation": automation}
+
+
+def crash_silent_runs(deployment_ids: list[str], heartbeat_seconds: int) -> str:
+    """(Re)create the automation that marks a run of these deployments Crashed after
+    :data:`SILENT_HEARTBEATS` heartbeats without news (Prefect's recipe for "zombie" runs, limited
+    to this platform's deployments so a shared Prefect server's other flows are left alone)."""
+    automation = AutomationCore(
+        name=CRASH_SILENT_RUNS,
+        description="A run of a HematoVision deployment stopped reporting heartbeats: its worker or machine died.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={
+                "prefect.resource.role": "deployment",
+                "prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids],
+            },
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=SILENT_HEARTBEATS * heartbeat_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {SILENT_HEARTBEATS * heartbeat_seconds} s: its worker or machine died",
+            )
+        ],
+    )
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(CRASH_SILENT_RUNS):
+            client.delete_automation(old.id)  # re-deploying replaces it: the deployment ids may differ
+        return str(client.create_automation(automation))
 
 
 def start_retraining_deployment() -> dict[str, Any]:

@@ -116,6 +116,7 @@ OLD_VARIABLES: dict[str, tuple[str, str, object]] = {
     "HEMATOVISION_DEPLOY_PURGE_CRON": ("deploy.purge_cron", "30 2 * * *", "30 2 * * *"),
     "HEMATOVISION_DEPLOY_TIMEZONE": ("deploy.timezone", "Europe/Paris", "Europe/Paris"),
     "HEMATOVISION_DEPLOY_RETRAIN_ON_WORKER": ("deploy.retrain_on_worker", "true", True),
+    "HEMATOVISION_DEPLOY_HEARTBEAT_SECONDS": ("deploy.heartbeat_seconds", "30", 30),
 }
 
 

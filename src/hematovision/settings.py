@@ -395,6 +395,12 @@ class DeploySettings(BaseSettings):
         "retraining deployment, executed by a worker, never in its own process; needs PREFECT_API_URL and "
         "`hematovision deploy` (false: the retraining flow runs inside the monitoring run, the embedded mode).",
     )
+    heartbeat_seconds: int = Field(
+        60,
+        ge=30,  # Prefect's least heartbeat period
+        description="How often a flow run on a worker reports that it is alive. A run silent for "
+        "3 heartbeats (its worker or machine died) is marked Crashed, which frees its one-at-a-time slot.",
+    )
 
 
 GROUPS: dict[str, type[BaseSettings]] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.deployments import plan, start_retraining_deployment
+from flows.deployments import CRASH_SILENT_RUNS, plan, start_retraining_deployment
 from flows.monitoring import retraining_trigger
 from flows.retraining import retraining_flow
 from hematovision.settings import ENV_PREFIX, TELEMETRY_OFF, Settings
@@ -124,6 +124,7 @@ def test_the_plan_follows_the_settings():
     assert by_name["hematovision-monitoring/monitoring"]["cron"] == settings.deploy.monitoring_cron
     assert by_name["hematovision-retention/retention"]["cron"] == settings.deploy.purge_cron
     assert {d["source"] for d in by_name.values()} == {"https://git.lab/hv.git"}
+    assert {d["heartbeat_seconds"] for d in by_name.values()} == {settings.deploy.heartbeat_seconds}
     embedded = Settings().with_changes(deploy={"training_work_pool": ""})
     assert {d["work_pool"] for d in plan(embedded)} == {embedded.deploy.work_pool}
 
@@ -155,6 +156,18 @@ def test_deploy_registers_schedules_and_limits_and_a_worker_runs_the_purge(tmp_p
         crons = {name: [s["schedule"]["cron"] for s in deployments[name]["schedules"]] for name in deployments}
         assert crons["monitoring"] == [MONITORING_CRON] and crons["retention"] == [PURGE_CRON]
         assert deployments["retention"]["schedules"][0]["schedule"]["timezone"] == "UTC"
+        # Every run reports heartbeats; a run whose worker died is marked Crashed by the automation.
+        heartbeat = str(Settings().deploy.heartbeat_seconds)
+        assert all(
+            d["job_variables"]["env"] == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": heartbeat} for d in deployments.values()
+        )
+        (automation,) = api(base, "/automations/filter", {})
+        assert automation["name"] == CRASH_SILENT_RUNS and automation["enabled"]
+        assert automation["actions"] == [dict(automation["actions"][0], type="change-flow-run-state", state="CRASHED")]
+        related = automation["trigger"]["match_related"]
+        assert sorted(related["prefect.resource.id"]) == sorted(
+            f"prefect.deployment.{d['id']}" for d in deployments.values()
+        )
 
         with worker_log.open("wb") as out:
             worker = subprocess.Popen(
