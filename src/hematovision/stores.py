@@ -18,7 +18,8 @@ ops' drift workspace   a copy of them on an Evidently UI service         ``monit
 =====================  ===============================================  ==============================
 
 .. [1] or, when ``lab.database_url`` is set (lab mode), all three in that PostgreSQL database
-   (``database.py``, ``docs/database.md``); the images stay on each host's disk.
+   (``database.py``, ``docs/database.md``), the retained and corrected images included
+   (``image_store.py``): a host keeps nothing of its own but the embedding cache.
 """
 
 from __future__ import annotations

@@ -208,9 +208,9 @@ def old_project(tmp_path, monkeypatch):
 def test_db_upgrade_brings_the_earlier_versions_databases_up_to_date_with_nothing_lost(old_project):
     upgraded = CliRunner().invoke(cli, ["db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
-    assert "lab: empty -> lab0001" in upgraded.output
+    assert "lab: empty -> lab0002" in upgraded.output
     status = CliRunner().invoke(cli, ["db", "status"])
-    assert status.exit_code == 0 and "predictions: predictions0001" in status.output, status.output
+    assert status.exit_code == 0 and "predictions: predictions0002" in status.output, status.output
     again = CliRunner().invoke(cli, ["db", "upgrade"])
     assert again.exit_code == 0 and again.output.count("up to date") == 3, again.output
 
@@ -287,7 +287,9 @@ def test_migrations_run_once_and_create_every_table_on_postgresql(postgres_url):
         "login_failures",
         "corrections",
         "audit",
+        "correction_images",
         "predictions",
+        "prediction_images",
         "windows",
         "alerts",
         "monitor_kv",

@@ -102,7 +102,7 @@ def test_corrections_and_the_audit_log(backend, tmp_path):
     assert list(stats["disputed_images"]) == [first["image_sha256"]]
     assert corrections.purge_images(older_than_days=1) == {"images": 0, "exported": 0}  # corrected just now
     assert corrections.purge_images(older_than_days=0) == {"images": 1, "exported": 0}
-    assert not corrections.image_path(first["image_sha256"]).exists() and corrections.count() == 2
+    assert corrections.image(first["image_sha256"]) is None and corrections.count() == 2
 
 
 def test_the_prediction_log(backend, tmp_path):
@@ -117,7 +117,8 @@ def test_the_prediction_log(backend, tmp_path):
     assert stored["probabilities"] == {"unknown": 0.4, "other": pytest.approx(0.6)}
     assert stored["needs_review"] is True and stored["open_set_score"] == 0.25
     np.testing.assert_allclose(stored["embedding"], np.linspace(-1, 1, 16), atol=1e-3)  # float16 on disk
-    assert stored["image_path"] == str(log.image_path(doubtful.image_sha256))
+    assert stored["image_kept"] is True and log.image(doubtful.image_sha256) == b"doubt"
+    assert log.get(calm.id)["image_kept"] is False and log.image(calm.image_sha256) is None
     assert log.get("nope") is None
 
     window = log.logged_after("3", 0)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -91,12 +90,15 @@ def review_image(request: Request, prediction_id: str) -> Response:
     cached, each download in the audit log."""
     user = require(request, "pathologist")
     settings = get_settings()
-    record = stores.prediction_log(settings).get(prediction_id)
-    if record is None or record["image_path"] is None:
+    log = stores.prediction_log(settings)
+    record = log.get(prediction_id)
+    # The log's image store, not a path: in lab mode the image may have been kept by another replica.
+    kept = None if record is None else log.image(record["image_sha256"])
+    if kept is None:  # never kept, or purged (perhaps since the row was read)
         raise ApiError(404, "image_not_retained", "no kept image for this prediction")
     try:
-        image, media_type = strip_metadata(Path(record["image_path"]).read_bytes())
-    except (OSError, ValueError) as error:  # gone since, or unreadable: nothing to show
+        image, media_type = strip_metadata(kept)
+    except (OSError, ValueError) as error:  # unreadable: nothing to show
         raise ApiError(404, "image_not_retained", f"the kept image cannot be read ({type(error).__name__})") from None
     stores.corrections(settings).audit(user.username, "download_image", prediction_id, {"bytes": len(image)})
     return Response(image, media_type=media_type, headers=PATIENT_DATA_HEADERS)
@@ -113,18 +115,16 @@ async def feedback(request: Request) -> dict:
     settings = get_settings()
     prediction, image = None, form.get("image")
     if form.get("prediction_id"):
-        prediction = stores.prediction_log(settings).get(str(form["prediction_id"]))
+        log = stores.prediction_log(settings)
+        prediction = log.get(str(form["prediction_id"]))
         if prediction is None:
             raise ApiError(404, "unknown_prediction", f"no prediction {form['prediction_id']!r}")
         if not image:
-            try:
-                if prediction["image_path"] is None:
-                    raise FileNotFoundError(prediction["image_sha256"])
-                image = Path(prediction["image_path"]).read_bytes()
-            except OSError:  # never kept, or purged by a retention pass since the row was read
+            image = log.image(prediction["image_sha256"])  # from whichever replica kept it
+            if image is None:  # never kept, or purged by a retention pass since the row was read
                 raise ApiError(
                     409, "image_not_retained", "this prediction's image was not kept or was purged; send it as 'image'"
-                ) from None
+                )
     if not isinstance(image, (bytes, bytearray)) or not image:
         raise ApiError(400, "missing_image", "send 'prediction_id' of a kept prediction or the 'image' file")
     try:  # the guard predictions pass: a file that is no image would break the export and retraining

@@ -2,7 +2,10 @@
 monitoring state), migrated with Alembic; see docs/database.md.
 
 Stores also migrate on first use, so the embedded mode needs none of this; in lab mode run
-``hematovision db upgrade`` once per release, before the replicas of the new version start.
+``hematovision db upgrade`` once per release, before the replicas of the new version start. In lab
+mode it also carries the images this host kept in folders (``serving.images_dir``,
+``lab.corrections_images_dir``: before lab mode, or by a version that kept them there) into the
+database, where every host reads them; run it on each host that has such folders.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import typer
 
 from hematovision import database, migrations, stores
 from hematovision.cli.common import console, fail
+from hematovision.image_store import DatabaseImageStore
 from hematovision.settings import Settings, get_settings
 
 db_app = typer.Typer(
@@ -37,8 +41,27 @@ def db_upgrade():
             before, after = migrations.upgrade(target, store)
             change = "up to date" if before == after else f"{before or 'empty'} -> {after}"
             console.print(f"{store}: {change} ({target.name})")
+        _carry_folder_images(get_settings())
     except database.DatabaseUnavailable as error:
         fail(str(error))
+
+
+def _carry_folder_images(settings: Settings) -> None:
+    """Lab mode: move this host's image folders into the database (each file deleted once its row
+    is committed; a file whose bytes do not match its name stays, and is reported)."""
+    for what, store in (
+        ("prediction images", stores.prediction_log(settings)),
+        ("corrected images", stores.corrections(settings)),
+    ):
+        if not isinstance(store.images, DatabaseImageStore) or store.images_dir is None:
+            continue  # sqlite: the folder is the store
+        carried = store.images.take_folder(store.images_dir)
+        if carried["images"] or carried["left"]:
+            console.print(
+                f"{what}: {carried['images']} carried from {store.images_dir} into the database "
+                f"({carried['bytes'] / 1e6:.1f} MB)"
+                + (f"; {carried['left']} files left there (bytes do not match their name)" if carried["left"] else "")
+            )
 
 
 @db_app.command("status")

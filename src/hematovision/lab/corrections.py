@@ -3,18 +3,22 @@
 A correction says "this image is a <class>", by whom, when, and which prediction (model version,
 predicted class) it confirms or corrects. Durability, in order:
 
-1. the image is written content-addressed (temporary file, fsync, atomic rename, fsync of the
-   folder) *before* the row, so a row never points at a missing image;
+1. the image is written content-addressed *before* the row, so a row never points at a missing
+   image: in the embedded mode a file under ``images_dir`` (temporary file, fsync, atomic rename,
+   fsync of the folder); in lab mode a row of the ``correction_images`` table of the PostgreSQL
+   database, committed on its own (``hematovision.image_store``), so the retraining run on any host
+   exports an image a replica on another host received;
 2. the row and its audit entry are one transaction in the laboratory database (sqlite: WAL,
    ``synchronous=FULL``; lab mode's PostgreSQL: a commit returns once flushed): ``submit`` returns
    after the COMMIT, so after the answer the correction is on disk; a crash before COMMIT leaves
-   nothing but, at worst, an unreferenced image file. A database that cannot be reached raises
+   nothing but, at worst, an unreferenced image. A database that cannot be reached raises
    :class:`~hematovision.database.DatabaseUnavailable` and nothing is acknowledged.
 
 Images are kept unless the lab sets ``lab.correction_image_days`` (a correction is training data):
 :meth:`Corrections.purge_images` then deletes an image, and its copy in the exported folder, once its
 last correction is older than that; the rows stay. A purge running while a correction is written
-cannot take its image: ``submit`` writes the image again after the row if it is gone.
+cannot take its image: ``submit`` writes the image again after the row if it is gone. Every reader
+(:meth:`Corrections.image`, the export, the purge) asks the image store, never a path.
 
 Two reviewers on one image are two rows: both kept, and the disagreement is reported (and the
 image left out of an export until it is resolved).
@@ -26,9 +30,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -41,9 +42,9 @@ from sqlalchemy import bindparam, text
 
 from hematovision import CLASSES
 from hematovision.data.imaging import ImageError, load_rgb
-from hematovision.database import connect, private_dir, utc_now
+from hematovision.database import connect, utc_now
+from hematovision.image_store import ImageStore, for_database
 from hematovision.model.open_set import UNKNOWN
-from hematovision.serving.prediction_log import image_files, purge_files
 
 logger = logging.getLogger("hematovision.lab.corrections")
 # The formats a correction may be in (those the service accepts), and their file extensions.
@@ -69,33 +70,19 @@ def readable_image(source: bytes | Path) -> str:
     return fmt
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it is complete on disk or absent, never partial."""
-    if path.exists():
-        return  # content-addressed: the same bytes are already there
-    private_dir(path.parent)  # patient images: the owner's alone
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-        os.fchmod(tmp.fileno(), 0o600)
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 class Corrections:
     def __init__(self, database: str | Path, images_dir: Path, classes: tuple[str, ...] = CLASSES) -> None:
-        """``database``: the lab database's sqlite file, or lab mode's PostgreSQL URL."""
+        """``database``: the lab database's sqlite file, or lab mode's PostgreSQL URL. ``images_dir``:
+        where a sqlite lab database keeps corrected images; in lab mode they are in the database and
+        the folder is only where ``hematovision db upgrade`` finds images kept before, to carry them in."""
         self.db = connect(database, "lab")
         self.images_dir = Path(images_dir)
+        self.images: ImageStore = for_database(self.db, "correction_images", self.images_dir, fsync=True)
         self.classes = tuple(classes)
 
-    def image_path(self, sha256: str) -> Path:
-        return self.images_dir / sha256[:2] / sha256
+    def image(self, sha256: str) -> bytes | None:
+        """A corrected image's bytes (None: purged), from whichever host received it."""
+        return self.images.get(sha256)
 
     # --- writing ----------------------------------------------------------------------------
     def submit(
@@ -112,8 +99,7 @@ class Corrections:
         except ImageError as error:
             raise CorrectionError(f"the image is not usable: {error.message}") from error
         sha = hashlib.sha256(image).hexdigest()
-        private_dir(self.images_dir)
-        write_durably(self.image_path(sha), image)
+        self.images.put(sha, image)
         row = {
             "id": uuid.uuid4().hex,
             "created_at": utc_now(),
@@ -137,8 +123,8 @@ class Corrections:
                 {k: row[k] for k in ("true_class", "predicted_class", "model_version", "prediction_id")},
             )
         # A retention pass may have taken an old copy of this image between the write and the
-        # COMMIT (it checks the rows after moving files aside): the row must have its image.
-        write_durably(self.image_path(sha), image)
+        # COMMIT (it checks the rows after taking the image away): the row must have its image.
+        self.images.put(sha, image)
         return row
 
     def audit(self, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None) -> None:
@@ -219,16 +205,16 @@ class Corrections:
 
     # --- retention --------------------------------------------------------------------------
     def purge_images(self, older_than_days: float, exported: Path | None = None) -> dict[str, int]:
-        """Delete the images whose last correction is more than ``older_than_days`` old (and files no
-        correction names, by their age), and their copies under the exported folder ``exported``;
+        """Delete the images whose last correction is more than ``older_than_days`` old (and images
+        no correction names, by their age), and their copies under the exported folder ``exported``;
         the corrections themselves stay. Returns ``{"images": n, "exported": m}``."""
         now = time.time()
         cutoff = datetime.fromtimestamp(now - older_than_days * 86400, UTC).isoformat(timespec="milliseconds")
         last = dict(self.db.query("SELECT image_sha256, MAX(created_at) FROM corrections GROUP BY image_sha256"))
         candidates = [
-            path
-            for path, stat in image_files(self.images_dir)
-            if stat.st_mtime <= now - older_than_days * 86400 and last.get(path.name, "") <= cutoff
+            image.sha256
+            for image in self.images.entries()
+            if image.stored_at <= now - older_than_days * 86400 and last.get(image.sha256, "") <= cutoff
         ]
 
         corrected = text(
@@ -243,12 +229,14 @@ class Corrections:
                     found.update(r[0] for r in rows)
             return found
 
-        images = purge_files(candidates, corrected_since)
+        images = self.images.remove(candidates, corrected_since)
         copies = 0
         if exported is not None and exported.is_dir():
-            for path in [p for p in exported.rglob("*") if p.is_file()]:
-                sha = path.name.split(".")[0]
-                if sha in last and last[sha] <= cutoff and not self.image_path(sha).exists():
+            files = [p for p in exported.rglob("*") if p.is_file()]
+            due = [p for p in files if p.name.split(".")[0] in last and last[p.name.split(".")[0]] <= cutoff]
+            kept = self.images.kept(p.name.split(".")[0] for p in due)
+            for path in due:
+                if path.name.split(".")[0] not in kept:
                     path.unlink(missing_ok=True)
                     copies += 1
         return {"images": images, "exported": copies}
@@ -259,33 +247,35 @@ class Corrections:
         layout). Disputed images are left out until reviewers agree, and so is any image that
         cannot be read (missing, or not an image: counted and logged, never fatal). The folder is
         rewritten to match exactly, so exporting twice with nothing new changes nothing."""
-        wanted: dict[Path, Path] = {}
+        dest.mkdir(parents=True, exist_ok=True)
+        existing = {p for p in dest.rglob("*") if p.is_file()}
+        wanted: set[Path] = set()
         unreadable: dict[str, str] = {}
+        added = 0
         for sha, labels in self.labels_by_image().items():
             if labels["agreed"] is None:
                 continue
-            source = self.image_path(sha)
             try:
-                fmt = readable_image(source)
+                data = self.images.get(sha)  # one read per image: lab mode fetches it from the database
+                if data is None:
+                    raise ImageError("missing", "the image is no longer kept")
+                fmt = readable_image(data)
             except ImageError as error:
                 unreadable[sha] = f"{error.code}: {error.message}"
                 continue
-            except Exception as error:  # noqa: BLE001 - one bad file must not stop the export
+            except Exception as error:  # noqa: BLE001 - one bad image must not stop the export
                 unreadable[sha] = f"{type(error).__name__}: {error}"
                 continue
-            wanted[dest / labels["agreed"] / f"{sha}.{EXTENSIONS[fmt]}"] = source
-        for sha, why in unreadable.items():
-            logger.warning("correction image %s left out of the export: %s", sha, why)
-        dest.mkdir(parents=True, exist_ok=True)
-        existing = {p for p in dest.rglob("*") if p.is_file()}
-        for stale in existing - set(wanted):
-            stale.unlink()
-        added = 0
-        for target, source in wanted.items():
+            target = dest / labels["agreed"] / f"{sha}.{EXTENSIONS[fmt]}"
+            wanted.add(target)
             if target not in existing:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
+                target.write_bytes(data)
                 added += 1
+        for sha, why in unreadable.items():
+            logger.warning("correction image %s left out of the export: %s", sha, why)
+        for stale in existing - wanted:
+            stale.unlink()
         for cls in self.classes:
             (dest / cls).mkdir(exist_ok=True)
         counts = Counter(p.parent.name for p in wanted)

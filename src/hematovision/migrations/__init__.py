@@ -7,8 +7,8 @@ each store is its own file (and in lab mode all three share one PostgreSQL datab
 store         tables                                                 version table
 ============  =====================================================  ===============================
 lab           users, sessions, api_tokens, login_failures,           hematovision_lab_version
-              corrections, audit
-predictions   predictions                                            hematovision_predictions_version
+              corrections, audit, correction_images
+predictions   predictions, prediction_images                         hematovision_predictions_version
 monitoring    windows, alerts, monitor_kv                            hematovision_monitoring_version
 ============  =====================================================  ===============================
 

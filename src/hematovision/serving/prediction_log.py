@@ -21,25 +21,25 @@ What a row holds and why:
 Images themselves are not stored (they may be patient material) unless a retention setting says
 so: ``retain_images_days`` for every image, ``review_image_days`` for the images of predictions
 flagged ``needs_review`` (the review queue shows them to pathologists). Kept images are
-content-addressed under ``images_dir``; the row is written first and the image after it, and
-:meth:`PredictionStore.purge_images` deletes an image only once it is older than its retention *and*
-no row newer than that retention names it, checked after the file has been moved aside
-(:func:`purge_files`), so an image whose row has just been written is never lost to a purge running
-at the same moment. :meth:`PredictionStore.enforce_budget` caps the disk they take (oldest first) and
-:meth:`PredictionStore.drop_embeddings` clears old rows' embeddings; ``serving/retention.py`` runs
-them all. Image bytes never go to any log.
+content-addressed in the log's image store (``hematovision.image_store``): files under
+``images_dir`` next to a sqlite log, or, in lab mode, the ``prediction_images`` table of the
+PostgreSQL database, so a pathologist on any replica sees the image a request to another replica
+left. Readers ask the store (:meth:`PredictionStore.image`), never a path. The row is written first
+and the image after it, and :meth:`PredictionStore.purge_images` deletes an image only once it is
+older than its retention *and* no row newer than that retention names it, asked so that a row
+written meanwhile keeps its image (``ImageStore.remove``: files moved aside first, or one
+transaction holding the image table's lock), so an image whose row has just been written is never
+lost to a purge running at the same moment. :meth:`PredictionStore.enforce_budget` caps the space
+they take (oldest first) and :meth:`PredictionStore.drop_embeddings` clears old rows' embeddings;
+``serving/retention.py`` runs them all. Image bytes never go to any log.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import bindparam, text
 
-from hematovision.database import connect, is_server_url, private_dir
+from hematovision.database import connect
+from hematovision.image_store import FolderImageStore, ImageStore, for_database
 
 _COLUMNS = (
     "id",
@@ -122,14 +123,18 @@ class PredictionStore:
         retain_images: bool = False,
         retain_review_images: bool = False,
     ) -> None:
-        """``database``: the log's sqlite file, or lab mode's PostgreSQL URL (then ``images_dir``
-        is needed: retained images stay on this host's disk)."""
-        if images_dir is None and is_server_url(database):
-            raise ValueError("a prediction log in a database server needs images_dir")
+        """``database``: the log's sqlite file, or lab mode's PostgreSQL URL. ``images_dir``: where a
+        sqlite log keeps images (default: ``images`` next to the file); in lab mode the images are
+        in the database and the folder is only where ``hematovision db upgrade`` finds images kept
+        before, to carry them in."""
         # NORMAL is durable across application crashes in WAL mode; only an OS crash or power cut
         # can lose the last few transactions, an acceptable risk for a monitoring log.
         self.db = connect(database, "predictions", synchronous="NORMAL")
-        self.images_dir = Path(images_dir) if images_dir is not None else self.db.path.parent / "images"
+        if images_dir is None and self.db.path is not None:
+            images_dir = self.db.path.parent / "images"
+        self.images_dir = None if images_dir is None else Path(images_dir)
+        # No fsync per image: the log itself accepts losing its last moments to an OS crash.
+        self.images: ImageStore = for_database(self.db, "prediction_images", self.images_dir, fsync=False)
         self.retain_images = retain_images
         self.retain_review_images = retain_review_images
 
@@ -144,7 +149,7 @@ class PredictionStore:
         if images is not None:
             for record, data in zip(records, images):
                 if self.retain_images or (self.retain_review_images and record.needs_review):
-                    self._store_image(record.image_sha256, data)
+                    self.images.put(record.image_sha256, data)
         return [r.id for r in records]
 
     def _insert(self, records: Sequence[PredictionRecord]) -> None:
@@ -168,30 +173,17 @@ class PredictionStore:
         out["image_stats"] = json.loads(out["image_stats"])
         out["needs_review"] = bool(out["needs_review"])
         out["embedding"] = decode_embedding(out["embedding"])
-        image = self.image_path(out["image_sha256"])
-        out["image_path"] = str(image) if image.exists() else None
+        out["image_kept"] = bool(self.images.kept([out["image_sha256"]]))
+        if isinstance(self.images, FolderImageStore):  # a file only in the embedded mode, for scripts
+            out["image_path"] = str(self.images.path(out["image_sha256"])) if out["image_kept"] else None
         return out
+
+    def image(self, sha256: str) -> bytes | None:
+        """A kept image's bytes (None: never kept, or purged), from whichever host kept it."""
+        return self.images.get(sha256)
 
     def count(self) -> int:
         return int(self.db.query("SELECT COUNT(*) FROM predictions")[0][0])
-
-    def image_path(self, sha256: str) -> Path:
-        return self.images_dir / sha256[:2] / sha256
-
-    def _store_image(self, sha256: str, data: bytes) -> None:
-        """Write once per content (atomic rename); a repeat sighting refreshes the retention clock."""
-        target = self.image_path(sha256)
-        try:
-            os.utime(target)
-            return
-        except FileNotFoundError:  # new, or taken by a purge a moment ago: written afresh
-            pass
-        private_dir(self.images_dir)  # patient images: the owner's alone
-        private_dir(target.parent)
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-            os.fchmod(tmp.fileno(), 0o600)
-            tmp.write(data)
-        os.replace(tmp.name, target)
 
     def purge_images(self, older_than_days: float, review_older_than_days: float | None = None) -> int:
         """Delete retained images last seen more than ``older_than_days`` ago (images of predictions
@@ -201,9 +193,9 @@ class PredictionStore:
         now = time.time()
         review = self.review_image_hashes() if review_days != older_than_days else set()
         candidates = [
-            path
-            for path, stat in image_files(self.images_dir)
-            if stat.st_mtime <= now - (review_days if path.name in review else older_than_days) * 86400
+            image.sha256
+            for image in self.images.entries()
+            if image.stored_at <= now - (review_days if image.sha256 in review else older_than_days) * 86400
         ]
         cutoff, review_cutoff = _iso(now - older_than_days * 86400), _iso(now - review_days * 86400)
 
@@ -221,24 +213,24 @@ class PredictionStore:
                     found.update(r[0] for r in rows)
             return found
 
-        return purge_files(candidates, named_by_a_newer_row)
+        return self.images.remove(candidates, named_by_a_newer_row)
 
     def enforce_budget(self, max_bytes: int) -> int:
         """Delete the oldest retained images (last seen first) until they take at most ``max_bytes``;
         returns how many."""
-        files = sorted(image_files(self.images_dir), key=lambda item: item[1].st_mtime)
-        total = sum(stat.st_size for _, stat in files)
-        over: list[Path] = []
-        for path, stat in files:
+        images = sorted(self.images.entries(), key=lambda image: image.stored_at)
+        total = sum(image.size for image in images)
+        over: list[str] = []
+        for image in images:
             if total <= max_bytes:
                 break
-            over.append(path)
-            total -= stat.st_size
-        return purge_files(over, lambda _hashes: set())
+            over.append(image.sha256)
+            total -= image.size
+        return self.images.remove(over, lambda _hashes: set())
 
     def retained_bytes(self) -> int:
-        """Bytes the retained images take on disk."""
-        return sum(stat.st_size for _, stat in image_files(self.images_dir))
+        """Bytes the retained images take (files on disk, or rows' image sizes in lab mode)."""
+        return self.images.total_bytes()
 
     def drop_embeddings(self, older_than_days: float) -> int:
         """Clear the embedding of every row logged more than ``older_than_days`` ago (the rest of the
@@ -300,14 +292,15 @@ class PredictionStore:
                 sql += f" AND {column} {op} :{name}"
                 params[name] = str(value)
         sql += " ORDER BY label = 'unknown' DESC, confidence ASC, created_at ASC"
-        out = []
+        out: list[dict[str, Any]] = []
         with self.db.reading() as db:
-            for row in db.execute(text(sql), params).mappings():
-                if row["id"] in exclude or not self.image_path(row["image_sha256"]).exists():
-                    continue
-                out.append({**dict(row), "probabilities": json.loads(row["probabilities"])})
-                if len(out) >= limit:
-                    break
+            result = db.execute(text(sql), params).mappings()
+            # In batches: one question to the image store per batch, not per row.
+            while len(out) < limit and (batch := result.fetchmany(200)):
+                kept = self.images.kept(row["image_sha256"] for row in batch if row["id"] not in exclude)
+                for row in batch:
+                    if row["id"] not in exclude and row["image_sha256"] in kept and len(out) < limit:
+                        out.append({**dict(row), "probabilities": json.loads(row["probabilities"])})
         return out
 
     def close(self) -> None:
@@ -315,57 +308,5 @@ class PredictionStore:
         self.db.dispose()
 
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_ASIDE = ".purging-"  # <sha256>.purging-<unix time>-<pid>-<random>: a file a purge moved aside
-STALE_ASIDE_SECONDS = 3600  # a file moved aside this long ago belongs to a purge that died
-
-
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
-
-
-def image_files(folder: Path) -> list[tuple[Path, os.stat_result]]:
-    """The content-addressed files under ``folder`` (``<xx>/<sha256>``) with their stat; files a
-    purge that died left aside are deleted on the way."""
-    if not folder.exists():
-        return []
-    out = []
-    for path in folder.rglob("*"):
-        try:
-            if _SHA256.fullmatch(path.name) and path.is_file():
-                out.append((path, path.stat()))
-            elif (
-                _ASIDE in path.name
-                and time.time() - float(path.name.split(_ASIDE)[1].split("-")[0]) > STALE_ASIDE_SECONDS
-            ):
-                path.unlink(missing_ok=True)
-        except (FileNotFoundError, ValueError):  # purged meanwhile by another worker; a name not ours
-            continue
-    return out
-
-
-def purge_files(paths: Sequence[Path], still_wanted: Callable[[list[str]], set[str]]) -> int:
-    """Delete the content-addressed files ``paths``, except those whose name (the sha256) is in
-    ``still_wanted(names)``, asked *after* every file has been moved aside: a row (or correction)
-    written meanwhile either is seen then, and its file is put back, or comes after, and its writer
-    finds no file and writes one. Files already gone (another worker's purge) are skipped. Returns
-    how many were deleted."""
-    aside: list[tuple[Path, Path]] = []
-    for path in paths:
-        moved = path.with_name(f"{path.name}{_ASIDE}{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(path, moved)
-        except FileNotFoundError:
-            continue
-        aside.append((path, moved))
-    wanted = still_wanted([path.name for path, _ in aside]) if aside else set()
-    removed = 0
-    for path, moved in aside:
-        if path.name in wanted:
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(moved, path)
-                os.utime(path)
-        else:
-            moved.unlink(missing_ok=True)
-            removed += 1
-    return removed

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -151,18 +150,14 @@ class Predictor:
         record = self.store.get(str(prediction_id))
         if record is None:
             raise ImageRejected("unknown_prediction", f"no prediction with id {prediction_id!r}")
-        if record["image_path"] is None:
+        image = self.store.image(record["image_sha256"])  # the log's image store: any replica's image
+        if image is None:  # never kept, or purged by a retention pass (perhaps since the row was read)
             raise ImageRejected(
                 "image_not_retained",
                 "this prediction's image was not kept (retain_images_days is 0 "
                 "or it was purged); send the image itself",
             )
-        try:
-            return Path(record["image_path"]).read_bytes()
-        except OSError:  # purged by a retention pass since the row was read
-            raise ImageRejected(
-                "image_not_retained", "this prediction's image was purged; send the image itself"
-            ) from None
+        return image
 
     def _log(self, records: list[PredictionRecord], images: list[bytes]) -> None:
         try:

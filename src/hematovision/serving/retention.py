@@ -17,8 +17,8 @@ embedding cache entries        unused for this long                    ``paths.e
 
 Each serving worker runs it in a daemon thread (:class:`RetentionScheduler`, every
 ``serving.purge_interval_minutes``); ``hematovision predictions purge`` runs it by hand. Several
-workers or replicas running it at once is harmless: deletes are idempotent and files already gone
-are skipped. A pass that deleted anything is recorded in the lab's audit log (actor ``retention``,
+workers or replicas running it at once is harmless: deletes are idempotent and images already gone
+are skipped (lab mode: every replica purges the one image table of the database, ``image_store.py``). A pass that deleted anything is recorded in the lab's audit log (actor ``retention``,
 counts per kind). Not covered: DVC's cache keeps every exported corrections version it pinned until
 ``dvc gc``, and the retraining folders hold what a retraining run read.
 """
@@ -37,7 +37,7 @@ from hematovision.settings import Settings, get_settings
 logger = logging.getLogger("hematovision.serving.retention")
 AUDIT_ACTOR = "retention"
 FIRST_PASS_MAX_DELAY_SECONDS = 60.0  # a worker's first pass, at a random moment within this
-BYTES_CACHE_SECONDS = 30.0  # /metrics scans the images folder at most this often
+BYTES_CACHE_SECONDS = 30.0  # /metrics measures the image store (folder or table) at most this often
 
 
 def retention_pass(settings: Settings | None = None, images_older_than_days: float | None = None) -> dict[str, int]:
@@ -126,7 +126,7 @@ class RetentionScheduler:
         """Gauges appended to BentoML's /metrics."""
         last = self.last_pass["at"] if self.last_pass else 0
         return (
-            "# HELP hematovision_retained_image_bytes Bytes the retained request images take on disk.\n"
+            "# HELP hematovision_retained_image_bytes Bytes the retained request images take in their store.\n"
             "# TYPE hematovision_retained_image_bytes gauge\n"
             f"hematovision_retained_image_bytes {self.retained_bytes()}\n"
             "# HELP hematovision_retention_last_pass_seconds Unix time of this worker's last retention pass (0: none yet).\n"
