@@ -61,7 +61,7 @@ def test_a_correction_that_is_no_image_is_refused_and_nothing_is_stored(patholog
         assert 400 <= response.status_code < 500, response.text
         if code:
             assert response.json()["error"] == code
-        assert not corrections.image_path(hashlib.sha256(data).hexdigest()).exists()
+        assert corrections.image(hashlib.sha256(data).hexdigest()) is None
     assert corrections.count() == before
     good = client.post(
         "/feedback", files={"image": ("cell.png", picture(1))}, data={"true_class": "monocyte"}, headers=pathologist
@@ -80,8 +80,8 @@ def test_export_and_retraining_skip_an_unreadable_correction_and_report_it(tmp_p
     corrections = Corrections(tmp_path / "lab.sqlite", tmp_path / "images")
     rows = [corrections.submit("someone", cls, picture(seed)) for seed, cls in enumerate(CLASS_PER_IMAGE)]
     # Stored before the guard existed, or damaged since: one file is text, one is gone.
-    corrections.image_path(rows[0]["image_sha256"]).write_bytes(TEXT)
-    corrections.image_path(rows[1]["image_sha256"]).unlink()
+    corrections.images.path(rows[0]["image_sha256"]).write_bytes(TEXT)
+    corrections.images.path(rows[1]["image_sha256"]).unlink()
     dest = tmp_path / "corrections"
     with caplog.at_level("WARNING"):
         result = corrections.export(dest)
@@ -124,15 +124,15 @@ def test_databases_and_patient_images_are_created_owner_only(tmp_path, open_umas
     assert mode(tmp_path / "log" / "predictions.sqlite") == 0o600
     assert mode(tmp_path / "log" / "predictions.sqlite-wal") == 0o600
     assert mode(tmp_path / "kept") == 0o700 and mode(tmp_path / "kept" / "cd") == 0o700
-    assert mode(log.image_path("cd" * 32)) == 0o600
+    assert mode(log.images.path("cd" * 32)) == 0o600
 
     corrections = Corrections(tmp_path / "lab" / "lab.sqlite", tmp_path / "corrected")
     row = corrections.submit("someone", "monocyte", picture(3))
     assert mode(tmp_path / "lab" / "lab.sqlite") == 0o600
     assert mode(tmp_path / "lab" / "lab.sqlite-wal") == 0o600
     assert mode(tmp_path / "corrected") == 0o700
-    assert mode(corrections.image_path(row["image_sha256"]).parent) == 0o700
-    assert mode(corrections.image_path(row["image_sha256"])) == 0o600
+    assert mode(corrections.images.path(row["image_sha256"]).parent) == 0o700
+    assert mode(corrections.images.path(row["image_sha256"])) == 0o600
 
     # A database made before (world-readable) is tightened when opened.
     old = tmp_path / "old.sqlite"

@@ -1,6 +1,7 @@
 """Retention without a person: one pass deletes every copy of patient data its settings say is due
 (retained images, the disk budget, prediction embeddings, correction images and their exported
-copies, the embedding cache) and audits it; a purge never takes an image whose row is being written;
+copies, the embedding cache) and audits it, with the images in folders (sqlite) or in the database
+(lab mode's PostgreSQL); a purge never takes an image whose row is being written, in either store;
 a review request for a purged image is a 404/409 in the one error shape; the serving worker's
 scheduler runs the pass on its own."""
 
@@ -25,7 +26,8 @@ from typer.testing import CliRunner
 from hematovision import stores
 from hematovision.api import errors, review_routes
 from hematovision.cli import app as cli
-from hematovision.serving import prediction_log
+from hematovision.image_store import FolderImageStore, ImageStore
+from hematovision.lab.corrections import Corrections
 from hematovision.serving.images import ImageRejected
 from hematovision.serving.prediction_log import PredictionRecord, PredictionStore
 from hematovision.serving.predictor import Predictor
@@ -35,6 +37,7 @@ from hematovision.settings import get_settings
 from conftest import add_user
 
 DAY = 86400
+WAIT_SECONDS = 60  # a liveness bound for the writer threads, never a measured duration
 
 
 def picture(seed: int) -> bytes:
@@ -48,9 +51,15 @@ def days_ago(days: float) -> str:
     return (datetime.now(UTC) - timedelta(days=days)).isoformat(timespec="milliseconds")
 
 
-def age(path: Path, days: float) -> None:
+def age(images: ImageStore, sha256: str, days: float) -> None:
+    """Make a kept image look stored ``days`` ago: its file's time, or its row's ``stored_at``."""
     then = time.time() - days * DAY
-    os.utime(path, (then, then))
+    if isinstance(images, FolderImageStore):
+        os.utime(images.path(sha256), (then, then))
+    else:
+        images.db.execute(
+            f"UPDATE {images.table} SET stored_at = :then WHERE sha256 = :sha", {"then": then, "sha": sha256}
+        )
 
 
 def record(seed: int, needs_review: bool = True, created_days_ago: float = 0) -> tuple[PredictionRecord, bytes]:
@@ -68,7 +77,7 @@ def record(seed: int, needs_review: bool = True, created_days_ago: float = 0) ->
     ), image
 
 
-def settings_in(tmp_path: Path, **serving):
+def settings_in(tmp_path: Path, database_url: str = "", **serving):
     return get_settings().with_changes(
         paths={"project_dir": tmp_path, "embedding_cache_days": 1},
         serving={
@@ -84,20 +93,27 @@ def settings_in(tmp_path: Path, **serving):
             "lab_db": Path("monitoring/lab.sqlite"),
             "corrections_images_dir": Path("monitoring/corrections"),
             "correction_image_days": 1,
+            "database_url": database_url,
         },
     )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request) -> str:
+    """lab.database_url: empty (sqlite files, images in folders) or a fresh PostgreSQL database."""
+    return "" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
 
 
 # --- one pass over every copy ------------------------------------------------------------------------
 
 
-def test_a_retention_pass_deletes_every_kind_past_its_setting_and_audits_it(tmp_path):
-    settings = settings_in(tmp_path)
+def test_a_retention_pass_deletes_every_kind_past_its_setting_and_audits_it(tmp_path, database_url):
+    settings = settings_in(tmp_path, database_url)
     log = stores.prediction_log(settings)
     old, old_image = record(1, created_days_ago=3)
     new, new_image = record(2)
     log.log_many([old, new], [old_image, new_image])
-    age(log.image_path(old.image_sha256), 3)
+    age(log.images, old.image_sha256, 3)
 
     corrections = stores.corrections(settings)
     stale = corrections.submit("pat", "monocyte", picture(3))
@@ -105,7 +121,7 @@ def test_a_retention_pass_deletes_every_kind_past_its_setting_and_audits_it(tmp_
     corrections.db.execute(
         "UPDATE corrections SET created_at = :at WHERE id = :id", {"at": days_ago(5), "id": stale["id"]}
     )
-    age(corrections.image_path(stale["image_sha256"]), 5)
+    age(corrections.images, stale["image_sha256"], 5)
     exported = settings.path(settings.paths.corrections_dataset_dir)
     corrections.export(exported)
     assert (exported / "monocyte" / f"{stale['image_sha256']}.png").exists()
@@ -123,11 +139,11 @@ def test_a_retention_pass_deletes_every_kind_past_its_setting_and_audits_it(tmp_
         "exported_corrections": 1,
         "embedding_cache": 1,
     }
-    assert log.get(old.id)["image_path"] is None and log.get(old.id)["label"] == "monocyte"  # the row stays
+    assert log.get(old.id)["image_kept"] is False and log.get(old.id)["label"] == "monocyte"  # the row stays
     assert log.get(old.id)["embedding"] is None and log.get(new.id)["embedding"] is not None
-    assert log.get(new.id)["image_path"] is not None
-    assert not corrections.image_path(stale["image_sha256"]).exists()
-    assert corrections.image_path(fresh["image_sha256"]).exists()
+    assert log.get(new.id)["image_kept"] is True and log.image(new.image_sha256) == new_image
+    assert corrections.image(stale["image_sha256"]) is None
+    assert corrections.image(fresh["image_sha256"]) is not None
     assert not (exported / "monocyte" / f"{stale['image_sha256']}.png").exists()
     assert (exported / "lymphocyte" / f"{fresh['image_sha256']}.png").exists()
     assert corrections.count() == 2  # the corrections themselves stay
@@ -145,96 +161,117 @@ def test_corrections_and_the_embedding_cache_are_kept_unless_the_lab_sets_a_rete
     settings = settings_in(tmp_path).with_changes(paths={"embedding_cache_days": 0}, lab={"correction_image_days": 0})
     corrections = stores.corrections(settings)
     row = corrections.submit("pat", "monocyte", picture(5))
-    age(corrections.image_path(row["image_sha256"]), 400)
+    age(corrections.images, row["image_sha256"], 400)
     assert "correction_images" not in retention_pass(settings)
-    assert corrections.image_path(row["image_sha256"]).exists()
+    assert corrections.image(row["image_sha256"]) is not None
     assert not settings.path(settings.paths.cache_dir).exists()  # no cache was made to be purged
 
 
-def test_the_oldest_retained_images_go_first_beyond_the_disk_budget(tmp_path):
-    store = PredictionStore(tmp_path / "p.sqlite", tmp_path / "images", retain_images=True)
-    shas = []
+def test_the_oldest_retained_images_go_first_beyond_the_disk_budget(backend, tmp_path):
+    store = PredictionStore(backend["predictions"], tmp_path / "images", retain_images=True)
+    shas, sizes = [], []
     for seed, days in ((1, 3), (2, 1), (3, 2)):
         rec, image = record(seed)
         store.log(rec, image)
-        age(store.image_path(rec.image_sha256), days)
+        age(store.images, rec.image_sha256, days)
         shas.append(rec.image_sha256)
-    sizes = [store.image_path(s).stat().st_size for s in shas]
+        sizes.append(len(image))
     assert store.retained_bytes() == sum(sizes)
     assert store.enforce_budget(sum(sizes)) == 0
     assert store.enforce_budget(sizes[1] + 1) == 2  # the 3- and 2-day-old ones
-    assert [store.image_path(s).exists() for s in shas] == [False, True, False]
+    assert store.images.kept(shas) == {shas[1]}
     assert store.retained_bytes() == sizes[1]
 
 
 # --- never racing a new image ------------------------------------------------------------------------
 
 
-def test_an_image_seen_again_is_kept_by_its_new_row_whatever_its_files_age(tmp_path):
-    store = PredictionStore(tmp_path / "p.sqlite", tmp_path / "images", retain_review_images=True)
+def test_an_image_seen_again_is_kept_by_its_new_row_whatever_its_age(backend, tmp_path):
+    store = PredictionStore(backend["predictions"], tmp_path / "images", retain_review_images=True)
     first, image = record(7, created_days_ago=10)
     store.log(first, image)
-    path = store.image_path(first.image_sha256)
-    age(path, 10)
-    # The same picture again, now: its row is written first; the file still has its old age.
+    age(store.images, first.image_sha256, 10)
+    # The same picture again, now: its row is written first; the image still has its old age.
     again = PredictionRecord("1", "monocyte", 0.4, {"monocyte": 0.4}, True, first.image_sha256, 1.0)
     store._insert([again])
     assert store.purge_images(0, review_older_than_days=2) == 0
-    assert path.exists() and store.get(again.id)["image_path"] == str(path)
+    assert store.image(first.image_sha256) == image and store.get(again.id)["image_kept"] is True
 
 
-def test_a_row_written_while_a_purge_runs_keeps_its_image(tmp_path, monkeypatch):
-    """The purge has moved the old file aside and is about to ask which rows still want it: a worker
-    logs the same image now. Either way the new row ends up with its image."""
-    store = PredictionStore(tmp_path / "p.sqlite", tmp_path / "images", retain_review_images=True)
+@pytest.mark.parametrize("row_committed", ["before the purge asks", "after the purge asked"])
+def test_a_row_written_while_a_purge_runs_keeps_its_image(backend, tmp_path, monkeypatch, row_committed):
+    """The purge holds the old image (moved aside, or the image table locked) and asks which rows
+    still want it: another request thread logs the same image now, its row committed before or
+    after the question. Either way the new row ends up with its image."""
+    store = PredictionStore(backend["predictions"], tmp_path / "images", retain_review_images=True)
     old, image = record(8, created_days_ago=10)
     store.log(old, image)
-    path = store.image_path(old.image_sha256)
-    age(path, 10)
+    age(store.images, old.image_sha256, 10)
     new = PredictionRecord("1", "monocyte", 0.4, {"monocyte": 0.4}, True, old.image_sha256, 1.0)
-    real = prediction_log.purge_files
+    writer = threading.Thread(target=store.log, args=(new, image))  # its row, then its image
+    real_remove = store.images.remove
 
-    def purge_files_with_a_writer(paths, still_wanted):
+    def row_is_committed() -> None:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not store.db.query("SELECT 1 FROM predictions WHERE id = :id", {"id": new.id}):
+            assert time.monotonic() < deadline, "the writer never committed its row"
+            time.sleep(0.01)
+
+    def remove_with_a_writer(hashes, still_wanted):
         def meanwhile(names):
-            assert not path.exists()  # moved aside
-            writer = threading.Thread(target=store.log, args=(new, image))  # another request thread
+            if row_committed == "before the purge asks":
+                writer.start()
+                row_is_committed()  # its image waits for the purge's lock in the database store
+                return still_wanted(names)
+            wanted = still_wanted(names)
             writer.start()
-            writer.join()
-            return still_wanted(names)
-
-        return real(paths, meanwhile)
-
-    monkeypatch.setattr(prediction_log, "purge_files", purge_files_with_a_writer)
-    assert store.purge_images(0, review_older_than_days=2) == 0
-    assert path.read_bytes() == image and store.get(new.id)["image_path"] == str(path)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing left aside
-
-
-def test_a_correction_written_while_a_purge_runs_keeps_its_image(tmp_path, monkeypatch):
-    from hematovision.lab import corrections as corrections_module
-
-    corrections = stores.corrections(settings_in(tmp_path))
-    image = picture(9)
-    old = corrections.submit("pat", "monocyte", image)
-    corrections.db.execute(
-        "UPDATE corrections SET created_at = :at WHERE id = :id", {"at": days_ago(5), "id": old["id"]}
-    )
-    path = corrections.image_path(old["image_sha256"])
-    age(path, 5)
-    real = corrections_module.purge_files
-    written = []
-
-    def purge_files_after_the_check(paths, still_wanted):
-        def meanwhile(names):
-            wanted = still_wanted(names)  # asked before the new correction is committed
-            written.append(corrections.submit("pat2", "monocyte", image))
+            row_is_committed()
             return wanted
 
-        return real(paths, meanwhile)
+        return real_remove(hashes, meanwhile)
 
-    monkeypatch.setattr(corrections_module, "purge_files", purge_files_after_the_check)
-    assert corrections.purge_images(1)["images"] == 1  # the old copy went...
-    assert written and path.read_bytes() == image  # ...and the new correction wrote its image again
+    monkeypatch.setattr(store.images, "remove", remove_with_a_writer)
+    removed = store.purge_images(0, review_older_than_days=2)
+    writer.join(WAIT_SECONDS)
+    assert removed == (0 if row_committed == "before the purge asks" else 1)  # the old copy, if it went...
+    assert store.image(old.image_sha256) == image and store.get(new.id)["image_kept"] is True  # ...came back
+    if isinstance(store.images, FolderImageStore):
+        path = store.images.path(old.image_sha256)
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing left aside
+
+
+def test_a_correction_written_while_a_purge_runs_keeps_its_image(backend, tmp_path, monkeypatch):
+    """A correction's image is stored; a purge takes it, having asked before the correction's row
+    was committed; then the row commits: ``submit`` stores the image again."""
+    corrections = Corrections(backend["lab"], tmp_path / "corrected")
+    image = picture(9)
+    stored, asked = threading.Event(), threading.Event()
+    real_put, real_remove = corrections.images.put, corrections.images.remove
+
+    def put_then_wait_for_the_purge(sha256, data):
+        real_put(sha256, data)
+        if not stored.is_set():  # the first put, before the row
+            stored.set()
+            asked.wait(WAIT_SECONDS)
+
+    def remove_then_let_the_writer_go(hashes, still_wanted):
+        def meanwhile(names):
+            wanted = still_wanted(names)  # the correction's row is not there yet
+            asked.set()
+            return wanted
+
+        return real_remove(hashes, meanwhile)
+
+    monkeypatch.setattr(corrections.images, "put", put_then_wait_for_the_purge)
+    monkeypatch.setattr(corrections.images, "remove", remove_then_let_the_writer_go)
+    written: list[dict] = []
+    writer = threading.Thread(target=lambda: written.append(corrections.submit("pat", "monocyte", image)))
+    writer.start()
+    assert stored.wait(WAIT_SECONDS)
+    assert corrections.purge_images(0)["images"] == 1  # the image went...
+    writer.join(WAIT_SECONDS)
+    assert written and asked.is_set()
+    assert corrections.image(written[0]["image_sha256"]) == image  # ...and the correction stored it again
 
 
 # --- a review request for a purged image: 404/409, never 500 ------------------------------------------
@@ -253,15 +290,11 @@ def test_review_requests_for_a_purged_image_are_404_or_409_in_the_error_shape(pa
     log = stores.prediction_log(get_settings())
     rec, image = record(int(time.time() * 1000) % 100000)
     log.log(rec, image)
-    assert log.get(rec.id)["image_path"] is not None  # flagged for review: kept
-    log.image_path(rec.image_sha256).unlink()  # a retention pass took it
-    if when == "after the row was read":  # the row still names the file the purge has just taken
-        real_get = PredictionStore.get
-        monkeypatch.setattr(
-            PredictionStore,
-            "get",
-            lambda self, pid: {**real_get(self, pid), "image_path": str(self.image_path(rec.image_sha256))},
-        )
+    read_before = log.get(rec.id)
+    assert read_before["image_kept"] is True  # flagged for review: kept
+    log.images.remove([rec.image_sha256], lambda _hashes: set())  # a retention pass took it
+    if when == "after the row was read":  # the row read says kept; the purge has just taken the image
+        monkeypatch.setattr(PredictionStore, "get", lambda self, pid: dict(read_before))
     app = FastAPI()
     app.include_router(review_routes.router)
     errors.install(app)
@@ -321,8 +354,8 @@ def test_the_purge_command_runs_a_whole_pass(project):
     log = stores.prediction_log(settings)
     rec, image = record(12, created_days_ago=400)
     log.log(rec, image)
-    age(log.image_path(rec.image_sha256), 400)
+    age(log.images, rec.image_sha256, 400)
     result = CliRunner().invoke(cli, ["predictions", "purge"])
     assert result.exit_code == 0, result.output
     assert "retained image" in result.output and "embeddings: " in result.output
-    assert log.get(rec.id)["image_path"] is None and log.get(rec.id)["embedding"] is None
+    assert log.get(rec.id)["image_kept"] is False and log.get(rec.id)["embedding"] is None
