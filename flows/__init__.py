@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hematovision  # noqa: F401 - its import switches every tool's telemetry off before Prefect loads
+from hematovision.params import Params, load_params
+from hematovision.settings import get_settings
+
+
+def project_params(params_file: str, profile: str | None) -> Params:
+    """A run's parameters, ``params_file`` read relative to the project directory: on a worker the
+    flow runs in the code's checkout (``deploy.source``), not in the project folder that holds the
+    data and the laboratory's params.yaml."""
+    return load_params(get_settings().path(Path(params_file)), profile)
 
 
 class StepTimer:

@@ -10,12 +10,10 @@ arguments. The service follows the ``champion`` alias, so a promotion needs noth
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows import StepTimer
-from hematovision.params import load_params
+from flows import StepTimer, project_params
 from hematovision.progress import reporter
 from hematovision.settings import get_settings
 from hematovision.training import retrain
@@ -37,7 +35,7 @@ def export_corrections() -> dict:
 
 @task(name="retraining manifest")
 def manifest(params_file: str, profile: str | None) -> dict:
-    context = retrain.manifest_step(get_settings(), load_params(Path(params_file), profile))
+    context = retrain.manifest_step(get_settings(), project_params(params_file, profile))
     get_run_logger().info(
         "parent v%s, mode %s: %s raw images, %s corrections to learn from, %s held out, %s TEST images",
         context["parent_version"],
@@ -53,7 +51,7 @@ def manifest(params_file: str, profile: str | None) -> dict:
 @task(name="train challenger")
 def train_challenger(params_file: str, profile: str | None) -> dict:
     logger = get_run_logger()
-    result = retrain.train_challenger_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
+    result = retrain.train_challenger_step(get_settings(), project_params(params_file, profile), reporter(logger))
     logger.info("challenger trained on %s images in %.0f s", result.get("n_train_images"), result["timings"]["train_s"])
     return result
 
@@ -61,7 +59,7 @@ def train_challenger(params_file: str, profile: str | None) -> dict:
 @task(name="evaluate challenger")
 def evaluate(params_file: str, profile: str | None) -> dict:
     logger = get_run_logger()
-    results = retrain.evaluate_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
+    results = retrain.evaluate_step(get_settings(), project_params(params_file, profile), reporter(logger))
     for who in ("champion", "challenger"):
         for split, m in results[who].items():
             logger.info(
@@ -77,7 +75,7 @@ def evaluate(params_file: str, profile: str | None) -> dict:
 
 @task(name="register challenger", retries=2, retry_delay_seconds=2)
 def register(params_file: str, profile: str | None) -> dict:
-    result = retrain.register_step(get_settings(), load_params(Path(params_file), profile))
+    result = retrain.register_step(get_settings(), project_params(params_file, profile))
     get_run_logger().info(
         "registered version %s (lineage %s)",
         result["version"],
@@ -88,7 +86,7 @@ def register(params_file: str, profile: str | None) -> dict:
 
 @task(name="gate")
 def gate(version: str, run_id: str, params_file: str, profile: str | None, promote: bool) -> dict:
-    decision = retrain.gate_step(get_settings(), load_params(Path(params_file), profile), version, run_id, promote)
+    decision = retrain.gate_step(get_settings(), project_params(params_file, profile), version, run_id, promote)
     logger = get_run_logger()
     (logger.info if decision["passed"] else logger.warning)("version %s: %s", version, decision["summary"])
     return decision

@@ -11,13 +11,11 @@ touches the MLflow store).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from flows import StepTimer
+from flows import StepTimer, project_params
 from hematovision.data import dvc
-from hematovision.params import load_params
 from hematovision.progress import reporter
 from hematovision.settings import get_settings
 from hematovision.training import steps
@@ -35,7 +33,7 @@ def import_data() -> dict:
 
 @task(name="prepare")
 def prepare(params_file: str, profile: str | None) -> dict:
-    summary = steps.prepare_step(get_settings(), load_params(Path(params_file), profile), reporter(get_run_logger()))
+    summary = steps.prepare_step(get_settings(), project_params(params_file, profile), reporter(get_run_logger()))
     get_run_logger().info("prepared: %s", {k: v for k, v in summary.items() if k in ("counts", "n_bad")} or summary)
     return summary
 
@@ -43,7 +41,7 @@ def prepare(params_file: str, profile: str | None) -> dict:
 @task(name="train")
 def train(params_file: str, profile: str | None) -> dict:
     logger = get_run_logger()
-    report = steps.train_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
+    report = steps.train_step(get_settings(), project_params(params_file, profile), reporter(logger))
     logger.info(
         "trained run %s: val accuracy %.4f, macro-F1 %.4f",
         report["run_id"],
@@ -56,7 +54,7 @@ def train(params_file: str, profile: str | None) -> dict:
 @task(name="evaluate")
 def evaluate(params_file: str, profile: str | None) -> dict:
     logger = get_run_logger()
-    results = steps.evaluate_step(get_settings(), load_params(Path(params_file), profile), reporter(logger))
+    results = steps.evaluate_step(get_settings(), project_params(params_file, profile), reporter(logger))
     for name in ("test", "new_site"):
         if name in results:
             logger.info("%s: accuracy %.4f, macro-F1 %.4f", name, results[name]["accuracy"], results[name]["macro_f1"])
@@ -65,14 +63,14 @@ def evaluate(params_file: str, profile: str | None) -> dict:
 
 @task(name="register", retries=2, retry_delay_seconds=2)
 def register(params_file: str, profile: str | None) -> dict:
-    result = steps.register_step(get_settings(), load_params(Path(params_file), profile))
+    result = steps.register_step(get_settings(), project_params(params_file, profile))
     get_run_logger().info("registered version %s as challenger", result["version"])
     return result
 
 
 @task(name="promote")
 def promote_version(version: str, params_file: str, profile: str | None) -> dict:
-    decision = steps.promote_step(get_settings(), load_params(Path(params_file), profile), version)
+    decision = steps.promote_step(get_settings(), project_params(params_file, profile), version)
     logger = get_run_logger()
     (logger.info if decision.passed else logger.warning)(decision.summary())
     return {"passed": decision.passed, "reasons": decision.reasons}

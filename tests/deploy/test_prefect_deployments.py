@@ -11,14 +11,9 @@ into scheduled flow runs (what SQLAlchemy 2.1 broke in prefect 3.8.8: see pyproj
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,37 +24,11 @@ from flows.retraining import retraining_flow
 from hematovision.settings import ENV_PREFIX, TELEMETRY_OFF, Settings
 
 from conftest import REPO, free_port, stop_service
+from lab_processes import BIN, api, prefect_server, wait_for
 
-BIN = Path(sys.executable).parent
 POOL = "hv-test-pool"
 MONITORING_CRON = "0 0 29 2 *"  # far away: nothing is due while the test runs
 PURGE_CRON = "30 1 29 2 *"
-
-
-def api(base: str, path: str, body: dict | None = None) -> dict | list:
-    request = urllib.request.Request(
-        f"{base}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.loads(answer.read())
-
-
-def wait_for(what: str, check, timeout: float, logs: list[Path]) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-        except OSError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
-            pytest.fail(f"{what} did not happen within {timeout} s\n{tails}")
-        time.sleep(0.5)
 
 
 def lab_env(tmp_path: Path, base: str, **settings: str) -> dict[str, str]:
@@ -79,28 +48,6 @@ def lab_env(tmp_path: Path, base: str, **settings: str) -> dict[str, str]:
         }
     )
     return env
-
-
-@contextlib.contextmanager
-def prefect_server(tmp_path: Path, port: int, env: dict[str, str], *, scheduler: bool) -> Iterator[Path]:
-    """A `prefect server start` answering on the port; yields its log file, stops it afterwards."""
-    server_log = tmp_path / "server.log"
-    with server_log.open("wb") as out:
-        server = subprocess.Popen(
-            [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
-            + ([] if scheduler else ["--no-scheduler"])
-            + ["--analytics-off"],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for("the Prefect server answering", lambda: api(env["PREFECT_API_URL"], "/health"), 90, [server_log])
-        yield server_log
-    finally:
-        stop_service(server)
 
 
 def deploy(tmp_path: Path, env: dict[str, str]) -> dict[str, dict]:
