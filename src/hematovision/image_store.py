@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import Connection, bindparam, text
 
 from hematovision.database import Database, private_dir
 
@@ -153,9 +153,10 @@ class DatabaseImageStore:
         self.table = table
 
     def put(self, sha256: str, data: bytes) -> None:
-        self._upsert(self.db, [(sha256, data, time.time())])
+        with self.db.transaction() as connection:
+            self._upsert(connection, sha256, data, time.time())
 
-    def _upsert(self, connection_or_db, rows: list[tuple[str, bytes, float]]) -> None:
+    def _upsert(self, connection: Connection, sha256: str, data: bytes, stored_at: float) -> None:
         # The same bytes again keep the stored ones and move stored_at forward, never back (an
         # image carried from a folder keeps its file's age unless the table has seen it since).
         sql = text(
@@ -163,12 +164,7 @@ class DatabaseImageStore:
             f"ON CONFLICT (sha256) DO UPDATE SET stored_at = CASE WHEN excluded.stored_at > {self.table}.stored_at "
             f"THEN excluded.stored_at ELSE {self.table}.stored_at END"
         )
-        params = [{"sha256": s, "data": bytes(d), "size": len(d), "stored_at": at} for s, d, at in rows]
-        if isinstance(connection_or_db, Database):
-            with connection_or_db.transaction() as connection:
-                connection.execute(sql, params)
-        else:
-            connection_or_db.execute(sql, params)
+        connection.execute(sql, {"sha256": sha256, "data": bytes(data), "size": len(data), "stored_at": stored_at})
 
     def get(self, sha256: str) -> bytes | None:
         rows = self.db.query(f"SELECT data FROM {self.table} WHERE sha256 = :sha", {"sha": sha256})
@@ -226,7 +222,7 @@ class DatabaseImageStore:
                 left += 1
                 continue
             with self.db.transaction() as connection:
-                self._upsert(connection, [(path.name, data, stat.st_mtime)])
+                self._upsert(connection, path.name, data, stat.st_mtime)
             path.unlink(missing_ok=True)  # committed: the database holds it now
             carried += 1
             size += len(data)
