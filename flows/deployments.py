@@ -186,13 +186,18 @@ def deploy_all(settings: Settings) -> dict[str, Any]:
 def crash_silent_runs(deployment_ids: list[str], heartbeat_seconds: int) -> str:
     """(Re)create the automation that marks a run of these deployments Crashed after
     :data:`SILENT_HEARTBEATS` heartbeats without news (Prefect's recipe for "zombie" runs, limited
-    to this platform's deployments so a shared Prefect server's other flows are left alone)."""
+    to this platform's deployments so a shared Prefect server's other flows are left alone, and
+    started from the run's Pending and Running states as well as from its heartbeats)."""
     automation = AutomationCore(
         name=CRASH_SILENT_RUNS,
         description="A run of a HematoVision deployment stopped reporting heartbeats: its worker or machine died.",
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
+            # From the moment a run is handed to a worker: a machine that dies before the run's
+            # first heartbeat (between Pending and Running, or right after Running) leaves no
+            # heartbeat to start from.
+            after={"prefect.flow-run.Pending", "prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
             expect={
+                "prefect.flow-run.Running",
                 "prefect.flow-run.heartbeat",
                 "prefect.flow-run.Completed",
                 "prefect.flow-run.Failed",

@@ -13,7 +13,7 @@ import argparse
 
 from prefect import flow, get_run_logger, task
 
-from flows import StepTimer, project_params
+from flows import StepTimer, project_params, push_to_remote
 from hematovision.progress import reporter
 from hematovision.settings import get_settings
 from hematovision.training import retrain
@@ -100,6 +100,7 @@ def retraining_flow(profile: str | None = None, params_file: str = "params.yaml"
     timings = timed.timings
 
     exported = timed("export", export_corrections)
+    timed("push", push_to_remote)
     context = timed("manifest", manifest, params_file, profile)
     reason = retrain.nothing_to_learn(context)
     if reason:  # e.g. drift alerted before any pathologist corrected anything: not a failure

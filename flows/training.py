@@ -14,7 +14,7 @@ import argparse
 
 from prefect import flow, get_run_logger, task
 
-from flows import StepTimer, project_params
+from flows import StepTimer, project_params, push_to_remote
 from hematovision.data import dvc
 from hematovision.progress import reporter
 from hematovision.settings import get_settings
@@ -83,6 +83,7 @@ def training_flow(profile: str | None = None, params_file: str = "params.yaml", 
     timings = timed.timings
 
     data = timed("import", import_data)
+    timed("push", push_to_remote)
     timed("prepare", prepare, params_file, profile)
     report = timed("train", train, params_file, profile)
     results = timed("evaluate", evaluate, params_file, profile)

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,17 +21,30 @@ from hematovision.api.process import stop_service
 BIN = Path(sys.executable).parent  # the hematovision, prefect and mlflow CLIs of this environment
 
 
+# What Prefect's own client retries: a server briefly unable to answer (on sqlite, a write lock held
+# by its background services on a busy machine answers 503), not a refusal.
+RETRIED_STATUSES = (429, 502, 503)
+
+
 def api(base: str, path: str, body: dict | None = None, method: str | None = None) -> dict | list | None:
-    """One call to a JSON API (Prefect's REST API): GET without a body, POST with one."""
+    """One call to a JSON API (Prefect's REST API): GET without a body, POST with one; retried as
+    Prefect's client retries it (a few times, backing off) while the server answers it is busy."""
     request = urllib.request.Request(
         f"{base}{path}",
         data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
         method=method or ("GET" if body is None else "POST"),
     )
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        content = answer.read()
-        return json.loads(content) if content else None
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                content = answer.read()
+                return json.loads(content) if content else None
+        except urllib.error.HTTPError as error:
+            if error.code not in RETRIED_STATUSES or attempt == 5:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 def wait_for(what: str, check: Callable[[], object], timeout: float, logs: list[Path]) -> object:

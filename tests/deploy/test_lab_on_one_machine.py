@@ -2,9 +2,10 @@
 
 What the hosts share is what a real deployment shares: one PostgreSQL server (the platform's
 database and the tracking server's backend), ``mlflow server`` (the registry and the artifacts,
-over HTTP), ``prefect server`` (deployments, schedules, runs) and nothing else. The training host
-is a project folder (git, DVC, a few real cells per class) with one process worker; the two
-serving replicas are ``hematovision serve`` processes in empty folders of their own, on two ports.
+over HTTP), ``prefect server`` (deployments, schedules, runs), the DVC remote, and nothing else.
+The training host is a project folder (git, DVC, a few real cells per class) with one process
+worker; the two serving replicas are ``hematovision serve`` processes in empty folders of their
+own, on two ports.
 
 The story, in order, each step asserting what a laboratory would check:
 
@@ -14,12 +15,15 @@ The story, in order, each step asserting what a laboratory would check:
    too comes from the database); on replica B, with the same session, it has left the queue;
 4. PostgreSQL stops under a stream of corrections: clear 503s meanwhile, the same processes carry
    on once it is back, and every acknowledged correction is there;
-5. the monitoring deployment, on its schedule, flags the new site and starts the retraining
+5. the monitoring deployment, on its schedule (the Prefect server's scheduler creates the run:
+   what SQLAlchemy 2.1 broke, see pyproject.toml), flags the new site and starts the retraining
    deployment; the worker dies mid-retraining (the machine, not the run: the worker and the run's
    process are killed): the run is marked Crashed and the registry is unchanged;
 6. a second worker runs retraining again; the gate promotes; both replicas answer with the new
    version, no request failing across the swap;
-7. replica A is killed mid-stream: replica B keeps answering.
+7. replica A is killed mid-stream: replica B keeps answering;
+8. another machine pulls from the DVC remote (a shared folder here) exactly the data and
+   corrections the new champion's lineage tags name: training and retraining pushed them.
 
 It takes minutes (a training, two retrainings, a Crashed verdict after three missed heartbeats of
 30 s); the waits below are liveness bounds, never measured durations.
@@ -209,6 +213,13 @@ def champion(tracking_uri: str) -> tuple[str, list[str]]:
     return str(client.get_model_version_by_alias(MODEL, "champion").version), versions
 
 
+def lineage_of(tracking_uri: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return dict(client.get_model_version(MODEL, version).tags)
+
+
 def run_state(base: str, run_id: str) -> dict:
     return api(base, f"/flow_runs/{run_id}")
 
@@ -273,6 +284,7 @@ def run_the_laboratory(lab: Lab, root: Path, postgres: PostgresServer) -> None:
         project = training_host(root)
         upstream = build_kaggle_subset(root / "upstream" / "blood-cells")
         site = build_new_site_subset(root / "upstream" / "pbc")
+        remote = root / "dvc-remote"  # what a shared mount or a bucket is to DVC
         worker_env = host_env(
             **everywhere,
             PREFECT_HOME=str(project / ".prefect"),
@@ -280,6 +292,7 @@ def run_the_laboratory(lab: Lab, root: Path, postgres: PostgresServer) -> None:
             HEMATOVISION_PROJECT_DIR=str(project),
             HEMATOVISION_DATA_SOURCE=str(upstream),
             HEMATOVISION_NEW_SITE_SOURCE=str(site),
+            HEMATOVISION_DVC_REMOTE=str(remote),
             HEMATOVISION_DEPLOY_WORK_POOL=POOL,
             HEMATOVISION_DEPLOY_SOURCE=str(REPO),  # the code; the data is the training host's project
             HEMATOVISION_DEPLOY_MONITORING_CRON=FAR_AWAY,  # scheduled every minute once there is something to see
@@ -509,3 +522,17 @@ def run_the_laboratory(lab: Lab, root: Path, postgres: PostgresServer) -> None:
         assert streams[0].failures()  # A is gone: its instrument sees it
         assert not streams[1].failures(), streams[1].failures()[:3]
         assert set(streams[1].versions()) == {promoted}
+
+        # 8. Another machine pulls exactly the data and corrections the new champion was trained on.
+        other = root / "another-host"
+        other.mkdir()
+        for command in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"]):
+            subprocess.run(command, cwd=other, check=True, capture_output=True)
+        other_env = host_env(**everywhere, HEMATOVISION_PROJECT_DIR=str(other), HEMATOVISION_DVC_REMOTE=str(remote))
+        cli(other_env, other, "data", "pull", "--model-version", promoted)
+        lineage = lineage_of(tracking, promoted)
+        assert lineage["corrections_hash"] not in ("", "unknown") and lineage["data_hash"] not in ("", "unknown")
+        for folder in ("data", "corrections"):
+            pulled = sorted(p.relative_to(other / folder) for p in (other / folder).rglob("*") if p.is_file())
+            trained_on = sorted(p.relative_to(project / folder) for p in (project / folder).rglob("*") if p.is_file())
+            assert pulled and pulled == trained_on, folder

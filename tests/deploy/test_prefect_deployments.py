@@ -5,8 +5,8 @@ registers the four deployments and creates the work pool; one process worker pol
 retention-purge deployment (the cheap one) must complete on that worker, in the worker's own
 settings (its own project folder). The schedules and the one-at-a-time limits are read back from the
 server's REST API, as any client would. The server's scheduler is off there, so nothing starts on its
-own while that test runs; a second server, scheduler on, must turn a deployed every-minute schedule
-into scheduled flow runs (what SQLAlchemy 2.1 broke in prefect 3.8.8: see pyproject.toml).
+own while that test runs. That a schedule produces runs on a worker (what SQLAlchemy 2.1 broke in
+prefect 3.8.8: see pyproject.toml) is checked by the laboratory test (``test_lab_on_one_machine.py``).
 """
 
 from __future__ import annotations
@@ -139,21 +139,3 @@ def test_deploy_registers_schedules_and_limits_and_a_worker_runs_the_purge(tmp_p
             assert (worker_project / "monitoring" / "predictions.sqlite").exists()
         finally:
             stop_service(worker)
-
-
-@pytest.mark.e2e
-def test_the_scheduler_creates_runs_of_a_deployed_schedule(tmp_path):
-    port = free_port()
-    env = lab_env(tmp_path, f"http://127.0.0.1:{port}/api", HEMATOVISION_DEPLOY_PURGE_CRON="* * * * *")
-    with prefect_server(tmp_path, port, env, scheduler=True) as server_log:
-        retention = deploy(tmp_path, env)["retention"]
-        assert [s["schedule"]["cron"] for s in retention["schedules"]] == ["* * * * *"]
-
-        def scheduled_runs() -> list[dict]:
-            body = {"flow_runs": {"deployment_id": {"any_": [retention["id"]]}}}
-            return api(env["PREFECT_API_URL"], "/flow_runs/filter", body)
-
-        # Nothing runs them (no worker): the server's scheduler alone must have created them.
-        runs = wait_for("the scheduler creating the retention runs", scheduled_runs, 120, [server_log])
-        assert all(run["auto_scheduled"] and run["state_type"] == "SCHEDULED" for run in runs), runs
-        assert "Can't evaluate bulk DML statement" not in server_log.read_text(errors="replace")

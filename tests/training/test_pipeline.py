@@ -36,7 +36,7 @@ def test_main_job_registers_a_champion_with_its_lineage(project, trained):
     assert champion is not None
     assert trained["version"] == str(champion.version)
     assert trained["gate"]["passed"]
-    assert set(trained["timings_s"]) == {"import", "prepare", "train", "evaluate", "register", "promote"}
+    assert set(trained["timings_s"]) == {"import", "push", "prepare", "train", "evaluate", "register", "promote"}
     pinned = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
     assert champion.tags["data_hash"] == pinned
     assert len(champion.tags["git_commit"]) >= 40
