@@ -46,6 +46,7 @@ import pytest
 import requests
 import yaml
 
+from flows.deployments import CRASH_SILENT_RUNS
 from hematovision import CLASSES
 from hematovision.api.process import free_port, start_service, stop_service
 from hematovision.settings import ENV_PREFIX, TELEMETRY_OFF
@@ -60,7 +61,8 @@ PASSWORD = "a long enough password"
 FAR_AWAY = "30 1 29 2 *"  # a cron that is never due while the test runs
 HEARTBEAT_SECONDS = 30  # Prefect's least: a dead worker's run is called Crashed after 3 of them
 WINDOW = 10  # predictions per monitoring window (the least the setting allows)
-PER_CLASS = 14  # new-site images corrected per class: what retraining learns the new site from
+PER_CLASS = 30  # new-site images corrected per class: what retraining learns the new site from, and its
+# holdout (a quarter of them): fewer leave the gate's interval on the holdout too wide to call a win
 LIVENESS = 600  # seconds: the longest any one step may take before the test gives up
 
 
@@ -229,6 +231,29 @@ def finished(base: str, run_id: str):
     return run if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
 
+def check_the_deployments(base: str, deployments: dict[str, dict]) -> None:
+    """What ``hematovision deploy`` registered, read back as any client would: the four deployments
+    on the pool, training and retraining one at a time and started by hand, the crons in UTC, every
+    run's heartbeat, and the automation that marks a dead worker's run Crashed."""
+    assert set(deployments) == {"training", "retraining", "monitoring", "retention"}
+    assert {d["work_pool_name"] for d in deployments.values()} == {POOL}
+    for name in ("training", "retraining"):
+        limit = deployments[name].get("global_concurrency_limit") or {}
+        assert deployments[name]["concurrency_limit"] == 1 or limit.get("limit") == 1, deployments[name]
+        assert not deployments[name]["schedules"]
+    for name in ("monitoring", "retention"):
+        (schedule,) = deployments[name]["schedules"]
+        assert schedule["schedule"]["cron"] == FAR_AWAY and schedule["schedule"]["timezone"] == "UTC"
+    heartbeat = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
+    assert all(d["job_variables"]["env"] == heartbeat for d in deployments.values())
+    (automation,) = api(base, "/automations/filter", {})
+    assert automation["name"] == CRASH_SILENT_RUNS and automation["enabled"]
+    assert automation["actions"][0]["type"] == "change-flow-run-state"
+    assert automation["actions"][0]["state"] == "CRASHED"
+    related = automation["trigger"]["match_related"]["prefect.resource.id"]
+    assert sorted(related) == sorted(f"prefect.deployment.{d['id']}" for d in deployments.values())
+
+
 def cli(env: dict[str, str], cwd: Path, *args: str, stdin: str = "") -> str:
     done = subprocess.run([BIN / "hematovision", *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True)
     assert done.returncode == 0, f"hematovision {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
@@ -307,6 +332,7 @@ def run_the_laboratory(lab: Lab, root: Path, postgres: PostgresServer) -> None:
         )
         cli(worker_env, project, "deploy", "--json")
         deployments = {d["name"]: d for d in api(base, "/deployments/filter", {})}
+        check_the_deployments(base, deployments)
         worker_command = [BIN / "prefect", "worker", "start", "--pool", POOL, "--type", "process"]
         worker = lab.popen("worker-1", [*worker_command, "--name", "worker-1"], project, worker_env)
 
