@@ -35,7 +35,7 @@ def fold_task(
 ) -> dict:
     settings = get_settings()
     logger = get_run_logger()
-    params = cv.recipe_params(get_settings().path(Path(params_file)), recipe, profile)
+    params = cv.recipe_params(settings.path(Path(params_file)), recipe, profile)
     manifest = load_manifest(settings)
     site = settings.path(settings.paths.new_site_source)
     # Recomputed from (k, seed) rather than shipped: a task on another worker gets the same folds.
@@ -82,7 +82,7 @@ def cv_flow(
     recipes = list(recipes or [cv.DEFAULT_RECIPE])
     settings = get_settings()
     for recipe in recipes:  # an unknown recipe fails here, before any training
-        cv.recipe_params(get_settings().path(Path(params_file)), recipe, profile)
+        cv.recipe_params(settings.path(Path(params_file)), recipe, profile)
     seed = project_params(params_file, profile).seed if seed is None else seed
     manifest = load_manifest(settings)
     assignment = cv.fold_assignments(manifest, folds, seed)  # too few cells fail here, before training
