@@ -114,7 +114,8 @@ class Stream:
                     answer = session.post(f"{self.url}/predict", files={"image": (name, data)}, timeout=60)
                     ok = answer.status_code == 200
                     body = answer.json() if ok else {}
-                    self.answers.append(Answer(ok, answer.status_code, body.get("model_version"), answer.text[:200]))
+                    error = "" if ok else answer.text[:200]
+                    self.answers.append(Answer(ok, answer.status_code, body.get("model_version"), error))
                 except requests.RequestException as error:
                     self.answers.append(Answer(False, None, None, type(error).__name__))
                     time.sleep(0.2)  # a dead host refuses at once: do not spin
