@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -78,9 +79,9 @@ class PostgresServer:
         """The SQLAlchemy URL (what ``HEMATOVISION_DATABASE_URL`` takes)."""
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def new_database(self) -> str:
-        """A fresh, empty database; returns its SQLAlchemy URL."""
-        name = f"hv_{uuid.uuid4().hex[:12]}"
+    def new_database(self, name: str | None = None) -> str:
+        """A fresh, empty database (named ``name``, else at random); returns its SQLAlchemy URL."""
+        name = name or f"hv_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.libpq_url(), autocommit=True) as connection:
             connection.execute(f"CREATE DATABASE {name}")
         return self.url(name)
@@ -99,16 +100,25 @@ def _user_exists(name: str) -> bool:
     return True
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """The session's PostgreSQL server, running at the start of every test that asks for it."""
+@contextlib.contextmanager
+def running_server() -> Iterator[PostgresServer]:
+    """A started server of its own, destroyed afterwards; the test skips without PostgreSQL binaries."""
     bindir = postgres_bindir()
     if bindir is None:
         pytest.skip("no PostgreSQL binaries (apt-get install postgresql; .ci/run installs them)")
     server = PostgresServer(bindir)
     server.start()
-    yield server
-    server.destroy()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's PostgreSQL server, running at the start of every test that asks for it."""
+    with running_server() as server:
+        yield server
 
 
 @pytest.fixture

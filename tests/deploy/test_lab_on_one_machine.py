@@ -53,7 +53,7 @@ from hematovision.settings import ENV_PREFIX, TELEMETRY_OFF
 
 from conftest import PBC, REPO, build_kaggle_subset, build_new_site_subset, quick_params
 from lab_processes import BIN, api, prefect_server, wait_for
-from postgres import PostgresServer, postgres_bindir
+from postgres import PostgresServer, running_server
 
 POOL = "hv-lab-pool"
 MODEL = "hematovision-lab"
@@ -168,21 +168,10 @@ class Lab:
 
 
 @pytest.fixture
-def postgres(tmp_path):
+def postgres():
     """A PostgreSQL server of this test's own (it is stopped and started mid-test)."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL binaries (apt-get install postgresql; .ci/run installs them)")
-    server = PostgresServer(bindir)
-    server.start()
-    yield server
-    server.destroy()
-
-
-def create_database(server: PostgresServer, name: str) -> str:
-    with psycopg.connect(server.libpq_url(), autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {name}")
-    return server.url(name)
+    with running_server() as server:
+        yield server
 
 
 def training_host(root: Path) -> Path:
@@ -207,20 +196,22 @@ def training_host(root: Path) -> Path:
     return project
 
 
-def champion(tracking_uri: str) -> tuple[str, list[str]]:
-    """(the champion's version, every version) as the tracking server has them."""
+def registry_client(tracking_uri: str):
+    """An MLflow client of the tracking server, as any other host opens one."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def champion(tracking_uri: str) -> tuple[str, list[str]]:
+    """(the champion's version, every version) as the tracking server has them."""
+    client = registry_client(tracking_uri)
     versions = sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
     return str(client.get_model_version_by_alias(MODEL, "champion").version), versions
 
 
 def lineage_of(tracking_uri: str, version: str) -> dict[str, str]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    return dict(client.get_model_version(MODEL, version).tags)
+    return dict(registry_client(tracking_uri).get_model_version(MODEL, version).tags)
 
 
 def run_state(base: str, run_id: str) -> dict:
@@ -280,13 +271,13 @@ def test_a_laboratory_on_one_machine(tmp_path, postgres):
 
 def run_the_laboratory(lab: Lab, root: Path, postgres: PostgresServer) -> None:
     # --- the shared servers: PostgreSQL, the tracking server on it, the Prefect server ------------
-    database_url = create_database(postgres, "hematovision")
+    database_url = postgres.new_database("hematovision")
     mlflow_port, prefect_port = free_port(), free_port()
     tracking = f"http://127.0.0.1:{mlflow_port}"
     (root / "mlflow-host").mkdir()
     lab.popen(
         "mlflow-server",
-        [BIN / "mlflow", "server", "--backend-store-uri", create_database(postgres, "mlflow")]
+        [BIN / "mlflow", "server", "--backend-store-uri", postgres.new_database("mlflow")]
         + ["--serve-artifacts", "--artifacts-destination", root / "mlflow-host" / "artifacts"]
         + ["--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
         root / "mlflow-host",
